@@ -1,0 +1,829 @@
+"""ChatGLM-6B (v1): config, model, tokenizer, checkpoints and KV-cached generation.
+
+    python glm.py convert SRC_DIR DST_DIR     # official pytorch_model-*.bin release -> safetensors
+    python glm.py chat --model DIR            # interactive multi-turn chat, streamed
+
+Shape vocabulary in comments: B batch, T query length, S key length, C hidden size,
+nh heads, hs head size, V vocabulary.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class GLMConfig:
+    hidden_size: int = 4096            # config.json: hidden_size
+    inner_hidden_size: int = 16384     # inner_hidden_size (MLP width)
+    num_attention_heads: int = 32      # num_attention_heads
+    num_layers: int = 28               # num_layers
+    vocab_size: int = 130528           # vocab_size
+    layernorm_epsilon: float = 1e-5    # layernorm_epsilon
+    max_sequence_length: int = 2048    # max_sequence_length
+    bos_token_id: int = 130004         # <sop>
+    eos_token_id: int = 130005         # <eop>
+    mask_token_id: int = 130000        # [MASK]
+    gmask_token_id: int = 130001       # [gMASK]
+    pad_token_id: int = 3              # <pad>
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim % 4:
+            raise ValueError(f"head size {self.head_dim} must be divisible by 4 for 2-D rotary "
+                             "(two halves, each rotated half against half)")
+        self.rotary_dim = self.head_dim // 2  # each of the two position channels rotates half a head
+
+    @classmethod
+    def toy(cls):
+        """A 2-layer model with the golden fixture's shapes and token ids, for tests and demos."""
+        return cls(hidden_size=64, inner_hidden_size=256, num_attention_heads=4, num_layers=2,
+                   vocab_size=1200, bos_token_id=8, eos_token_id=9, mask_token_id=4,
+                   gmask_token_id=5, pad_token_id=3)
+
+    @classmethod
+    def from_json(cls, path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file. HINT: a model folder needs the "
+                                    "config.json of the HF release next to its weights.")
+        with open(path, encoding="utf-8") as f:
+            try:
+                raw = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if raw.get("position_encoding_2d", True) is not True:
+            raise ValueError(f"{path}: position_encoding_2d is false; only ChatGLM-6B v1 "
+                             "(2-D rotary positions) is supported")
+        kwargs = {}
+        for fd in fields(cls):
+            if fd.name not in raw:
+                raise KeyError(f"{path}: field '{fd.name}' is missing. HINT: use the "
+                               "config.json of the ChatGLM-6B release (or `glm.py convert`).")
+            kwargs[fd.name] = fd.type(raw[fd.name]) if fd.type in (int, float) else raw[fd.name]
+        return cls(**kwargs)
+
+    def to_json(self):
+        d = {fd.name: getattr(self, fd.name) for fd in fields(self)}
+        d.update(model_type="chatglm", architectures=["ChatGLMModel"], position_encoding_2d=True)
+        return d
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+class Tokenizer:
+    """ChatGLM's sentencepiece tokenizer: `\\n`, tab and runs of spaces become pieces of their own."""
+
+    SPECIAL = ("[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<pad>")
+    MAX_BLANK = 80
+
+    def __init__(self, path):
+        import sentencepiece as spm
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no tokenizer file. HINT: copy ice_text.model from "
+                                    "the ChatGLM-6B release into the model folder.")
+        self.path = path
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=path)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{path}: not a sentencepiece model ({e}). HINT: use the release's "
+                             "ice_text.model.") from None
+        self.special = {}
+        for name in self.SPECIAL:
+            i = self.sp.piece_to_id(name)
+            if self.sp.id_to_piece(i) != name:
+                raise ValueError(f"{path}: the model has no '{name}' piece; it is not a ChatGLM tokenizer")
+            self.special[name] = i
+        self.vocab_size = self.sp.get_piece_size()
+
+    @classmethod
+    def from_dir(cls, model_dir):
+        return cls(os.path.join(model_dir, "ice_text.model"))
+
+    mask_id = property(lambda self: self.special["[MASK]"])
+    gmask_id = property(lambda self: self.special["[gMASK]"])
+    sop_id = property(lambda self: self.special["<sop>"])
+    eop_id = property(lambda self: self.special["<eop>"])
+    pad_id = property(lambda self: self.special["<pad>"])
+    bos_id = sop_id
+    eos_id = eop_id
+
+    def _to_pieces_text(self, text):
+        text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
+        for n in range(self.MAX_BLANK, 1, -1):  # longest run first, so 5 spaces never become 2+3
+            text = text.replace(" " * n, f"<|blank_{n}|>")
+        return text
+
+    def encode_text(self, text):
+        """Token ids of `text` alone. Typed special strings ([gMASK], <sop> ...) map to their ids."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        return self.sp.encode(self._to_pieces_text(text)) if text else []
+
+    def encode(self, text):
+        """A prompt: its ids, then [gMASK] <sop>, where generation starts."""
+        return self.encode_text(text) + [self.gmask_id, self.sop_id]
+
+    def encode_pair(self, prompt, answer):
+        """A training pair: prompt [gMASK] <sop> answer <eop>."""
+        return self.encode(prompt) + self.encode_text(answer) + [self.eop_id]
+
+    def decode(self, ids, skip_special_tokens=False):
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        ids = [int(i) for i in ids if int(i) != self.pad_id]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the tokenizer's vocabulary of {self.vocab_size}")
+        if skip_special_tokens:
+            drop = set(self.special.values())
+            ids = [i for i in ids if i not in drop]
+        text = self.sp.decode(ids)  # user-defined pieces such as [gMASK] decode as literal text
+        text = text.replace("<n>", "\n").replace("<|tab|>", "\t")
+        for n in range(2, self.MAX_BLANK + 1):
+            text = text.replace(f"<|blank_{n}|>", " " * n)
+        return text
+
+
+def chat_prompt(query, history=()):
+    """ChatGLM's chat template: the bare query, or numbered rounds of 问/答 when there is history."""
+    if not history:
+        return query
+    prompt = ""
+    for i, (q, a) in enumerate(history):
+        prompt += f"[Round {i}]\n问：{q}\n答：{a}\n"
+    return prompt + f"[Round {len(history)}]\n问：{query}\n答："
+
+
+def left_pad(seqs, pad_id):
+    """List of id lists -> LongTensor [B, T], padded on the left as the reference tokenizer does."""
+    T = max(len(s) for s in seqs)
+    return torch.tensor([[pad_id] * (T - len(s)) + list(s) for s in seqs], dtype=torch.long)
+
+
+# -----------------------------------------------------------------------------
+# positions, prefix-LM mask, rotary
+
+
+@dataclass
+class Layout:
+    """Where each row's context, mask token and padding are; derived once from the ids."""
+    position_ids: torch.Tensor  # [B, 2, T] long: (position, block position)
+    attend: torch.Tensor        # [B, 1, T, T] bool, True = may attend (PyTorch's convention)
+    key_valid: torch.Tensor     # [B, T] bool, False on left padding
+    ctx: torch.Tensor           # [B] index of the first <sop> (T when there is none)
+    mask_pos: torch.Tensor      # [B] position id that every token from <sop> on keeps
+
+
+def first_index(hit, default):
+    """Index of the first True per row of hit [B, T], or `default` where a row has none."""
+    T = hit.shape[1]
+    idx = torch.where(hit, torch.arange(T, device=hit.device), T).min(dim=1).values  # [B]
+    return torch.where(hit.any(dim=1), idx, default)
+
+
+def derive_layout(input_ids, cfg):
+    """ChatGLM's positions and prefix-LM mask for left-padded ids [B, T]."""
+    B, T = input_ids.shape
+    t = torch.arange(T, device=input_ids.device)  # [T]
+    is_pad = torch.cumprod(input_ids == cfg.pad_token_id, dim=1).bool()  # leading pads only
+    n_pad = is_pad.sum(dim=1)  # [B]
+    ctx = first_index(input_ids == cfg.bos_token_id, torch.full_like(n_pad, T))  # [B]
+    # the mask token is the first [gMASK], else the first [MASK]; else the token before <sop>
+    mask_idx = first_index(input_ids == cfg.mask_token_id, ctx - 1)
+    mask_idx = first_index(input_ids == cfg.gmask_token_id, mask_idx)
+    # position: counts over the context, then stays at the mask token; pads sit at 0
+    pos = torch.where(t < ctx[:, None], t - n_pad[:, None], (mask_idx - n_pad)[:, None])  # [B, T]
+    block = torch.where(t >= ctx[:, None], t - ctx[:, None] + 1, 0)  # [B, T]: 0 ... 0 1 2 3 ...
+    position_ids = torch.stack([pos, block], dim=1).masked_fill(is_pad[:, None, :], 0)  # [B, 2, T]
+    # query i sees key j if j is context or j <= i (causal from <sop> on), and j is not padding
+    sees = (t[None, :] < ctx[:, None, None]) | (t[None, :] <= t[:, None])  # [B, T, T]
+    attend = sees & ~is_pad[:, None, :]
+    attend = attend | torch.eye(T, dtype=torch.bool, device=input_ids.device)  # pad rows see themselves, never NaN
+    return Layout(position_ids, attend[:, None], ~is_pad, ctx, mask_idx - n_pad)
+
+
+def rotary_inv_freq(rotary_dim, device):
+    """1 / 10000^(2i/d), rounded through float16 as the released model computes it."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim))
+    return inv_freq.half().float()  # [rotary_dim / 2]
+
+
+def rotary_tables(position_ids, rotary_dim):
+    """cos, sin [B, 2, T, rotary_dim] in float32 for both position channels."""
+    inv_freq = rotary_inv_freq(rotary_dim, position_ids.device)
+    angles = position_ids.float()[..., None] * inv_freq  # [B, 2, T, rd/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [B, 2, T, rd]
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary_2d(x, cos, sin):
+    """x [B, T, nh, hs]: the first half of each head rotates by position, the second by block position."""
+    halves = x.float().chunk(2, dim=-1)  # 2 x [B, T, nh, hs/2]
+    out = [h * cos[:, c, :, None] + rotate_half(h) * sin[:, c, :, None]  # cos[:, c] [B, T, 1, rd]
+           for c, h in enumerate(halves)]
+    return torch.cat(out, dim=-1).to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class KVCache:
+    """Fixed-shape key/value buffers of one block, [B, nh, S, hs], filled as generation proceeds."""
+
+    def __init__(self, B, nh, S, hs, dtype, device):
+        self.k = torch.zeros(B, nh, S, hs, dtype=dtype, device=device)
+        self.v = torch.zeros(B, nh, S, hs, dtype=dtype, device=device)
+
+    def update(self, pos, k, v):
+        """Write k, v [B, nh, t, hs] at slots pos..pos+t-1; return all keys/values up to there.
+
+        pos may also be (slot, end): a one-element slot tensor and a fixed window end, so that
+        the step's shapes never change and it can be captured in a CUDA graph."""
+        if isinstance(pos, tuple):
+            slot, end = pos
+            self.k.index_copy_(2, slot, k)
+            self.v.index_copy_(2, slot, v)
+        else:
+            end = pos + k.shape[2]
+            self.k[:, :, pos:end] = k
+            self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Decoder:
+    """Prefill and one-token decode steps of a (stage of a) model over fixed-shape KV caches.
+
+    Eager steps attend to exactly the filled slots. Graph steps read static input buffers and
+    attend to a window of the cache rounded up to `bucket` slots (masked beyond the filled
+    ones), so one captured graph serves `bucket` consecutive steps: a whole decode step becomes
+    one launch instead of hundreds of small kernels, which is what bounds batch-1 decoding."""
+
+    bucket = 64  # cache slots per captured graph: fewer graphs vs. fewer masked slots read
+
+    def __init__(self, model, B, S, use_graph=False):
+        cfg, p = model.config, next(model.parameters())
+        self.model, self.S, self.use_graph = model, S, use_graph
+        self.caches = {int(i): KVCache(B, cfg.num_attention_heads, S, cfg.head_dim, p.dtype, p.device)
+                       for i in model.transformer.layers}
+        self.key_valid = torch.zeros(B, S, dtype=torch.bool, device=p.device)  # [B, S]
+        self.x = (torch.zeros(B, 1, dtype=torch.long, device=p.device) if model.transformer.word_embeddings
+                  is not None else torch.zeros(B, 1, cfg.hidden_size, dtype=p.dtype, device=p.device))
+        self.pos_ids = torch.zeros(B, 2, 1, dtype=torch.long, device=p.device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=p.device)
+        self.graphs, self.pool = {}, None
+
+    def run(self, x, rope, attend, pos):
+        h = self.model.transformer(x, rope, attend, self.caches, pos)
+        return self.model.lm_head(h[:, -1]) if self.model.lm_head is not None else h
+
+    def prefill(self, x, layout):
+        """The whole prompt in one pass; logits [B, V] at its last position (or hidden states)."""
+        T = layout.position_ids.shape[-1]
+        self.key_valid[:, :T] = layout.key_valid
+        rope = rotary_tables(layout.position_ids, self.model.config.rotary_dim)
+        return self.run(x, rope, layout.attend, pos=0)
+
+    def step(self, x, pos_ids, slot):
+        """One new token per row (ids [B] or hidden [B, 1, C]) at cache slot `slot`."""
+        self.key_valid[:, slot] = True
+        if not self.use_graph:
+            rope = rotary_tables(pos_ids, self.model.config.rotary_dim)
+            return self.run(x.view_as(self.x), rope, self.key_valid[:, None, None, :slot + 1], pos=slot)
+        self.x.copy_(x.view_as(self.x))
+        self.pos_ids.copy_(pos_ids)
+        self.slot.fill_(slot)
+        end = min(self.S, (slot // self.bucket + 1) * self.bucket)
+        if self.x.device.type != "cuda":  # the same static-shape step, uncaptured (tests run it on CPU)
+            return self.static_step(end)
+        if end not in self.graphs:
+            self.graphs[end] = self.capture(end)
+        graph, out = self.graphs[end]
+        graph.replay()
+        return out
+
+    def static_step(self, end):
+        rope = rotary_tables(self.pos_ids, self.model.config.rotary_dim)
+        return self.run(self.x, rope, self.key_valid[:, None, None, :end], pos=(self.slot, end))
+
+    def capture(self, end):
+        # warm up on a side stream (rewriting the same slot is harmless), then record
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.static_step(end)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.pool = self.pool or torch.cuda.graph_pool_handle()  # graphs replay in capture order
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.static_step(end)
+        return graph, out
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.nh, self.hs, self.rd = cfg.num_attention_heads, cfg.head_dim, cfg.rotary_dim
+        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x, rope, attend, cache=None, pos=0):
+        B, T, C = x.shape
+        # fused QKV is interleaved per head: [q_h k_h v_h] for each head h, not [Q K V]
+        qkv = self.query_key_value(x).view(B, T, self.nh, 3 * self.hs)  # [B, T, nh, 3hs]
+        q, k, v = qkv.split(self.hs, dim=-1)  # 3 x [B, T, nh, hs]
+        q, k = apply_rotary_2d(q, *rope), apply_rotary_2d(k, *rope)
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))  # [B, nh, T, hs]
+        if cache is not None:
+            k, v = cache.update(pos, k, v)  # [B, nh, S, hs], S = pos + T
+        # scores q.k / sqrt(hs); the release's extra scaling by layer_id+1 cancels in softmax
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend)  # [B, nh, T, hs]
+        return self.dense(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.inner_hidden_size)
+        self.dense_4h_to_h = nn.Linear(cfg.inner_hidden_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+
+
+class GLMBlock(nn.Module):
+    # The release builds every block with its default num_layers=28, never the model's own,
+    # so the residual scale is sqrt(2 * 28) at every depth, also for a 2-layer toy model.
+    alpha = math.sqrt(2 * 28)
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.attention = SelfAttention(cfg)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h, rope, attend, cache=None, pos=0):
+        # pre-LN with a scaled residual: the *normalised* input is what is carried forward
+        x = self.input_layernorm(h)
+        h = x * self.alpha + self.attention(x, rope, attend, cache, pos)
+        y = self.post_attention_layernorm(h)
+        return y * self.alpha + self.mlp(y)
+
+
+class GLMTransformer(nn.Module):
+    """Embedding, blocks and final LayerNorm. A pipeline stage holds a contiguous slice of them;
+    blocks keep their global index as their name, so checkpoint keys never change."""
+
+    def __init__(self, cfg, layer_ids=None, embed=True, final_norm=True):
+        super().__init__()
+        layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if embed else None
+        self.layers = nn.ModuleDict({str(i): GLMBlock(cfg) for i in layer_ids})
+        self.final_layernorm = (nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+                                if final_norm else None)
+
+    def forward(self, x, rope, attend, caches=None, pos=0, checkpoint=False):
+        """x: ids [B, T] on the first stage, hidden states [B, T, C] after it."""
+        h = self.word_embeddings(x) if self.word_embeddings is not None else x
+        for name, block in self.layers.items():
+            cache = caches[int(name)] if caches is not None else None
+            if checkpoint and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(block, h, rope, attend, use_reentrant=False)
+            else:
+                h = block(h, rope, attend, cache, pos)
+        return self.final_layernorm(h) if self.final_layernorm is not None else h
+
+
+class ChatGLM(nn.Module):
+    """ChatGLM-6B: `transformer` (embedding, blocks, final LN) and an untied `lm_head`.
+
+    With `layer_ids` / `first` / `last` it builds one pipeline stage: only its own blocks,
+    the embedding only on the first stage, the final LN and lm_head only on the last."""
+
+    def __init__(self, cfg, layer_ids=None, first=True, last=True):
+        super().__init__()
+        self.config = cfg
+        self.transformer = GLMTransformer(cfg, layer_ids, embed=first, final_norm=last)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if last else None
+        self.checkpoint_activations = False
+
+    @torch.no_grad()
+    def init_weights(self, seed=0, std=0.02):
+        """Random init for models trained from scratch (toy runs, benchmarks): N(0, std) matrices,
+        zero biases, unit LayerNorms. Checkpoints load over it unchanged."""
+        g = torch.Generator(device=next(self.parameters()).device).manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=g)
+        return self
+
+    def check_ids(self, input_ids):
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary "
+                             f"[0, {self.config.vocab_size}). HINT: the tokenizer does not match this model.")
+        if input_ids.shape[1] > self.config.max_sequence_length:
+            raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds max_sequence_length "
+                             f"{self.config.max_sequence_length}; truncate the prompt")
+
+    def inputs(self, input_ids, position_ids=None, attention_mask=None):
+        """(rope, attend) for a forward: derived from the ids unless given in the release's form
+        (position_ids [B, 2, T]; attention_mask bool [B, 1, T, T] with True = masked)."""
+        if position_ids is None or attention_mask is None:
+            layout = derive_layout(input_ids, self.config)
+        position_ids = layout.position_ids if position_ids is None else position_ids
+        if attention_mask is None:
+            attend = layout.attend
+        else:  # flip to True = attend; the diagonal keeps fully padded rows finite
+            T = attention_mask.shape[-1]
+            attend = ~attention_mask.bool() | torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+        return rotary_tables(position_ids, self.config.rotary_dim), attend
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, return_hidden=False):
+        """Logits [B, T, V] (or final hidden states [B, T, C]) of a full, unpipelined model."""
+        self.check_ids(input_ids)
+        rope, attend = self.inputs(input_ids, position_ids, attention_mask)
+        h = self.transformer(input_ids, rope, attend, checkpoint=self.checkpoint_activations)
+        return h if return_hidden else self.lm_head(h)
+
+    # -- generation ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens=128, do_sample=False, temperature=1.0,
+                 top_p=1.0, top_k=0, generator=None, return_logprobs=False, stop_at_eop=True,
+                 streamer=None, cuda_graph=None):
+        """Extend left-padded prompts [B, T] by up to max_new_tokens with a fixed-shape KV cache.
+
+        Returns ids [B, T + N], N <= max_new_tokens (pad after a row's <eop>) and, with return_logprobs, the
+        log-probabilities [B, N] of the chosen tokens under softmax(logits / temperature).
+        On CUDA each decode step replays a captured CUDA graph unless cuda_graph=False."""
+        self.check_ids(input_ids)
+        cfg, (B, T) = self.config, input_ids.shape
+        if T + max_new_tokens > cfg.max_sequence_length:
+            raise ValueError(f"prompt of {T} tokens + max_new_tokens {max_new_tokens} exceeds "
+                             f"max_sequence_length {cfg.max_sequence_length}; shorten either")
+        device = input_ids.device
+        use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        decoder = Decoder(self, B, T + max_new_tokens, use_graph)
+        layout = derive_layout(input_ids, cfg)
+        logits = decoder.prefill(input_ids, layout)  # [B, V]
+
+        out = torch.full((B, max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros(B, max_new_tokens, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for i in range(max_new_tokens):
+            tok, lp = sample_next(logits.float(), do_sample, temperature, top_p, top_k, generator)
+            tok = tok.masked_fill(done, cfg.pad_token_id)
+            out[:, i], logprobs[:, i] = tok, lp.masked_fill(done, 0.0)
+            if streamer is not None:
+                streamer(tok)
+            if stop_at_eop:
+                done |= tok == cfg.eos_token_id
+                # checking costs a GPU sync: do it every few steps (finished rows only emit pad)
+                if (i % 8 == 7 or streamer is not None) and bool(done.all()):
+                    break
+            if i == max_new_tokens - 1:
+                break
+            # the new token sits at slot T+i; its position stays at the mask token's, its
+            # block position counts on from <sop>
+            slot = T + i
+            pos_ids = torch.stack([layout.mask_pos, slot - layout.ctx + 1], dim=1)[:, :, None]  # [B, 2, 1]
+            logits = decoder.step(tok, pos_ids, slot)
+        if stop_at_eop and done.all():  # drop the all-pad tail after everyone stopped
+            out, logprobs = out[:, :i + 1], logprobs[:, :i + 1]
+        ids = torch.cat([input_ids, out], dim=1)
+        return (ids, logprobs) if return_logprobs else ids
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, model_dir, dtype=torch.float32, device="cpu", layer_ids=None,
+                        first=True, last=True):
+        """Build on the meta device, then read this model's (or stage's) tensors straight into place."""
+        if not os.path.isdir(model_dir):
+            raise FileNotFoundError(f"{model_dir}: no such model folder. HINT: pass the folder that "
+                                    "holds config.json and model*.safetensors (see `glm.py convert`).")
+        cfg = GLMConfig.from_json(os.path.join(model_dir, "config.json"))
+        with torch.device("meta"):
+            model = cls(cfg, layer_ids, first, last)
+        state = read_safetensors(model_dir, expected_shapes(model), device)
+        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+        return model.to(device)
+
+    def save_pretrained(self, out_dir, tokenizer=None, max_shard_bytes=2 << 30):
+        """config.json + sharded model-*.safetensors + index (+ ice_text.model), written atomically."""
+        def write(tmp):
+            with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(self.config.to_json(), f, indent=2)
+            write_safetensors_shards(self.state_dict(), tmp, max_shard_bytes)
+            if tokenizer is not None:
+                shutil.copy(tokenizer.path, os.path.join(tmp, "ice_text.model"))
+        atomic_dir(out_dir, write)
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def sample_next(logits, do_sample, temperature, top_p, top_k, generator=None):
+    """Next token [B] and its log-probability under softmax(logits / temperature), from logits [B, V]."""
+    if not do_sample:
+        tok = logits.argmax(dim=-1)
+        return tok, torch.log_softmax(logits, dim=-1).gather(1, tok[:, None])[:, 0]
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    logits = logits / temperature
+    logp = torch.log_softmax(logits, dim=-1)  # [B, V]
+    filtered = logits.clone()
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
+        filtered[logits < kth] = float("-inf")
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(filtered, dim=-1, descending=True)  # [B, V]
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # mass before this token already >= p
+        filtered.scatter_(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(filtered, dim=-1)
+    tok = torch.multinomial(probs, 1, generator=generator)[:, 0]  # [B]
+    return tok, logp.gather(1, tok[:, None])[:, 0]
+
+
+# -----------------------------------------------------------------------------
+# checkpoint files: one table of key templates; every key used or dropped on purpose
+
+LAYER_KEYS = [
+    "input_layernorm.weight", "input_layernorm.bias",
+    "attention.query_key_value.weight", "attention.query_key_value.bias",
+    "attention.dense.weight", "attention.dense.bias",
+    "post_attention_layernorm.weight", "post_attention_layernorm.bias",
+    "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias",
+    "mlp.dense_4h_to_h.weight", "mlp.dense_4h_to_h.bias",
+]
+GLOBAL_KEYS = {
+    "transformer.word_embeddings.weight": "first",
+    "transformer.final_layernorm.weight": "last",
+    "transformer.final_layernorm.bias": "last",
+    "lm_head.weight": "last",
+}
+DROPPED = re.compile(r"transformer\.layers\.\d+\.attention\.rotary_emb\.inv_freq")  # recomputed, fp16-rounded
+LAYER_KEY = re.compile(r"transformer\.layers\.(\d+)\.(.+)")
+
+
+def is_model_key(key, num_layers):
+    """True for a key of the ChatGLM table (any stage), False for one to drop; else an error."""
+    if DROPPED.fullmatch(key):
+        return False
+    m = LAYER_KEY.fullmatch(key)
+    if key in GLOBAL_KEYS or (m and m.group(2) in LAYER_KEYS and int(m.group(1)) < num_layers):
+        return True
+    raise KeyError(f"unexpected tensor '{key}' in the checkpoint: it is not part of a "
+                   f"{num_layers}-layer ChatGLM-6B. HINT: is this the right model, and does "
+                   "config.json's num_layers match the weights?")
+
+
+def expected_shapes(model):
+    """{key: shape} of every tensor this model (or stage) must read, by the key table."""
+    shapes = {k: tuple(p.shape) for k, p in model.state_dict().items()}
+    for k in shapes:  # the module tree and the table must agree: a guard against drift
+        assert is_model_key(k, model.config.num_layers), k
+    return shapes
+
+
+def safetensors_files(model_dir):
+    """{key: file} from model.safetensors or model.safetensors.index.json."""
+    from safetensors import safe_open
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    single = os.path.join(model_dir, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        return {k: os.path.join(model_dir, v) for k, v in weight_map.items()}
+    if os.path.isfile(single):
+        with safe_open(single, framework="pt") as f:
+            return {k: single for k in f.keys()}
+    raise FileNotFoundError(f"{model_dir}: neither model.safetensors nor model.safetensors.index.json. "
+                            "HINT: convert the official .bin release with `python glm.py convert SRC DST`.")
+
+
+def read_safetensors(model_dir, shapes, device="cpu"):
+    """Read exactly the tensors in `shapes`, checking every key of the files against the table."""
+    from safetensors import safe_open
+    where = safetensors_files(model_dir)
+    num_layers = GLMConfig.from_json(os.path.join(model_dir, "config.json")).num_layers
+    for key in where:
+        is_model_key(key, num_layers)  # raises on keys that belong to no ChatGLM
+    missing = [k for k in shapes if k not in where]
+    if missing:
+        raise KeyError(f"{model_dir}: tensor '{missing[0]}' is missing from the checkpoint "
+                       f"({len(missing)} missing in all). HINT: the files are incomplete or from another model.")
+    state, by_file = {}, {}
+    for k in shapes:
+        by_file.setdefault(where[k], []).append(k)
+    for path, keys in by_file.items():
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            for k in keys:
+                got = tuple(f.get_slice(k).get_shape())
+                if got != shapes[k]:
+                    raise ValueError(f"{path}: tensor '{k}' has shape {list(got)}, the model expects "
+                                     f"{list(shapes[k])}. HINT: config.json does not match the weights.")
+                state[k] = f.get_tensor(k)
+    return state
+
+
+def write_safetensors_shards(state, out_dir, max_shard_bytes=2 << 30, prefix="model"):
+    """state -> {prefix}-0000i-of-0000n.safetensors + {prefix}.safetensors.index.json in out_dir."""
+    from safetensors.torch import save_file
+    shards, cur, size = [], {}, 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = v.detach().contiguous().cpu(), size + nbytes
+    shards.append(cur)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
+        for k, v in shard.items():
+            weight_map[k], total = name, total + v.numel() * v.element_size()
+    with open(os.path.join(out_dir, f"{prefix}.safetensors.index.json"), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def atomic_dir(out_dir, write):
+    """Run write(tmp_dir), then move tmp_dir to out_dir: readers never see a half-written folder."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
+    try:
+        write(tmp)
+        if os.path.exists(out_dir):  # replace: move the old one aside first, drop it once the new is in place
+            old = tmp + ".old"
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# -----------------------------------------------------------------------------
+# convert the official release (pytorch_model-*.bin) to safetensors
+
+IMAGE_TOKENS = 20000  # an early release put 20000 image tokens in front of the text vocabulary
+
+
+def convert(src, dst):
+    """Official .bin shards -> model-*.safetensors + index, config.json and ice_text.model in dst."""
+    config_path = os.path.join(src, "config.json")
+    with open(config_path, encoding="utf-8") as f:
+        raw = json.load(f)
+    tok_path = os.path.join(src, "ice_text.model")
+    pieces = Tokenizer(tok_path).vocab_size if os.path.isfile(tok_path) else 130528
+    if raw.get("vocab_size") == pieces + IMAGE_TOKENS:  # early release: trim the image rows, shift ids
+        raw["vocab_size"] = pieces
+        for k in ("bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id"):
+            if k in raw and raw[k] >= IMAGE_TOKENS:
+                raw[k] -= IMAGE_TOKENS
+    with tempfile.TemporaryDirectory() as scratch:  # validate the rewritten config before any heavy work
+        with open(os.path.join(scratch, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(raw, f)
+        cfg = GLMConfig.from_json(os.path.join(scratch, "config.json"))
+    with torch.device("meta"):
+        shapes = expected_shapes(ChatGLM(cfg))
+    index = os.path.join(src, "pytorch_model.bin.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            bins = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(src, "pytorch_model.bin")):
+        bins = ["pytorch_model.bin"]
+    else:
+        raise FileNotFoundError(f"{src}: neither pytorch_model.bin.index.json nor pytorch_model.bin")
+
+    def write(tmp):
+        weight_map, seen = {}, set()
+        for i, name in enumerate(bins):
+            state = torch.load(os.path.join(src, name), map_location="cpu", weights_only=True, mmap=True)
+            out = {}
+            for k, v in state.items():
+                if not is_model_key(k, cfg.num_layers):
+                    continue
+                if k in ("transformer.word_embeddings.weight", "lm_head.weight") and \
+                        v.shape[0] == cfg.vocab_size + IMAGE_TOKENS:
+                    v = v[IMAGE_TOKENS:]  # the leading rows are image tokens
+                if tuple(v.shape) != shapes[k]:
+                    raise ValueError(f"{src}/{name}: tensor '{k}' has shape {list(v.shape)}, "
+                                     f"expected {list(shapes[k])} for this config.json")
+                out[k] = v.contiguous()
+            shard = f"model-{i + 1:05d}-of-{len(bins):05d}.safetensors"
+            from safetensors.torch import save_file
+            save_file(out, os.path.join(tmp, shard), metadata={"format": "pt"})
+            weight_map.update({k: shard for k in out})
+            seen.update(out)
+        missing = sorted(set(shapes) - seen)
+        if missing:
+            raise KeyError(f"{src}: tensor '{missing[0]}' is missing ({len(missing)} in all)")
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(raw, f, indent=2)
+        if os.path.isfile(tok_path):
+            shutil.copy(tok_path, os.path.join(tmp, "ice_text.model"))
+        else:
+            print(f"warning: {tok_path} not found; copy the tokenizer into {dst} by hand", file=sys.stderr)
+    atomic_dir(dst, write)
+
+
+# -----------------------------------------------------------------------------
+# terminal chat
+
+
+def chat(args):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = ChatGLM.from_pretrained(args.model, dtype=dtype, device=device).eval()
+    tok = Tokenizer.from_dir(args.model)
+    history = []
+    print("ChatGLM chat. Empty line or Ctrl-D to quit; 'clear' resets the history.")
+    while True:
+        try:
+            query = input("\nUser: ").strip()
+        except EOFError:
+            break
+        if not query:
+            break
+        if query == "clear":
+            history = []
+            continue
+        ids = torch.tensor([tok.encode(chat_prompt(query, history))], device=device)
+        new, shown = [], ""
+
+        def stream(t):  # print the text as it grows; decode the whole answer so pieces join correctly
+            nonlocal shown
+            if int(t[0]) != tok.eop_id:
+                new.append(int(t[0]))
+            text = tok.decode(new, skip_special_tokens=True)
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+        print("ChatGLM: ", end="", flush=True)
+        model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                       temperature=max(args.temperature, 1e-5), top_p=args.top_p, streamer=stream)
+        print()
+        history.append((query, shown))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("convert", help="official pytorch_model-*.bin release -> safetensors")
+    c.add_argument("src")
+    c.add_argument("dst")
+    t = sub.add_parser("chat", help="interactive chat in the terminal")
+    t.add_argument("--model", required=True)
+    t.add_argument("--max_new_tokens", type=int, default=512)
+    t.add_argument("--temperature", type=float, default=0.95)
+    t.add_argument("--top_p", type=float, default=0.7)
+    args = p.parse_args(argv)
+    if args.cmd == "convert":
+        convert(args.src, args.dst)
+        print(f"wrote {args.dst}")
+    else:
+        chat(args)
+
+
+if __name__ == "__main__":
+    main()
