@@ -226,24 +226,28 @@ def rotary_inv_freq(rotary_dim, device):
 
 
 def rotary_tables(position_ids, rotary_dim):
-    """cos, sin [B, 2, T, rotary_dim] in float32 for both position channels."""
+    """cos, sin [B, T, 1, 1, 2 * rotary_dim] in float32, computed once per forward for all blocks.
+
+    The last axis spans a whole head: its first half rotates by `position`, its second half by
+    `block position`. rotate-half's minus sign is folded into sin (see apply_rotary_2d)."""
+    B, _, T = position_ids.shape
     inv_freq = rotary_inv_freq(rotary_dim, position_ids.device)
     angles = position_ids.float()[..., None] * inv_freq  # [B, 2, T, rd/2]
     angles = torch.cat([angles, angles], dim=-1)  # [B, 2, T, rd]
-    return angles.cos(), angles.sin()
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+    sign = torch.ones(rotary_dim, device=position_ids.device)
+    sign[: rotary_dim // 2] = -1.0  # rotate_half(x) = [-x2, x1]
+    cos, sin = angles.cos(), angles.sin() * sign
+    # [B, 2, T, rd] -> [B, T, 1, 1, 2rd]: broadcast over heads and over the q/k pair
+    return tuple(t.transpose(1, 2).reshape(B, T, 1, 1, 2 * rotary_dim) for t in (cos, sin))
 
 
 def apply_rotary_2d(x, cos, sin):
-    """x [B, T, nh, hs]: the first half of each head rotates by position, the second by block position."""
-    halves = x.float().chunk(2, dim=-1)  # 2 x [B, T, nh, hs/2]
-    out = [h * cos[:, c, :, None] + rotate_half(h) * sin[:, c, :, None]  # cos[:, c] [B, T, 1, rd]
-           for c, h in enumerate(halves)]
-    return torch.cat(out, dim=-1).to(x.dtype)
+    """GPT-NeoX rotary on each half of the head, x [..., hs]: x*cos + rotate_half(x)*sin per half."""
+    xf = x.float()
+    rd = x.shape[-1] // 2
+    # rotate_half within each half: swap its two quarters; the minus sign lives in `sin`
+    swapped = xf.unflatten(-1, (2, 2, rd // 2)).flip(-2).flatten(-3)
+    return torch.addcmul(xf * cos, swapped, sin).to(x.dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -251,26 +255,26 @@ def apply_rotary_2d(x, cos, sin):
 
 
 class KVCache:
-    """Fixed-shape key/value buffers of one block, [B, nh, S, hs], filled as generation proceeds."""
+    """Fixed-shape key/value buffers of one block, [B, S, nh, hs], filled as generation proceeds."""
 
     def __init__(self, B, nh, S, hs, dtype, device):
-        self.k = torch.zeros(B, nh, S, hs, dtype=dtype, device=device)
-        self.v = torch.zeros(B, nh, S, hs, dtype=dtype, device=device)
+        self.k = torch.zeros(B, S, nh, hs, dtype=dtype, device=device)
+        self.v = torch.zeros(B, S, nh, hs, dtype=dtype, device=device)
 
     def update(self, pos, k, v):
-        """Write k, v [B, nh, t, hs] at slots pos..pos+t-1; return all keys/values up to there.
+        """Write k, v [B, t, nh, hs] at slots pos..pos+t-1; return all keys/values up to there.
 
         pos may also be (slot, end): a one-element slot tensor and a fixed window end, so that
         the step's shapes never change and it can be captured in a CUDA graph."""
         if isinstance(pos, tuple):
             slot, end = pos
-            self.k.index_copy_(2, slot, k)
-            self.v.index_copy_(2, slot, v)
+            self.k.index_copy_(1, slot, k)
+            self.v.index_copy_(1, slot, v)
         else:
-            end = pos + k.shape[2]
-            self.k[:, :, pos:end] = k
-            self.v[:, :, pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+            end = pos + k.shape[1]
+            self.k[:, pos:end] = k
+            self.v[:, pos:end] = v
+        return self.k[:, :end], self.v[:, :end]
 
 
 class Decoder:
@@ -281,7 +285,7 @@ class Decoder:
     ones), so one captured graph serves `bucket` consecutive steps: a whole decode step becomes
     one launch instead of hundreds of small kernels, which is what bounds batch-1 decoding."""
 
-    bucket = 64  # cache slots per captured graph: fewer graphs vs. fewer masked slots read
+    bucket = 32  # cache slots per captured graph: fewer graphs vs. fewer masked slots read
 
     def __init__(self, model, B, S, use_graph=False):
         cfg, p = model.config, next(model.parameters())
@@ -350,17 +354,17 @@ class SelfAttention(nn.Module):
         self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x, rope, attend, cache=None, pos=0):
+    def forward(self, x, rope, attn_bias, cache=None, pos=0):
         B, T, C = x.shape
         # fused QKV is interleaved per head: [q_h k_h v_h] for each head h, not [Q K V]
-        qkv = self.query_key_value(x).view(B, T, self.nh, 3 * self.hs)  # [B, T, nh, 3hs]
-        q, k, v = qkv.split(self.hs, dim=-1)  # 3 x [B, T, nh, hs]
-        q, k = apply_rotary_2d(q, *rope), apply_rotary_2d(k, *rope)
-        q, k, v = (y.transpose(1, 2) for y in (q, k, v))  # [B, nh, T, hs]
+        qkv = self.query_key_value(x).view(B, T, self.nh, 3, self.hs)  # [B, T, nh, 3, hs]
+        qk = apply_rotary_2d(qkv[:, :, :, :2], *rope)  # q and k rotated together: [B, T, nh, 2, hs]
+        q, k, v = qk[:, :, :, 0], qk[:, :, :, 1], qkv[:, :, :, 2]  # [B, T, nh, hs]
         if cache is not None:
-            k, v = cache.update(pos, k, v)  # [B, nh, S, hs], S = pos + T
+            k, v = cache.update(pos, k, v)  # [B, S, nh, hs], S = pos + T
         # scores q.k / sqrt(hs); the release's extra scaling by layer_id+1 cancels in softmax
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend)  # [B, nh, T, hs]
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=attn_bias)  # [B, nh, T, hs]
         return self.dense(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -386,12 +390,12 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, h, rope, attend, cache=None, pos=0):
+    def forward(self, h, rope, attn_bias, cache=None, pos=0):
         # pre-LN with a scaled residual: the *normalised* input is what is carried forward
         x = self.input_layernorm(h)
-        h = x * self.alpha + self.attention(x, rope, attend, cache, pos)
+        h = torch.add(self.attention(x, rope, attn_bias, cache, pos), x, alpha=self.alpha)  # x*alpha + attn(x)
         y = self.post_attention_layernorm(h)
-        return y * self.alpha + self.mlp(y)
+        return torch.add(self.mlp(y), y, alpha=self.alpha)
 
 
 class GLMTransformer(nn.Module):
@@ -407,14 +411,17 @@ class GLMTransformer(nn.Module):
                                 if final_norm else None)
 
     def forward(self, x, rope, attend, caches=None, pos=0, checkpoint=False):
-        """x: ids [B, T] on the first stage, hidden states [B, T, C] after it."""
+        """x: ids [B, T] on the first stage, hidden states [B, T, C] after it; attend: bool
+        [B, 1, T, S], True = may attend."""
         h = self.word_embeddings(x) if self.word_embeddings is not None else x
+        # one additive mask for all blocks (0 or -inf), so attention never re-converts the bool one
+        attn_bias = torch.zeros(attend.shape, dtype=h.dtype, device=h.device).masked_fill_(~attend, float("-inf"))
         for name, block in self.layers.items():
             cache = caches[int(name)] if caches is not None else None
             if checkpoint and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(block, h, rope, attend, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(block, h, rope, attn_bias, use_reentrant=False)
             else:
-                h = block(h, rope, attend, cache, pos)
+                h = block(h, rope, attn_bias, cache, pos)
         return self.final_layernorm(h) if self.final_layernorm is not None else h
 
 
@@ -545,7 +552,7 @@ class ChatGLM(nn.Module):
         def write(tmp):
             with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(self.config.to_json(), f, indent=2)
-            write_safetensors_shards(self.state_dict(), tmp, max_shard_bytes)
+            write_safetensors_shards(base_state_dict(self), tmp, max_shard_bytes)
             if tokenizer is not None:
                 shutil.copy(tokenizer.path, os.path.join(tmp, "ice_text.model"))
         atomic_dir(out_dir, write)
@@ -611,9 +618,14 @@ def is_model_key(key, num_layers):
                    "config.json's num_layers match the weights?")
 
 
+def base_state_dict(model):
+    """The model's checkpoint tensors under HF names: adapter factors (".lora_") live in adapter files."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+
+
 def expected_shapes(model):
     """{key: shape} of every tensor this model (or stage) must read, by the key table."""
-    shapes = {k: tuple(p.shape) for k, p in model.state_dict().items()}
+    shapes = {k: tuple(p.shape) for k, p in base_state_dict(model).items()}
     for k in shapes:  # the module tree and the table must agree: a guard against drift
         assert is_model_key(k, model.config.num_layers), k
     return shapes

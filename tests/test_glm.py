@@ -131,8 +131,9 @@ def test_sdpa_attention_matches_naive(golden, golden_model):
     ids = exp["batch.input_ids"]
     x = torch.randn(*ids.shape, golden_model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     rope, attend = golden_model.inputs(ids)
+    bias = torch.zeros(attend.shape).masked_fill(~attend, float("-inf"))
     with torch.no_grad():
-        fast = attn(x, rope, attend)
+        fast = attn(x, rope, bias)
     ref = naive_attention(attn, x, exp["batch.position_ids"], exp["batch.attention_mask"])
     for row in meta["batch"]["rows"]:  # pad rows differ by convention only; compare real tokens
         pad = row["num_left_pad"]
