@@ -412,13 +412,15 @@ class GLMTransformer(nn.Module):
 
     def forward(self, x, rope, attend, caches=None, pos=0, checkpoint=False):
         """x: ids [B, T] on the first stage, hidden states [B, T, C] after it; attend: bool
-        [B, 1, T, S], True = may attend."""
+        [B, 1, T, S], True = may attend. checkpoint: True, or the set of global block ids whose
+        activations are recomputed in backward instead of kept."""
         h = self.word_embeddings(x) if self.word_embeddings is not None else x
         # one additive mask for all blocks (0 or -inf), so attention never re-converts the bool one
         attn_bias = torch.zeros(attend.shape, dtype=h.dtype, device=h.device).masked_fill_(~attend, float("-inf"))
         for name, block in self.layers.items():
             cache = caches[int(name)] if caches is not None else None
-            if checkpoint and torch.is_grad_enabled():
+            recompute = checkpoint is True or (not isinstance(checkpoint, bool) and int(name) in checkpoint)
+            if recompute and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(block, h, rope, attn_bias, use_reentrant=False)
             else:
                 h = block(h, rope, attn_bias, cache, pos)

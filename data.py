@@ -1,0 +1,573 @@
+"""Data for every stage: the jsonl formats, chat template, label masking, batching, the toy task.
+
+Formats (jsonl: UTF-8, one JSON object a line; blank lines are skipped):
+
+    SFT      {"prompt": str, "response": str, "history": [[q, a], ...]}    history optional
+             {"instruction": str, "input": str, "output": str}               Alpaca; input optional
+    RM       {"prompt": str, "answers": [best, ..., worst]}                  K >= 2, all K(K-1)/2 pairs
+             {"prompt": str, "chosen": str, "rejected": str}                 the K = 2 case
+             both may carry "history" and "margin" (a float every pair's reward gap should exceed)
+    prompts  {"prompt": str, "history": [...]}                               PPO; SFT lines work too
+    PPO-ptx reads the SFT format.
+
+Loaders (`load_sft`, `load_ranked`, `load_prompts`) check the whole file before training starts;
+every bad line is an error naming file:line, the field and what to do.
+
+Token layout of one SFT example, and the label convention used by every trainer here:
+
+    ids     p0 p1 ... pn [gMASK] <sop>  a0   a1  ... <eop>
+    labels -100 ...  -100  -100   -100  a0   a1  ... <eop>
+
+labels[t] is what the token AT position t should be (aligned with ids, -100 = no loss), so the
+loss shifts: logits[:, t] predicts labels[:, t + 1] (`lm_loss`). The prompt goes through
+`glm.chat_prompt` first; answers of earlier rounds are part of the prompt and take no loss. Over-long examples are truncated, the prompt from the left (its end and
+[gMASK] <sop> always stay), and counted in a `TruncationStats` for the caller to print.
+
+Batches are padded on the LEFT with the pad id (the reference tokenizer's convention, which
+`glm.derive_layout` masks) to the longest row of the batch. `Batches` gives deterministic,
+resumable shuffling and data-parallel shards.
+
+    python data.py toy --out data                       # regenerate the bundled toy task
+    python data.py check FILE --kind sft|rm|prompts [--tokenizer ice_text.model --max-len 512]
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import glm
+
+IGNORE = -100  # label of a position that takes no loss (F.cross_entropy's ignore_index)
+
+
+# -----------------------------------------------------------------------------
+# reading and checking jsonl
+
+
+class DataError(ValueError):
+    """A data file that cannot be trained on; the message names file:line and the fix."""
+
+
+def _fail(where, what, hint):
+    raise DataError(f"{where}: {what}. HINT: {hint}")
+
+
+def read_jsonl(path):
+    """Yield (where, obj) with where = "path:line" for every non-blank line, checking JSON and UTF-8."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such data file. HINT: pass a .jsonl file, one JSON "
+                                "object a line (`python data.py toy --out data` writes examples).")
+    with open(path, "rb") as f:
+        raw = f.read()
+    n = 0
+    # split on b"\n" ourselves: decoding line by line lets a bad byte be reported with its line
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        where = f"{path}:{lineno}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            _fail(where, f"byte 0x{line[e.start]:02x} at column {e.start + 1} is not UTF-8",
+                  "save the file as UTF-8 (e.g. `iconv -f GBK -t UTF-8 in.jsonl > out.jsonl`)")
+        if lineno == 1:
+            text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            _fail(where, f"not valid JSON ({e.msg} at column {e.colno})",
+                  "each line must hold one complete JSON object; a pretty-printed file or a "
+                  "JSON array is not jsonl")
+        if not isinstance(obj, dict):
+            _fail(where, f"the line is a JSON {_jtype(obj)}, not an object",
+                  'write one object a line, e.g. {"prompt": "...", "response": "..."}')
+        n += 1
+        yield where, obj
+    if n == 0:
+        _fail(path, "no examples (the file is empty or holds only blank lines)",
+              "check the path; a data file needs at least one JSON object a line")
+
+
+def _jtype(v):
+    """The JSON name of a parsed value's type, for messages."""
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "list",
+            dict: "object", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _as_text(v, name, where, empty_ok=False):
+    if not isinstance(v, str):
+        _fail(where, f"field '{name}' is a {_jtype(v)}, not a string", f"write '{name}' as a JSON string")
+    if not empty_ok and not v.strip():
+        _fail(where, f"field '{name}' is empty",
+              f"give '{name}' some text or remove the line (an empty target teaches nothing useful)")
+    return v
+
+
+def _text(obj, key, where, shape, required=True, empty_ok=False):
+    """obj[key] as a str; a missing (or null), non-string or (unless empty_ok) blank value is an error."""
+    if obj.get(key) is None:
+        if not required:
+            return ""
+        _fail(where, f"field '{key}' is missing", f"a line of this file needs {shape}")
+    return _as_text(obj[key], key, where, empty_ok)
+
+
+def _history(obj, where):
+    """Optional [[query, answer], ...] -> list of (q, a) tuples of str."""
+    h = obj.get("history")
+    if h is None:
+        return []
+    if not isinstance(h, list):
+        _fail(where, f"field 'history' is a {_jtype(h)}, not a list",
+              'write history as [["earlier question", "earlier answer"], ...] or leave it out')
+    out = []
+    for i, turn in enumerate(h):
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(s, str) for s in turn)):
+            _fail(where, f"history[{i}] is {json.dumps(turn, ensure_ascii=False)[:60]}, not a "
+                  "[query, answer] pair of strings", 'write each past turn as ["question", "answer"]')
+        out.append((turn[0], turn[1]))
+    return out
+
+
+def _prompt(obj, where, shape):
+    """The prompt of a line: "prompt", or Alpaca's instruction + "\\n" + input."""
+    if "instruction" in obj:
+        if "prompt" in obj:
+            _fail(where, "the line has both 'prompt' and 'instruction'",
+                  "use one shape per line: prompt/response or Alpaca instruction/input/output")
+        ins = _text(obj, "instruction", where, shape, empty_ok=True)
+        inp = _text(obj, "input", where, shape, required=False, empty_ok=True)
+        prompt = "\n".join(s for s in (ins, inp) if s)  # Alpaca: input follows on its own line
+        if not prompt.strip():
+            _fail(where, "fields 'instruction' and 'input' are both empty", "give the instruction some text")
+        return prompt
+    return _text(obj, "prompt", where, shape)
+
+
+SFT_SHAPE = '{"prompt": "...", "response": "..."} or {"instruction": "...", "input": "", "output": "..."}'
+RM_SHAPE = '{"prompt": "...", "answers": ["best", ..., "worst"]} or {"prompt": "...", "chosen": "...", "rejected": "..."}'
+PROMPT_SHAPE = '{"prompt": "...", "history": []}'
+
+
+def load_sft(path):
+    """SFT lines -> [{"prompt", "response", "history", "source"}]; Alpaca lines are mapped."""
+    out = []
+    for where, obj in read_jsonl(path):
+        prompt = _prompt(obj, where, SFT_SHAPE)
+        response = _text(obj, "output" if "instruction" in obj else "response", where, SFT_SHAPE)
+        out.append(dict(prompt=prompt, response=response, history=_history(obj, where), source=where))
+    return out
+
+
+def load_ranked(path):
+    """RM lines -> [{"prompt", "answers" (best first), "history", "margin" (float or None), "source"}]."""
+    out = []
+    for where, obj in read_jsonl(path):
+        prompt = _prompt(obj, where, RM_SHAPE)
+        if "answers" in obj:
+            if "chosen" in obj or "rejected" in obj:
+                _fail(where, "the line has both 'answers' and 'chosen'/'rejected'", f"use one shape: {RM_SHAPE}")
+            answers = obj["answers"]
+            if not isinstance(answers, list):
+                _fail(where, f"field 'answers' is a {_jtype(answers)}, not a list",
+                      'write answers as ["best", "second", ..., "worst"]')
+            for i, a in enumerate(answers):
+                _as_text(a, f"answers[{i}]", where)
+        elif "chosen" in obj or "rejected" in obj:
+            answers = [_text(obj, "chosen", where, RM_SHAPE), _text(obj, "rejected", where, RM_SHAPE)]
+        else:
+            _fail(where, "field 'answers' (or 'chosen' and 'rejected') is missing", f"a line needs {RM_SHAPE}")
+        if len(answers) < 2:
+            _fail(where, f"'answers' has {len(answers)} answer(s); ranking needs at least 2",
+                  "add a worse answer or remove the line")
+        seen = {}
+        for i, a in enumerate(answers):
+            j = seen.setdefault(a.strip(), i)
+            if j != i:  # the same text both better and worse than itself: the pair loss is contradictory
+                _fail(where, f"answers {j} and {i} are the same text ({a.strip()[:40]!r})",
+                      "rank each distinct answer once; drop the duplicate")
+        margin = obj.get("margin")
+        if margin is not None:
+            if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+                _fail(where, f"field 'margin' is {json.dumps(margin)[:40]}, not a finite number",
+                      'write margin as a number, e.g. "margin": 1.0, or leave it out')
+            margin = float(margin)
+        out.append(dict(prompt=prompt, answers=list(answers), history=_history(obj, where),
+                        margin=margin, source=where))
+    return out
+
+
+def load_prompts(path):
+    """PPO prompt lines -> [{"prompt", "history", "source"}]; any response/answers are ignored."""
+    return [dict(prompt=_prompt(obj, where, PROMPT_SHAPE), history=_history(obj, where), source=where)
+            for where, obj in read_jsonl(path)]
+
+
+def split_holdout(examples, holdout, seed=0):
+    """(train, held_out): a fraction (float < 1) or count (int) of examples, chosen by seed, order kept."""
+    n = len(examples)
+    k = round(holdout * n) if isinstance(holdout, float) else int(holdout)
+    if not (isinstance(holdout, (int, float)) and 0 <= holdout and 0 <= k < n):
+        raise ValueError(f"holdout={holdout!r} of {n} examples leaves no training data. HINT: pass "
+                         "a fraction in [0, 1) or a count smaller than the number of examples")
+    g = torch.Generator().manual_seed(seed)
+    held = set(torch.randperm(n, generator=g)[:k].tolist())
+    return ([e for i, e in enumerate(examples) if i not in held],
+            [e for i, e in enumerate(examples) if i in held])
+
+
+# -----------------------------------------------------------------------------
+# tokenising, truncation and labels
+
+
+@dataclass
+class TruncationStats:
+    """How many sequences were cut to max_len; print it (str) before training starts."""
+    seqs: int = 0            # sequences encoded
+    truncated: int = 0       # of which lost any token
+    prompt_cut: int = 0      # ... lost tokens from the prompt's start
+    response_cut: int = 0    # ... lost tokens from the answer's end
+    tokens_dropped: int = 0
+    where: list = field(default_factory=list)  # the first few cut lines (file:line), to look at
+
+    def __str__(self):
+        s = (f"truncated {self.truncated} of {self.seqs} sequences (prompt cut in {self.prompt_cut}, "
+             f"response cut in {self.response_cut}; {self.tokens_dropped} tokens dropped)")
+        return s + (f", e.g. {', '.join(self.where)}" if self.where else "")
+
+    def add(self, source, prompt_lost, answer_lost):
+        self.seqs += 1
+        if prompt_lost or answer_lost:
+            self.truncated += 1
+            self.prompt_cut += prompt_lost > 0
+            self.response_cut += answer_lost > 0
+            self.tokens_dropped += prompt_lost + answer_lost
+            if len(self.where) < 3 and source and source not in self.where:
+                self.where.append(source)
+
+
+def truncate_pair(prompt_ids, answer_ids, tail, eop, max_len, keep_eop=False, min_prompt_share=0.5,
+        stats=None, source=""):
+    """(prompt_ids + tail, answer_ids + [eop]) cut to at most max_len tokens together.
+
+    The prompt loses tokens from the left first (its end, next to the question, matters most),
+    but keeps at least min_prompt_share of the room when the answer is long as well; then the
+    answer is cut from the right. A cut answer loses <eop> (SFT must not learn to stop mid-way)
+    unless keep_eop: the RM reads its score at <eop>, so its sequences always end with one."""
+    room = max_len - len(tail)  # [gMASK] <sop> always stay: generation starts right after them
+    if room < 2:
+        raise ValueError(f"max_len={max_len} leaves no room for prompt and answer; raise max_len")
+    full = len(answer_ids) + 1  # answer + <eop>
+    keep_p = min(len(prompt_ids), max(room - full, int(room * min_prompt_share)))
+    keep_a = room - keep_p      # >= 1 since keep_p <= max(room - 1, room / 2)
+    p = prompt_ids[len(prompt_ids) - keep_p:]  # keep the end
+    if full <= keep_a:
+        a = list(answer_ids) + [eop]
+    elif keep_eop:
+        a = list(answer_ids[:keep_a - 1]) + [eop]
+    else:
+        a = list(answer_ids[:keep_a])
+    if stats is not None:
+        stats.add(source, len(prompt_ids) - len(p), full - len(a))
+    return list(p) + list(tail), a
+
+
+def _prompt_ids(tok, ex):
+    return tok.encode_text(glm.chat_prompt(ex["prompt"], ex.get("history") or ()))
+
+
+def encode_sft(tok, ex, max_len, stats=None, min_prompt_share=0.5):
+    """(ids, labels): chat prompt [gMASK] <sop> response <eop>; labels = ids on response and <eop>, else -100."""
+    p, a = truncate_pair(_prompt_ids(tok, ex), tok.encode_text(ex["response"]), [tok.gmask_id, tok.sop_id],
+               tok.eop_id, max_len, False, min_prompt_share, stats, ex.get("source", ""))
+    return p + a, [IGNORE] * len(p) + a
+
+
+def encode_ranked(tok, ex, max_len, stats=None, min_prompt_share=0.5):
+    """One id list per answer (best first), each prompt [gMASK] <sop> answer <eop>, always ending in <eop>."""
+    prompt = _prompt_ids(tok, ex)
+    out = []
+    for ans in ex["answers"]:
+        p, a = truncate_pair(prompt, tok.encode_text(ans), [tok.gmask_id, tok.sop_id], tok.eop_id, max_len,
+                   True, min_prompt_share, stats, ex.get("source", ""))
+        out.append(p + a)
+    return out
+
+
+def encode_prompt(tok, ex, max_len, stats=None):
+    """Prompt ids ending in [gMASK] <sop> (where generation starts), cut from the left to max_len."""
+    if max_len < 3:
+        raise ValueError(f"max_len={max_len} leaves no room for a prompt; raise it")
+    p = _prompt_ids(tok, ex)
+    keep = p[max(0, len(p) - (max_len - 2)):]
+    if stats is not None:
+        stats.add(ex.get("source", ""), len(p) - len(keep), 0)
+    return keep + [tok.gmask_id, tok.sop_id]
+
+
+# -----------------------------------------------------------------------------
+# batches and the loss
+
+
+def collate(examples, pad_id):
+    """[(ids, labels), ...] -> input_ids, labels [B, T], LEFT-padded to the batch's longest row."""
+    for ids, labels in examples:
+        if len(ids) != len(labels):
+            raise ValueError(f"ids ({len(ids)}) and labels ({len(labels)}) differ in length")
+    return glm.left_pad([e[0] for e in examples], pad_id), glm.left_pad([e[1] for e in examples], IGNORE)
+
+
+def collate_ranked(groups, pad_id):
+    """[[ids of answer 0 (best), ...], ...] -> input_ids [N, T] (all answers, left-padded), sizes [K per example]."""
+    return glm.left_pad([s for g in groups for s in g], pad_id), [len(g) for g in groups]
+
+
+def ranked_pairs(sizes):
+    """Row indices (better [P], worse [P], example [P]) of all K(K-1)/2 ordered pairs per example."""
+    better, worse, example, start = [], [], [], 0
+    for e, k in enumerate(sizes):
+        for i in range(k):
+            for j in range(i + 1, k):  # answers are listed best first, so i beats j
+                better.append(start + i), worse.append(start + j), example.append(e)
+        start += k
+    return torch.tensor(better), torch.tensor(worse), torch.tensor(example)
+
+
+def lm_loss(logits, labels, reduction="mean"):
+    """Next-token cross-entropy in float32: logits[:, t] against labels[:, t + 1], -100 ignored.
+
+    "mean" averages over the label tokens of this batch; "sum" lets a trainer that accumulates
+    micro-batches or data-parallel replicas divide by the global count of (labels[:, 1:] != -100)."""
+    targets = labels[:, 1:]                    # [B, T-1]: what position t should predict
+    keep = targets != IGNORE                   # [B, T-1]
+    # pick the labelled positions before the float32 cast: at V = 130k most positions are prompt
+    logits = logits[:, :-1][keep].float()      # [N, V]
+    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+    if reduction == "sum":
+        return loss
+    return loss / keep.sum().clamp(min=1)
+
+
+class Batches:
+    """Deterministic, resumable shuffled batches of example indices, sharded for data parallelism.
+
+    Each step takes a global batch of batch_size * world indices from the epoch's permutation
+    (torch.randperm seeded by (seed, epoch)); replica `rank` gets the contiguous slice
+    [rank * batch_size, (rank + 1) * batch_size) of it, so replicas are disjoint and together
+    cover the global batch. The last partial global batch is dropped with drop_last; else, when
+    world > 1, it is topped up from the epoch's start to a multiple of world, so every replica
+    gets the same (smaller) count.
+
+    `for idx in batches:` yields the rest of the current epoch. The position advances as each
+    batch is handed out, so `state_dict()` taken after a step has used its batch resumes with the
+    next one; it records the global batch size, so a run may resume with a different `world`
+    as long as batch_size * world is unchanged."""
+
+    def __init__(self, n_examples, batch_size, seed=0, drop_last=False, rank=0, world=1, shuffle=True):
+        if not (0 <= rank < world):
+            raise ValueError(f"rank {rank} is not in [0, world={world})")
+        if batch_size < 1 or n_examples < 1:
+            raise ValueError(f"need batch_size >= 1 and some examples (got {batch_size}, {n_examples})")
+        self.n, self.bs, self.seed, self.drop_last = n_examples, batch_size, seed, drop_last
+        self.rank, self.world, self.shuffle = rank, world, shuffle
+        self.global_bs = batch_size * world
+        if drop_last and n_examples < self.global_bs:
+            raise ValueError(f"{n_examples} examples do not fill one global batch of {batch_size} x "
+                             f"{world} replicas with drop_last; lower batch_size or add data")
+        self.epoch, self.step = 0, 0
+
+    def __len__(self):
+        """Steps per epoch."""
+        return self.n // self.global_bs if self.drop_last else -(-self.n // self.global_bs)
+
+    def order(self, epoch):
+        """The epoch's permutation of all example indices, the same on every replica."""
+        if not self.shuffle:
+            return list(range(self.n))
+        # a hash of (seed, epoch): nearby seeds and epochs give unrelated permutations
+        h = hashlib.sha256(f"{self.seed}/{epoch}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(h[:8], "little") >> 1)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def global_batch(self, epoch, step):
+        order = self.order(epoch)
+        g = order[step * self.global_bs:(step + 1) * self.global_bs]
+        if len(g) % self.world:  # top up the last partial batch so replicas stay in step
+            g += order[:self.world - len(g) % self.world]
+        return g
+
+    def __iter__(self):
+        epoch, start = self.epoch, self.step
+        for step in range(start, len(self)):
+            g = self.global_batch(epoch, step)
+            k = len(g) // self.world
+            # advance before yielding: a checkpoint saved after this batch's step resumes after it
+            self.epoch, self.step = (epoch + 1, 0) if step + 1 == len(self) else (epoch, step + 1)
+            yield g[self.rank * k:(self.rank + 1) * k]
+
+    def state_dict(self):
+        return dict(epoch=self.epoch, step=self.step, n_examples=self.n, global_batch=self.global_bs,
+                    seed=self.seed, drop_last=self.drop_last)
+
+    def load_state_dict(self, state):
+        for key, mine in (("n_examples", self.n), ("global_batch", self.global_bs), ("seed", self.seed),
+                          ("drop_last", self.drop_last)):
+            if key in state and state[key] != mine:
+                raise ValueError(f"the checkpoint's data position was saved with {key}={state[key]}, "
+                                 f"this run has {mine}. HINT: resume with the same data file, seed and "
+                                 "batch_size * world, or start afresh without --resume")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+# -----------------------------------------------------------------------------
+# the toy task: small sums and differences, in English and Chinese
+#
+# Every question is (op, a, b) with single digits a, b (a >= b for "-") put into one of several
+# templates. The held-out split holds back whole (template, a, b) combinations, while each
+# (op, a, b) keeps at least one template in training: a model passes only if it reads the
+# numbers and the operation whatever the wording, which a 2-layer model of width 64 learns in a
+# few CPU minutes. Answers are the bare number; every text stays inside the 1200 pieces of the
+# test tokenizer (ASCII "?" and ",": sentencepiece's NFKC would rewrite full-width ones).
+
+TOY_TEMPLATES = [  # (op, template); {x}, {y} are names, drawn per example
+    ("+", "What is {a} plus {b}?"),
+    ("+", "{a}加{b}等于多少?"),
+    ("+", "{x} has {a} apples and {y} gives {x} {b} more. How many apples does {x} have now?"),
+    ("+", "{x}有{a}本书,又买了{b}本,一共有几本?"),
+    ("-", "What is {a} minus {b}?"),
+    ("-", "{a}减{b}等于多少?"),
+]
+TOY_NAMES = {"en": ["Alice", "Bob", "Carol", "David", "Emma", "Frank"], "zh": ["小明", "小红", "老王", "李雷"]}
+
+
+def _toy_regex(template):
+    pat = re.escape(template)
+    for name in ("a", "b"):
+        pat = pat.replace(re.escape("{%s}" % name), r"(?P<%s>\d+)" % name, 1)
+    pat = pat.replace(re.escape("{x}"), r"(?P<x>\w+)", 1).replace(re.escape("{x}"), r"(?P=x)")
+    return re.compile(pat.replace(re.escape("{y}"), r"\w+") + r"\Z")
+
+
+_TOY_PARSERS = [(op, _toy_regex(t)) for op, t in TOY_TEMPLATES]
+
+
+def toy_answer(prompt):
+    """The expected answer (a str) of a toy question, or None if the prompt is not one."""
+    for op, rx in _TOY_PARSERS:
+        m = rx.match(prompt.strip())
+        if m:
+            a, b = int(m["a"]), int(m["b"])
+            return str(a + b if op == "+" else a - b)
+    return None
+
+
+def toy_answer_correct(prompt, response):
+    """Exact match of a generated response (decoded, special tokens skipped) with the toy answer."""
+    want = toy_answer(prompt)
+    if want is None:
+        raise ValueError(f"{prompt[:60]!r} is not a toy question; toy accuracy needs the toy data")
+    return response.strip() == want
+
+
+def _toy_text(rng, template, a, b):
+    names = TOY_NAMES["zh" if re.search(r"[\u4e00-\u9fff]", template) else "en"]
+    x, y = rng.sample(names, 2)
+    return template.format(a=a, b=b, x=x, y=y)
+
+
+def _toy_ranked(rng, answer):
+    """[correct, near miss (off by one), wrong (off by 2 or more)]: the RM learns both gaps."""
+    c = int(answer)
+    near = c + 1 if c == 0 else c + rng.choice([-1, 1])
+    wrong = rng.choice([v for v in range(19) if abs(v - c) >= 2])
+    return [str(c), str(near), str(wrong)]
+
+
+def toy_task(seed=0, holdout=0.15, history_share=0.2):
+    """{"sft_train", "sft_eval", "rm_train", "rm_eval", "prompts"}: lists of json-ready dicts."""
+    rng = random.Random(seed)
+    combos = [(t, a, b) for t, (op, _) in enumerate(TOY_TEMPLATES)
+              for a in range(10) for b in range(10) if op == "+" or a >= b]
+    # hold back whole (template, a, b) combinations, but never the last template of an (op, a, b)
+    left = {}
+    for t, a, b in combos:
+        key = (TOY_TEMPLATES[t][0], a, b)
+        left[key] = left.get(key, 0) + 1
+    held, target = set(), round(holdout * len(combos))
+    for t, a, b in rng.sample(combos, len(combos)):
+        key = (TOY_TEMPLATES[t][0], a, b)
+        if len(held) < target and left[key] > 1:
+            held.add((t, a, b))
+            left[key] -= 1
+    out = {k: [] for k in ("sft_train", "sft_eval", "rm_train", "rm_eval", "prompts")}
+    train_turns = []  # past turns come from training questions only, so nothing held out leaks
+    for split in ("train", "eval"):
+        for t, a, b in combos:
+            if ((t, a, b) in held) != (split == "eval"):
+                continue
+            prompt = _toy_text(rng, TOY_TEMPLATES[t][1], a, b)
+            answer = toy_answer(prompt)
+            history = [list(rng.choice(train_turns))] if train_turns and rng.random() < history_share else []
+            if split == "train":
+                train_turns.append((prompt, answer))
+                out["prompts"].append(dict(prompt=prompt, history=history))
+            out[f"sft_{split}"].append(dict(prompt=prompt, response=answer, history=history))
+            out[f"rm_{split}"].append(dict(prompt=prompt, answers=_toy_ranked(rng, answer), history=history))
+    for rows in out.values():
+        rng.shuffle(rows)
+    return out
+
+
+def write_toy(out_dir, seed=0):
+    """Write toy_{sft,rm}_{train,eval}.jsonl and toy_prompts.jsonl into out_dir; return the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for name, rows in toy_task(seed).items():
+        path = os.path.join(out_dir, f"toy_{name}.jsonl")
+        with open(path, "w", encoding="utf-8", newline="\n") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        paths.append(path)
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("toy", help="write the toy task's jsonl files")
+    t.add_argument("--out", required=True)
+    t.add_argument("--seed", type=int, default=0)
+    c = sub.add_parser("check", help="load a file as training would, and report what it holds")
+    c.add_argument("file")
+    c.add_argument("--kind", choices=("sft", "rm", "prompts"), required=True)
+    c.add_argument("--tokenizer", help="ice_text.model: also tokenise and report truncation")
+    c.add_argument("--max-len", type=int, default=512)
+    args = p.parse_args(argv)
+    if args.cmd == "toy":
+        for path in write_toy(args.out, args.seed):
+            print(f"{path}: {sum(1 for _ in open(path, encoding='utf-8'))} lines")
+        return
+    load, encode = {"sft": (load_sft, encode_sft), "rm": (load_ranked, encode_ranked),
+                    "prompts": (load_prompts, encode_prompt)}[args.kind]
+    examples = load(args.file)
+    print(f"{args.file}: {len(examples)} {args.kind} examples, all well-formed")
+    if args.tokenizer:
+        tok, stats = glm.Tokenizer(args.tokenizer), TruncationStats()
+        for ex in examples:
+            encode(tok, ex, args.max_len, stats)
+        print(f"max_len {args.max_len}: {stats}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""data.py: formats, label masks, truncation, batching, resumable shuffling, the toy task."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import glm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TOK_PATH = os.path.join(HERE, "fixtures", "case_small", "ice_text.model")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return glm.Tokenizer(TOK_PATH)
+
+
+def write(tmp_path, lines, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_bytes(b"".join((l if isinstance(l, bytes) else l.encode("utf-8")) + b"\n" for l in lines))
+    return str(path)
+
+
+def row(**kw):
+    return json.dumps(kw, ensure_ascii=False)
+
+
+# -----------------------------------------------------------------------------
+# labels
+
+
+@pytest.mark.parametrize("history", [[], [["3加5等于多少?", "8"]], [["What is 2 plus 2?", "4"], ["小明有3本书", "好"]]])
+def test_labels_cover_exactly_response_and_eop(tok, history):
+    ex = dict(prompt="What is 7 minus 4?", response="The answer is 3.", history=history)
+    ids, labels = data.encode_sft(tok, ex, max_len=512)
+    # independent construction: the tokenizer's own training pair over the chat template
+    assert ids == tok.encode_pair(glm.chat_prompt(ex["prompt"], history), ex["response"])
+    on = [t for t, l in enumerate(labels) if l != data.IGNORE]
+    assert len(on) == len(tok.encode_text(ex["response"])) + 1
+    assert on == list(range(len(ids) - len(on), len(ids)))  # one contiguous run at the end
+    assert all(labels[t] == ids[t] for t in on)
+    assert labels[on[-1]] == tok.eop_id
+    assert tok.decode([labels[t] for t in on[:-1]]) == ex["response"]
+    # the prompt's [gMASK] <sop> take no loss
+    assert ids[on[0] - 2:on[0]] == [tok.gmask_id, tok.sop_id]
+    assert labels[on[0] - 2:on[0]] == [data.IGNORE, data.IGNORE]
+
+
+def test_lm_loss_matches_float64_recompute():
+    torch.manual_seed(0)
+    B, T, V = 3, 7, 11
+    logits = torch.randn(B, T, V)
+    labels = torch.full((B, T), data.IGNORE)
+    labels[0, 4:] = torch.tensor([1, 2, 3])
+    labels[1, 6] = 5
+    labels[2, 2:5] = torch.tensor([7, 8, 9])
+    terms = []
+    for b in range(B):
+        for t in range(1, T):  # the label at t is predicted by the logits at t - 1
+            if labels[b, t] != data.IGNORE:
+                lp = torch.log_softmax(logits[b, t - 1].double(), -1)
+                terms.append(-lp[labels[b, t]])
+    want = torch.stack(terms).mean()
+    got = data.lm_loss(logits, labels)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(data.lm_loss(logits.half(), labels, "sum").double(), want * len(terms),
+                               atol=2e-2, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# truncation
+
+
+def test_truncation_keeps_prompt_end_and_gmask_sop(tok):
+    ex = dict(prompt=" ".join(f"w{i}" for i in range(200)) + " What is 7 minus 4?", response="3", history=[])
+    stats = data.TruncationStats()
+    ids, labels = data.encode_sft(tok, ex, max_len=32, stats=stats)
+    full = tok.encode_text(ex["prompt"])
+    answer = tok.encode_text("3") + [tok.eop_id]
+    assert len(ids) == 32
+    assert ids[-len(answer):] == answer                       # the short answer survives whole
+    assert ids[-len(answer) - 2:-len(answer)] == [tok.gmask_id, tok.sop_id]
+    kept = ids[:-len(answer) - 2]
+    assert kept == full[-len(kept):]                          # the prompt's END is kept
+    assert tok.decode(kept).endswith("What is 7 minus 4?")
+    assert (stats.seqs, stats.truncated, stats.prompt_cut, stats.response_cut) == (1, 1, 1, 0)
+    assert stats.tokens_dropped == len(full) - len(kept)
+    data.encode_sft(tok, dict(prompt="hi", response="ok"), max_len=32, stats=stats)
+    assert (stats.seqs, stats.truncated) == (2, 1)
+    assert "truncated 1 of 2" in str(stats)
+
+
+def test_truncation_long_prompt_and_response_share_room(tok):
+    words = " ".join(f"w{i}" for i in range(200))
+    stats = data.TruncationStats()
+    ids, labels = data.encode_sft(tok, dict(prompt=words, response=words), max_len=40, stats=stats)
+    sop = ids.index(tok.sop_id)
+    assert len(ids) == 40 and ids[sop - 1] == tok.gmask_id
+    assert sop - 1 == int(38 * 0.5)                         # the prompt keeps half the room
+    answer = ids[sop + 1:]
+    assert answer == tok.encode_text(words)[:len(answer)]   # the response keeps its START
+    assert tok.eop_id not in ids                            # a cut SFT answer must not learn to stop
+    assert [l for l in labels if l != data.IGNORE] == answer
+    assert (stats.prompt_cut, stats.response_cut) == (1, 1)
+    # the reward model reads its score at <eop>: its cut answers keep one
+    seqs = data.encode_ranked(tok, dict(prompt=words, answers=[words, "no"]), max_len=40)
+    assert all(s[-1] == tok.eop_id and len(s) <= 40 for s in seqs)
+    p = data.encode_prompt(tok, dict(prompt=words), max_len=20)
+    assert len(p) == 20 and p[-2:] == [tok.gmask_id, tok.sop_id]
+
+
+# -----------------------------------------------------------------------------
+# batches
+
+
+def test_collate_pads_left_to_longest(tok):
+    exs = [data.encode_sft(tok, dict(prompt=p, response=r), 512)
+           for p, r in [("What is 1 plus 1?", "2"), ("hi", "a much longer answer here"), ("x", "y")]]
+    ids, labels = data.collate(exs, tok.pad_id)
+    T = max(len(e[0]) for e in exs)
+    assert ids.shape == labels.shape == (3, T)
+    for (i, l), row_ids, row_labels in zip(exs, ids.tolist(), labels.tolist()):
+        pad = T - len(i)
+        assert row_ids == [tok.pad_id] * pad + i
+        assert row_labels == [data.IGNORE] * pad + l
+    layout = glm.derive_layout(ids, glm.GLMConfig.toy())   # the model sees the pads as padding
+    assert layout.key_valid.sum(1).tolist() == [len(e[0]) for e in exs]
+
+
+def test_ranked_collate_and_pairs():
+    ids, sizes = data.collate_ranked([[[1, 2], [1]], [[5], [6, 7, 8], [9]]], pad_id=3)
+    assert ids.tolist() == [[3, 1, 2], [3, 3, 1], [3, 3, 5], [6, 7, 8], [3, 3, 9]] and sizes == [2, 3]
+    better, worse, ex = data.ranked_pairs(sizes)
+    assert list(zip(better.tolist(), worse.tolist(), ex.tolist())) == [
+        (0, 1, 0), (2, 3, 1), (2, 4, 1), (3, 4, 1)]
+
+
+def take(batches, n):
+    """The next n batches, crossing epochs the way a step-counting training loop does."""
+    out = []
+    while len(out) < n:
+        for idx in batches:
+            out.append(idx)
+            if len(out) == n:
+                break
+    return out
+
+
+def test_batches_deterministic_and_cover_each_epoch():
+    a, b = data.Batches(23, 4, seed=7), data.Batches(23, 4, seed=7)
+    ea, eb = list(a), list(b)
+    assert ea == eb and len(ea) == len(a) == 6
+    assert sorted(i for batch in ea for i in batch) == list(range(23))
+    assert [len(x) for x in ea] == [4] * 5 + [3]
+    assert list(a) != ea                                     # the next epoch is another permutation
+    assert list(data.Batches(23, 4, seed=8)) != ea
+    assert len(data.Batches(23, 4, drop_last=True)) == 5
+
+
+@pytest.mark.parametrize("stop", [0, 3, 5, 6, 9])
+def test_batches_resume_yields_exactly_the_remaining(stop):
+    full = take(data.Batches(23, 4, seed=1), 12)              # two epochs of 6 steps
+    run = data.Batches(23, 4, seed=1)
+    seen = take(run, stop)
+    state = json.loads(json.dumps(run.state_dict()))         # as a checkpoint would store it
+    resumed = data.Batches(23, 4, seed=1)                    # a new object, as after a restart
+    resumed.load_state_dict(state)
+    assert (resumed.epoch, resumed.step) == divmod(stop, 6)
+    rest_of_epoch = list(resumed)
+    assert rest_of_epoch == full[stop:(stop // 6 + 1) * 6]   # exactly the remaining batches
+    assert seen + rest_of_epoch + take(resumed, 12 - (stop // 6 + 1) * 6) == full[:max(12, (stop // 6 + 1) * 6)]
+    with pytest.raises(ValueError, match="seed=1"):
+        data.Batches(23, 4, seed=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="global_batch=4"):
+        data.Batches(23, 8, seed=1).load_state_dict(state)
+
+
+def test_dp_shards_are_disjoint_and_cover_the_global_batch():
+    world, bs = 3, 4
+    whole = list(data.Batches(50, bs * world, seed=3))
+    shards = [list(data.Batches(50, bs, seed=3, rank=r, world=world)) for r in range(world)]
+    assert all(len(s) == len(whole) for s in shards)
+    for step, g in enumerate(whole[:-1]):
+        parts = [s[step] for s in shards]
+        assert all(len(p) == bs for p in parts)
+        assert sum(parts, []) == g                            # contiguous slices, in rank order
+    # last global batch: 50 - 4 * 12 = 2 indices, topped up to one each for 3 replicas
+    last = [s[-1] for s in shards]
+    assert all(len(p) == 1 for p in last) and sum(last, [])[:2] == whole[-1]
+    # same global batch with another world size resumes the same sequence
+    run = data.Batches(48, 2, seed=3, rank=0, world=6)
+    take(run, 2)
+    other = [data.Batches(48, 4, seed=3, rank=r, world=3) for r in range(3)]
+    for o in other:
+        o.load_state_dict(run.state_dict())
+    ref = list(data.Batches(48, 12, seed=3))
+    assert sum((next(iter(o)) for o in other), []) == ref[2]
+
+
+# -----------------------------------------------------------------------------
+# loading and errors
+
+
+def test_sft_and_alpaca_shapes(tmp_path):
+    path = write(tmp_path, [
+        row(prompt="p1", response="r1", history=[["q", "a"]]),
+        "",
+        row(instruction="Translate", input="你好", output="hello"),
+        row(instruction="Say hi", input="", output="hi"),
+        row(instruction="Say hi", output="hi"),
+    ])
+    got = data.load_sft(path)
+    assert [(e["prompt"], e["response"], e["history"]) for e in got] == [
+        ("p1", "r1", [("q", "a")]), ("Translate\n你好", "hello", []), ("Say hi", "hi", []), ("Say hi", "hi", [])]
+    assert got[1]["source"] == f"{path}:3"                   # the blank line still counts
+
+
+def test_ranked_and_prompt_shapes(tmp_path):
+    path = write(tmp_path, [row(prompt="p", answers=["a", "b", "c"], margin=1),
+                            row(prompt="p", chosen="good", rejected="bad", history=[["q", "a"]])])
+    got = data.load_ranked(path)
+    assert got[0]["answers"] == ["a", "b", "c"] and got[0]["margin"] == 1.0
+    assert got[1]["answers"] == ["good", "bad"] and got[1]["margin"] is None
+    got = data.load_prompts(write(tmp_path, [row(prompt="p", history=[]), row(prompt="q", response="r")], "p.jsonl"))
+    assert [e["prompt"] for e in got] == ["p", "q"]
+
+
+BAD = [  # (loader, lines, bad line, words the message must contain)
+    ("sft", [row(prompt="p", response="r"), '{"prompt": "p", "response": '], 2, "not valid JSON"),
+    ("sft", ['["p", "r"]'], 1, "not an object"),
+    ("sft", [row(prompt="p")], 1, "'response' is missing"),
+    ("sft", [row(response="r")], 1, "'prompt' is missing"),
+    ("sft", [row(prompt="p", response=3)], 1, "'response' is a number"),
+    ("sft", [row(prompt="p", response="r", history="q")], 1, "'history'"),
+    ("sft", [row(prompt="p", response="r", history=[["q"]])], 1, "history[0]"),
+    ("sft", [row(prompt="p", response="r"), row(prompt="p", response="  ")], 2, "'response' is empty"),
+    ("sft", [row(instruction="i", input="x")], 1, "'output' is missing"),
+    ("sft", [row(prompt="p", response="r"), row(prompt="p", response="r").encode() + b"\xff"], 2, "not UTF-8"),
+    ("sft", [row(prompt="p", response="r"), "你好".encode("gbk")], 2, "not UTF-8"),
+    ("rm", [row(prompt="p", answers=["only"])], 1, "at least 2"),
+    ("rm", [row(prompt="p", answers=["a", "b", "a"])], 1, "answers 0 and 2 are the same"),
+    ("rm", [row(prompt="p", chosen="a", rejected="a")], 1, "same text"),
+    ("rm", [row(prompt="p", answers="a")], 1, "'answers' is a string"),
+    ("rm", [row(prompt="p", answers=["a", 2])], 1, "answers[1]"),
+    ("rm", [row(prompt="p", chosen="a")], 1, "'rejected' is missing"),
+    ("rm", [row(prompt="p", answers=["a", "b"], margin="1")], 1, "'margin'"),
+    ("prompts", [row(prompt=["p"])], 1, "'prompt' is a list"),
+]
+LOADERS = {"sft": data.load_sft, "rm": data.load_ranked, "prompts": data.load_prompts}
+
+
+@pytest.mark.parametrize("kind,lines,lineno,words", BAD)
+def test_bad_input_names_file_line_and_field(tmp_path, kind, lines, lineno, words):
+    path = write(tmp_path, lines)
+    with pytest.raises(data.DataError) as e:
+        LOADERS[kind](path)
+    msg = str(e.value)
+    assert f"{path}:{lineno}:" in msg and words in msg and "HINT" in msg
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n\n"])
+def test_empty_file_is_an_error(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(data.DataError, match="no examples") as e:
+        data.load_sft(str(path))
+    assert str(path) in str(e.value)
+    with pytest.raises(FileNotFoundError, match="no such data file"):
+        data.load_sft(str(tmp_path / "missing.jsonl"))
+
+
+def test_split_holdout_is_deterministic_and_disjoint():
+    xs = list(range(100))
+    tr, ho = data.split_holdout(xs, 0.2, seed=5)
+    assert (tr, ho) == data.split_holdout(xs, 0.2, seed=5)
+    assert len(ho) == 20 and sorted(tr + ho) == xs and tr == sorted(tr)
+    assert data.split_holdout(xs, 0.2, seed=6)[1] != ho
+    assert len(data.split_holdout(xs, 7)[1]) == 7
+    with pytest.raises(ValueError, match="no training data"):
+        data.split_holdout(xs, 100)
+
+
+# -----------------------------------------------------------------------------
+# the toy task
+
+
+TOY_FILES = ["toy_sft_train", "toy_sft_eval", "toy_rm_train", "toy_rm_eval", "toy_prompts"]
+
+
+def test_bundled_toy_files_are_what_the_generator_writes(tmp_path):
+    data.write_toy(str(tmp_path))
+    for name in TOY_FILES:
+        with open(os.path.join(ROOT, "data", name + ".jsonl"), "rb") as f, open(tmp_path / f"{name}.jsonl", "rb") as g:
+            assert f.read() == g.read(), f"data/{name}.jsonl is stale: run `python data.py toy --out data`"
+    assert sum(os.path.getsize(os.path.join(ROOT, "data", n + ".jsonl")) for n in TOY_FILES) < 1 << 20
+
+
+def test_toy_data_round_trips_the_toy_tokenizer(tok):
+    d = os.path.join(ROOT, "data")
+    sft = data.load_sft(os.path.join(d, "toy_sft_train.jsonl")) + data.load_sft(os.path.join(d, "toy_sft_eval.jsonl"))
+    rm = data.load_ranked(os.path.join(d, "toy_rm_train.jsonl")) + data.load_ranked(os.path.join(d, "toy_rm_eval.jsonl"))
+    texts = {e["prompt"] for e in sft} | {e["response"] for e in sft} | {a for e in rm for a in e["answers"]}
+    texts |= {s for e in sft for turn in e["history"] for s in turn}
+    for text in texts:
+        ids = tok.encode_text(text)
+        assert 0 not in ids, f"{text!r} has an unknown token"
+        assert tok.decode(ids) == text
+    stats = data.TruncationStats()
+    for e in sft:
+        ids, _ = data.encode_sft(tok, e, 128, stats)
+        assert 0 not in ids
+    for e in rm:
+        data.encode_ranked(tok, e, 128, stats)
+    assert stats.truncated == 0
+
+
+def test_toy_answers_and_split(tok):
+    d = os.path.join(ROOT, "data")
+    train = data.load_sft(os.path.join(d, "toy_sft_train.jsonl"))
+    held = data.load_sft(os.path.join(d, "toy_sft_eval.jsonl"))
+    for e in train + held:
+        assert data.toy_answer_correct(e["prompt"], e["response"])
+        assert data.toy_answer_correct(e["prompt"], f" {e['response']} ")
+        assert not data.toy_answer_correct(e["prompt"], str(int(e["response"]) + 1))
+    with pytest.raises(ValueError, match="not a toy question"):
+        data.toy_answer_correct("What is the capital of France?", "Paris")
+    # held-out questions are unseen as (wording, numbers), yet every (op, a, b) is taught once
+    def key(p):
+        for t, (op, rx) in enumerate(data._TOY_PARSERS):
+            m = rx.match(p)
+            if m:
+                return t, op, int(m["a"]), int(m["b"])
+    tk, hk = {key(e["prompt"]) for e in train}, {key(e["prompt"]) for e in held}
+    assert not tk & hk and None not in tk | hk
+    assert {k[1:] for k in hk} <= {k[1:] for k in tk}
+    for e in data.load_ranked(os.path.join(d, "toy_rm_train.jsonl")):
+        c, near, wrong = (int(a) for a in e["answers"])
+        assert str(c) == data.toy_answer(e["prompt"]) and abs(near - c) == 1 and abs(wrong - c) >= 2
+    assert len(data.load_prompts(os.path.join(d, "toy_prompts.jsonl"))) == len(train)

@@ -1,0 +1,280 @@
+"""Supervised fine-tuning of ChatGLM-6B: LoRA, the last N blocks, or the whole model.
+
+    python train_sft.py                                   # toy model on the bundled toy task (CPU, minutes)
+    python train_sft.py --model DIR --data FILE --out DIR --lora_rank 8
+    python train_sft.py --model DIR --data FILE --out DIR --train_layers 4
+    torchrun --nproc_per_node=8 train_sft.py --model DIR --data FILE --out DIR --pp 8
+    torchrun --nproc_per_node=8 train_sft.py --model DIR --data FILE --out DIR --pp 4   # 4 stages x 2 replicas
+    ... --resume                                          # continue from OUT/checkpoint
+
+One optimiser step = grad_accum micro-batches of micro_batch_size examples on each of the D
+data-parallel replicas; the loss is the mean over every response token of that global batch.
+"""
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import dist
+import glm
+import lora
+
+
+@dataclass
+class Config:
+    # ---- model
+    model: str = ""                 # HF folder (config.json, model*.safetensors, ice_text.model); "" = toy
+    out: str = "runs/sft"
+    # ---- data
+    data: str = ""                  # SFT jsonl; "" = the bundled toy task
+    eval_data: str = ""             # held-out jsonl; "" = hold out `holdout` of --data
+    holdout: float = 0.05
+    max_len: int = 512
+    # ---- what trains: LoRA (lora_rank > 0), the last N blocks (train_layers > 0), else everything
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "query_key_value"   # comma-separated: query_key_value, dense, dense_h_to_4h, dense_4h_to_h
+    train_layers: int = 0
+    # ---- optimiser
+    max_steps: int = 0              # 0 = run `epochs` epochs
+    epochs: float = 1.0
+    micro_batch_size: int = 4
+    grad_accum: int = 8             # micro-batches per step and replica (the M of 1F1B)
+    lr: float = 1e-4
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    # ---- memory and the pipeline
+    checkpoint: bool = False        # activation checkpointing in every block (the planner may add some)
+    pp: int = 1                     # pipeline stages; data-parallel replicas = world size / pp
+    plan: str = "auto"              # "auto" (balanced memory and time) or "naive" (equal layer counts)
+    gpu_mem_gib: float = 0.0        # memory budget per GPU for the planner; 0 = the card's
+    # ---- logs and checkpoints
+    log_every: int = 10
+    eval_every: int = 100
+    save_every: int = 200
+    resume: bool = False
+
+
+# the toy run: a small model from scratch on the bundled arithmetic task, a few CPU minutes
+TOY = dict(max_len=64, micro_batch_size=32, grad_accum=1, lr=3e-3, warmup_steps=30, max_steps=600,
+           weight_decay=0.01, eval_every=200, save_every=300, out="runs/toy_sft")
+TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def apply_toy_defaults(cfg):
+    """With no --model, fields still at their 6B default take the toy run's values."""
+    if cfg.model:
+        return cfg
+    defaults = Config()
+    for k, v in TOY.items():
+        if getattr(cfg, k) == getattr(defaults, k):
+            setattr(cfg, k, v)
+    cfg.model = ensure_toy_model(os.path.join(os.path.dirname(cfg.out) or ".", "toy_base"))
+    if not cfg.data:
+        cfg.data = os.path.join(TOY_DIR, "toy_sft_train.jsonl")
+        cfg.eval_data = cfg.eval_data or os.path.join(TOY_DIR, "toy_sft_eval.jsonl")
+    return cfg
+
+
+def ensure_toy_model(path, seed=0):
+    """A randomly initialised toy ChatGLM (2 blocks, width 64) with the bundled tokenizer."""
+    if dist.is_main() and not os.path.isdir(path):
+        model = glm.ChatGLM(glm.GLMConfig.toy()).init_weights(seed)
+        model.save_pretrained(path, tokenizer=glm.Tokenizer(os.path.join(TOY_DIR, "ice_text.model")))
+    dist.barrier()
+    return path
+
+
+def train_mode(cfg, num_layers):
+    if cfg.lora_rank > 0 and cfg.train_layers > 0:
+        raise ValueError("--lora_rank and --train_layers are exclusive: pick one way to train")
+    if cfg.train_layers > num_layers:
+        raise ValueError(f"--train_layers {cfg.train_layers} is larger than the model's {num_layers} blocks")
+    if cfg.train_layers < 0 or cfg.lora_rank < 0:
+        raise ValueError("--train_layers and --lora_rank must be >= 0")
+    return "lora" if cfg.lora_rank > 0 else "last_n" if cfg.train_layers > 0 else "full"
+
+
+def sft_loss(n_tokens):
+    """Summed next-token cross-entropy of one micro-batch over its response tokens, divided by the
+    global batch's response-token count, so the step's loss is their mean."""
+    def loss_fn(model, h, mb):
+        targets = mb["labels"][:, 1:]  # [b, T-1]: logits at t predict the token at t+1
+        keep = targets != data.IGNORE
+        logits = model.lm_head(h[:, :-1][keep])  # [N, V]: the head only where a label exists
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum") / n_tokens
+    return loss_fn
+
+
+def microbatches(examples, idx, cfg, pad_id, device):
+    """The step's examples -> grad_accum micro-batches {input_ids, labels} on the device."""
+    out = []
+    for m in range(0, len(idx), cfg.micro_batch_size):
+        ids, labels = data.collate([examples[i] for i in idx[m:m + cfg.micro_batch_size]], pad_id)
+        out.append({"input_ids": ids.to(device), "labels": labels.to(device)})
+    return out
+
+
+def count_label_tokens(mbs, d):
+    n = sum((mb["labels"][:, 1:] != data.IGNORE).sum() for mb in mbs).float()
+    return dist.all_reduce(n.to(d.device), "sum", d.dp_group).clamp(min=1)
+
+
+def toy_accuracy(model, tok, examples, max_len, d):
+    """Exact-match accuracy of greedy answers on the toy task (single-stage runs)."""
+    if d.P > 1:
+        return float("nan")
+    model.eval()
+    ok = 0
+    for i in range(0, len(examples), 128):
+        chunk = examples[i:i + 128]
+        ids = glm.left_pad([data.encode_prompt(tok, e, max_len) for e in chunk], tok.pad_id).to(d.device)
+        out = model.generate(ids, max_new_tokens=6)
+        for e, row in zip(chunk, out[:, ids.shape[1]:]):
+            ok += data.toy_answer_correct(e["prompt"], tok.decode(row, skip_special_tokens=True))
+    model.train()
+    return ok / len(examples)
+
+
+def main(argv=None):
+    cfg = apply_toy_defaults(dist.parse_config(Config, argv))
+    toy = cfg.model.endswith("toy_base")
+    d = dist.setup(cfg.pp)
+    torch.manual_seed(cfg.seed + d.rank)
+    dist.print0(f"config: {asdict(cfg)}")
+
+    # ---- tokenizer and data (checked in full before any model is built)
+    tok = glm.Tokenizer.from_dir(cfg.model)
+    train_ex = data.load_sft(cfg.data)
+    if cfg.eval_data:
+        eval_ex = data.load_sft(cfg.eval_data)
+    else:
+        train_ex, eval_ex = data.split_holdout(train_ex, cfg.holdout, cfg.seed)
+    stats = data.TruncationStats()
+    train_enc = [data.encode_sft(tok, e, cfg.max_len, stats) for e in train_ex]
+    eval_enc = [data.encode_sft(tok, e, cfg.max_len, stats) for e in eval_ex]
+    dist.print0(f"data: {len(train_enc)} train / {len(eval_enc)} held-out examples; {stats}")
+    batches = data.Batches(len(train_enc), cfg.micro_batch_size * cfg.grad_accum, cfg.seed,
+                           rank=d.dp_rank, world=d.D)
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(batches))
+
+    # ---- the plan and this rank's stage
+    gcfg = glm.GLMConfig.from_json(os.path.join(cfg.model, "config.json"))
+    mode = train_mode(cfg, gcfg.num_layers)
+    plan, stage = dist.plan_for_run(gcfg, d, cfg, mode)
+    ckpt_dir = os.path.join(cfg.out, "checkpoint")
+    resuming = cfg.resume and os.path.isdir(ckpt_dir)
+    if cfg.resume and not resuming:
+        dist.print0(f"--resume: no checkpoint in {ckpt_dir}, starting afresh")
+    weights_dir = ckpt_dir if resuming and mode != "lora" else cfg.model
+    model = dist.build_stage(weights_dir, stage, d, checkpoint_all=cfg.checkpoint)
+
+    # ---- what trains
+    if mode == "lora":
+        lora.inject_lora(model, targets=tuple(cfg.lora_targets.split(",")), r=cfg.lora_rank,
+                         alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, dtype=torch.float32)
+        if resuming:
+            lora.load_adapter(model, ckpt_dir)
+    else:
+        first_trained = gcfg.num_layers - cfg.train_layers if mode == "last_n" else -1
+        for name, p in model.named_parameters():
+            m = glm.LAYER_KEY.fullmatch(name)
+            p.requires_grad_(mode == "full" or (m is not None and int(m.group(1)) >= first_trained))
+    dist.cast_trainable_fp32(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    first_trainable = dist.first_trainable_stage(model, d)
+
+    # ---- optimiser (AdamW on float32 master weights; decay only on matrices)
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    step, bad_steps = 0, 0
+    if resuming:
+        state = dist.load_train_state(ckpt_dir, d)
+        dist.load_optimizer_state(model, opt, ckpt_dir)
+        batches.load_state_dict(state["data"])
+        step, bad_steps = state["step"], state["bad_steps"]
+        dist.print0(f"resumed from {ckpt_dir} at step {step}")
+
+    def save(path):
+        dist.save_train_checkpoint(path, model, opt, d, tok.path, lora_name="default" if mode == "lora" else None,
+                                   train_state=dict(step=step, bad_steps=bad_steps, data=batches.state_dict(),
+                                                    config=asdict(cfg)))
+
+    def evaluate():
+        mbs = microbatches(eval_enc, list(range(len(eval_enc))), cfg, tok.pad_id, d.device)
+        mbs = mbs[d.dp_rank::d.D] or mbs[:1]
+        with dist.autocast(d):
+            loss = dist.forward_only(model, d, mbs, sft_loss(count_label_tokens(mbs, d)), torch.float32)
+        return float(loss)
+
+    # ---- loop
+    log = dist.MetricsLog(cfg.out)
+    if toy and not resuming:
+        dist.print0(f"toy held-out accuracy before training: {toy_accuracy(model, tok, eval_ex, cfg.max_len, d):.1%}")
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
+    t_start, tokens_seen = time.perf_counter(), 0
+    while step < total_steps:
+        for idx in batches:
+            t0 = time.perf_counter()
+            mbs = microbatches(train_enc, idx, cfg, tok.pad_id, d.device)
+            n_tok = count_label_tokens(mbs, d)
+            lr = dist.lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with dist.autocast(d):
+                loss = float(dist.train_step(model, d, mbs, sft_loss(n_tok), torch.float32, first_trainable))
+            loss = dist.all_reduce(torch.tensor(loss, device=d.device), "sum", d.dp_group).item()
+            dist.sync_grads(params, d)
+            norm = float(dist.clip_grad_norm(params, cfg.grad_clip, d))
+            if math.isfinite(loss) and math.isfinite(norm):
+                opt.step()
+                bad_steps = 0
+            else:  # skip the update; a run that keeps producing non-finite losses is stopped
+                bad_steps += 1
+                dist.print0(f"step {step}: non-finite loss/grad ({loss}, {norm}); update skipped ({bad_steps} in a row)")
+                if bad_steps >= 10:
+                    raise RuntimeError("10 non-finite steps in a row: lower --lr or check the data")
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            tokens = sum(mb["input_ids"].numel() for mb in mbs) * d.D
+            tokens_seen += tokens
+            tok_s = tokens / (time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+            if step % cfg.log_every == 0 or step == total_steps:
+                log.log(step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tok_s, skipped=bad_steps)
+            if step % cfg.eval_every == 0 or step == total_steps:
+                ev = evaluate()
+                log.log(step, eval_loss=ev, eval_ppl=math.exp(min(ev, 50)))
+                dist.print0(f"\nstep {step}: eval loss {ev:.4f} (perplexity {math.exp(min(ev, 50)):.2f})")
+            if step % cfg.save_every == 0 or step == total_steps:
+                save(ckpt_dir)
+            if step >= total_steps:
+                break
+    bar.close()
+    wall = time.perf_counter() - t_start
+
+    # ---- the result: PEFT adapter (LoRA) or HF weights, loadable with glm.py + lora.py
+    final = os.path.join(cfg.out, "final")
+    dist.save_weights(final, model, d, tok.path, lora_name="default" if mode == "lora" else None)
+    dist.print0(f"wrote {final} ({'LoRA adapter' if mode == 'lora' else 'full HF weights'}); "
+                f"{tokens_seen / max(wall, 1e-9):.0f} tokens/s over the run")
+    if toy:
+        dist.print0(f"toy held-out accuracy after training: {toy_accuracy(model, tok, eval_ex, cfg.max_len, d):.1%}")
+    dist.report_memory_and_busy(plan.stages[d.pp_rank] if plan else None, d, wall)
+    dist.teardown()
+
+
+if __name__ == "__main__":
+    main()
