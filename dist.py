@@ -858,19 +858,28 @@ def finish_weights(model, tmp, tokenizer_path, lora_name=None):
         shutil.copy(tokenizer_path, os.path.join(tmp, "ice_text.model"))
 
 
-def optimizer_state_by_name(model, opt):
+def named_trainables(model, heads=None):
+    """{name: parameter} of the stage model plus any extra head modules ({prefix: module}),
+    the names under which optimiser state is saved."""
+    named = dict(model.named_parameters())
+    for prefix, module in (heads or {}).items():
+        named.update({f"{prefix}.{n}": p for n, p in module.named_parameters()})
+    return named
+
+
+def optimizer_state_by_name(named, opt):
     """AdamW state keyed by parameter name, so another pipeline split can find its share."""
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = {id(p): n for n, p in named.items()}
     return {names[id(p)]: {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
             for p, st in opt.state.items()}
 
 
-def load_optimizer_state(model, opt, ckpt_dir):
+def load_optimizer_state(named, opt, ckpt_dir):
     """Fill opt's state from every stage file of a checkpoint (written with any P)."""
     merged = {}
     for path in sorted(glob.glob(os.path.join(ckpt_dir, "optim-stage*.pt"))):
         merged.update(torch.load(path, map_location="cpu", weights_only=True))
-    for name, p in model.named_parameters():
+    for name, p in named.items():
         if not p.requires_grad:
             continue
         if name not in merged:
@@ -879,6 +888,29 @@ def load_optimizer_state(model, opt, ckpt_dir):
         # AdamW keeps its step counter on the CPU (foreach implementation); moments go with p
         opt.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and k != "step" else v)
                         for k, v in merged[name].items()}
+
+
+def save_heads(heads, tmp, d):
+    """Extra modules (a reward or value head, on the last stage) as {prefix}.safetensors."""
+    from safetensors.torch import save_file
+    if d.dp_rank == 0:
+        for prefix, module in (heads or {}).items():
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()},
+                      os.path.join(tmp, f"{prefix}.safetensors"))
+
+
+def load_head(module, ckpt_dir, prefix):
+    """Strictly load a head saved by save_heads; the error names the file and what to do."""
+    from safetensors.torch import load_file
+    path = os.path.join(ckpt_dir, f"{prefix}.safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing. HINT: pass the output folder of the run that trained "
+                                f"the {prefix} (train_rm.py writes reward_head.safetensors)")
+    state = load_file(path, device=str(next(module.parameters()).device))
+    try:
+        module.load_state_dict({k: v.to(next(module.parameters()).dtype) for k, v in state.items()})
+    except RuntimeError as e:
+        raise ValueError(f"{path}: {e}. HINT: the head was trained for another model size") from None
 
 
 # -----------------------------------------------------------------------------
@@ -982,23 +1014,31 @@ def autocast(d):
     return contextlib.nullcontext()
 
 
-def save_weights(out_dir, model, d, tokenizer_path, lora_name=None):
-    """The trained result as an HF model folder (or a PEFT adapter), every stage adding its part."""
+def save_weights(out_dir, model, d, tokenizer_path, lora_name=None, heads=None, extra_json=None):
+    """The trained result as an HF model folder (or a PEFT adapter), every stage adding its part,
+    plus extra heads ({prefix: module}) and small JSON files ({filename: object}) from rank 0."""
     def write(tmp):
         write_stage_weights(model, tmp, d, lora_name)
+        save_heads(heads, tmp, d)
+        if is_main():
+            for name, obj in (extra_json or {}).items():
+                with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                    json.dump(obj, f, indent=2)
         barrier()
         if is_main():
             finish_weights(model, tmp, tokenizer_path, lora_name)
     atomic_dir_all(out_dir, write, d)
 
 
-def save_train_checkpoint(out_dir, model, opt, d, tokenizer_path, lora_name, train_state):
-    """Weights (or adapter), optimiser state by parameter name, each rank's RNG and the loop's
-    state: everything a resumed run needs, readable with another number of stages."""
+def save_train_checkpoint(out_dir, model, opt, d, tokenizer_path, lora_name, train_state, heads=None):
+    """Weights (or adapter), heads, optimiser state by parameter name, each rank's RNG and the
+    loop's state: everything a resumed run needs, readable with another number of stages."""
     def write(tmp):
         write_stage_weights(model, tmp, d, lora_name)
+        save_heads(heads, tmp, d)
         if d.dp_rank == 0:
-            torch.save(optimizer_state_by_name(model, opt), os.path.join(tmp, f"optim-stage{d.pp_rank:03d}.pt"))
+            torch.save(optimizer_state_by_name(named_trainables(model, heads), opt),
+                       os.path.join(tmp, f"optim-stage{d.pp_rank:03d}.pt"))
         rng = {"cpu": torch.get_rng_state()}
         if d.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(d.device)
@@ -1026,3 +1066,64 @@ def load_train_state(ckpt_dir, d):
         if "cuda" in rng and d.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], d.device)
     return state
+
+
+# -----------------------------------------------------------------------------
+# what trains, and the optimiser step
+
+
+def train_mode(lora_rank, train_layers, num_layers):
+    """"lora" (frozen base + adapters), "last_n" (only the last blocks) or "full"."""
+    if lora_rank > 0 and train_layers > 0:
+        raise ValueError("--lora_rank and --train_layers are exclusive: pick one way to train")
+    if train_layers > num_layers:
+        raise ValueError(f"--train_layers {train_layers} is larger than the model's {num_layers} blocks")
+    if train_layers < 0 or lora_rank < 0:
+        raise ValueError("--train_layers and --lora_rank must be >= 0")
+    return "lora" if lora_rank > 0 else "last_n" if train_layers > 0 else "full"
+
+
+def select_trainable(model, mode, cfg, adapter_dir=None, adapter="default"):
+    """Mark what trains (LoRA adapters, the last cfg.train_layers blocks, or everything), make
+    those weights float32 masters, and return them. adapter_dir: resume the adapter from there."""
+    import lora
+    if mode == "lora":
+        lora.inject_lora(model, targets=tuple(cfg.lora_targets.split(",")), r=cfg.lora_rank,
+                         alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, name=adapter, dtype=torch.float32)
+        if adapter_dir is not None:
+            lora.load_adapter(model, adapter_dir, name=adapter)
+    else:
+        first_trained = model.config.num_layers - cfg.train_layers if mode == "last_n" else 0
+        for name, p in model.named_parameters():
+            m = glm.LAYER_KEY.fullmatch(name)
+            p.requires_grad_(mode == "full" or (m is not None and int(m.group(1)) >= first_trained))
+    cast_trainable_fp32(model)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def adamw(params, lr, weight_decay):
+    """AdamW over float32 master weights; decay on matrices only (not biases or LayerNorms)."""
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95))
+
+
+def optimizer_step(opt, params, loss, lr, grad_clip, d, bad_steps, step, max_bad=10):
+    """After train_step: global loss, replica-summed and clipped gradients, then the update,
+    skipped (and counted) when the loss or gradient is not finite. Returns (loss, grad norm,
+    consecutive bad steps); stops the run after max_bad bad steps in a row."""
+    loss = all_reduce(loss.detach().clone(), "sum", d.dp_group).item()
+    sync_grads(params, d)
+    norm = float(clip_grad_norm(params, grad_clip, d))
+    if math.isfinite(loss) and math.isfinite(norm):
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()
+        bad_steps = 0
+    else:
+        bad_steps += 1
+        print0(f"step {step}: non-finite loss/gradient ({loss}, {norm}); update skipped ({bad_steps} in a row)")
+        if bad_steps >= max_bad:
+            raise RuntimeError(f"{max_bad} non-finite steps in a row: lower --lr or check the data")
+    opt.zero_grad(set_to_none=True)
+    return loss, norm, bad_steps

@@ -22,7 +22,6 @@ from tqdm import tqdm
 import data
 import dist
 import glm
-import lora
 
 
 @dataclass
@@ -94,16 +93,6 @@ def ensure_toy_model(path, seed=0):
     return path
 
 
-def train_mode(cfg, num_layers):
-    if cfg.lora_rank > 0 and cfg.train_layers > 0:
-        raise ValueError("--lora_rank and --train_layers are exclusive: pick one way to train")
-    if cfg.train_layers > num_layers:
-        raise ValueError(f"--train_layers {cfg.train_layers} is larger than the model's {num_layers} blocks")
-    if cfg.train_layers < 0 or cfg.lora_rank < 0:
-        raise ValueError("--train_layers and --lora_rank must be >= 0")
-    return "lora" if cfg.lora_rank > 0 else "last_n" if cfg.train_layers > 0 else "full"
-
-
 def sft_loss(n_tokens):
     """Summed next-token cross-entropy of one micro-batch over its response tokens, divided by the
     global batch's response-token count, so the step's loss is their mean."""
@@ -124,9 +113,10 @@ def microbatches(examples, idx, cfg, pad_id, device):
     return out
 
 
-def count_label_tokens(mbs, d):
+def count_label_tokens(mbs, group=None):
+    """Response tokens (the loss's denominator) in these micro-batches, summed over `group`."""
     n = sum((mb["labels"][:, 1:] != data.IGNORE).sum() for mb in mbs).float()
-    return dist.all_reduce(n.to(d.device), "sum", d.dp_group).clamp(min=1)
+    return dist.all_reduce(n, "sum", group).clamp(min=1)
 
 
 def toy_accuracy(model, tok, examples, max_len, d):
@@ -169,38 +159,21 @@ def main(argv=None):
 
     # ---- the plan and this rank's stage
     gcfg = glm.GLMConfig.from_json(os.path.join(cfg.model, "config.json"))
-    mode = train_mode(cfg, gcfg.num_layers)
+    mode = dist.train_mode(cfg.lora_rank, cfg.train_layers, gcfg.num_layers)
     plan, stage = dist.plan_for_run(gcfg, d, cfg, mode)
     ckpt_dir = os.path.join(cfg.out, "checkpoint")
     resuming = cfg.resume and os.path.isdir(ckpt_dir)
     if cfg.resume and not resuming:
         dist.print0(f"--resume: no checkpoint in {ckpt_dir}, starting afresh")
-    weights_dir = ckpt_dir if resuming and mode != "lora" else cfg.model
-    model = dist.build_stage(weights_dir, stage, d, checkpoint_all=cfg.checkpoint)
-
-    # ---- what trains
-    if mode == "lora":
-        lora.inject_lora(model, targets=tuple(cfg.lora_targets.split(",")), r=cfg.lora_rank,
-                         alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, dtype=torch.float32)
-        if resuming:
-            lora.load_adapter(model, ckpt_dir)
-    else:
-        first_trained = gcfg.num_layers - cfg.train_layers if mode == "last_n" else -1
-        for name, p in model.named_parameters():
-            m = glm.LAYER_KEY.fullmatch(name)
-            p.requires_grad_(mode == "full" or (m is not None and int(m.group(1)) >= first_trained))
-    dist.cast_trainable_fp32(model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    model = dist.build_stage(ckpt_dir if resuming and mode != "lora" else cfg.model, stage, d,
+                             checkpoint_all=cfg.checkpoint)
+    params = dist.select_trainable(model, mode, cfg, adapter_dir=ckpt_dir if resuming else None)
     first_trainable = dist.first_trainable_stage(model, d)
-
-    # ---- optimiser (AdamW on float32 master weights; decay only on matrices)
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    opt = dist.adamw(params, cfg.lr, cfg.weight_decay)
     step, bad_steps = 0, 0
     if resuming:
         state = dist.load_train_state(ckpt_dir, d)
-        dist.load_optimizer_state(model, opt, ckpt_dir)
+        dist.load_optimizer_state(dist.named_trainables(model), opt, ckpt_dir)
         batches.load_state_dict(state["data"])
         step, bad_steps = state["step"], state["bad_steps"]
         dist.print0(f"resumed from {ckpt_dir} at step {step}")
@@ -210,11 +183,10 @@ def main(argv=None):
                                    train_state=dict(step=step, bad_steps=bad_steps, data=batches.state_dict(),
                                                     config=asdict(cfg)))
 
-    def evaluate():
+    def evaluate():  # every replica scores the whole held-out set: no cross-replica sums needed
         mbs = microbatches(eval_enc, list(range(len(eval_enc))), cfg, tok.pad_id, d.device)
-        mbs = mbs[d.dp_rank::d.D] or mbs[:1]
         with dist.autocast(d):
-            loss = dist.forward_only(model, d, mbs, sft_loss(count_label_tokens(mbs, d)), torch.float32)
+            loss = dist.forward_only(model, d, mbs, sft_loss(count_label_tokens(mbs)), torch.float32)
         return float(loss)
 
     # ---- loop
@@ -228,24 +200,11 @@ def main(argv=None):
         for idx in batches:
             t0 = time.perf_counter()
             mbs = microbatches(train_enc, idx, cfg, tok.pad_id, d.device)
-            n_tok = count_label_tokens(mbs, d)
+            n_tok = count_label_tokens(mbs, d.dp_group)
             lr = dist.lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-            for g in opt.param_groups:
-                g["lr"] = lr
             with dist.autocast(d):
-                loss = float(dist.train_step(model, d, mbs, sft_loss(n_tok), torch.float32, first_trainable))
-            loss = dist.all_reduce(torch.tensor(loss, device=d.device), "sum", d.dp_group).item()
-            dist.sync_grads(params, d)
-            norm = float(dist.clip_grad_norm(params, cfg.grad_clip, d))
-            if math.isfinite(loss) and math.isfinite(norm):
-                opt.step()
-                bad_steps = 0
-            else:  # skip the update; a run that keeps producing non-finite losses is stopped
-                bad_steps += 1
-                dist.print0(f"step {step}: non-finite loss/grad ({loss}, {norm}); update skipped ({bad_steps} in a row)")
-                if bad_steps >= 10:
-                    raise RuntimeError("10 non-finite steps in a row: lower --lr or check the data")
-            opt.zero_grad(set_to_none=True)
+                loss = dist.train_step(model, d, mbs, sft_loss(n_tok), torch.float32, first_trainable)
+            loss, norm, bad_steps = dist.optimizer_step(opt, params, loss, lr, cfg.grad_clip, d, bad_steps, step)
             step += 1
             tokens = sum(mb["input_ids"].numel() for mb in mbs) * d.D
             tokens_seen += tokens
