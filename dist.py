@@ -1127,3 +1127,87 @@ def optimizer_step(opt, params, loss, lr, grad_clip, d, bad_steps, step, max_bad
             raise RuntimeError(f"{max_bad} non-finite steps in a row: lower --lr or check the data")
     opt.zero_grad(set_to_none=True)
     return loss, norm, bad_steps
+
+
+# -----------------------------------------------------------------------------
+# pipelined generation
+#
+# The batch is cut into n >= P micro-batches that circulate: stage 0 embeds micro-batch m's
+# newest tokens, each stage runs its blocks over its own KV cache of m, the last stage samples
+# and sends the tokens back to stage 0. While m travels, stage 0 already works on m+1, ...;
+# with n >= P every stage has work at every moment after the first lap (P = 3, n = 3):
+#
+#   stage 0 | m0 m1 m2 m0 m1 m2 m0 ...      (step k of m0, m1, m2, then step k+1 ...)
+#   stage 1 |    m0 m1 m2 m0 m1 m2 ...
+#   stage 2 |       m0 m1 m2 m0 m1 m2 ...   (samples, sends m's tokens to stage 0)
+#
+# Sends never block (isend; buffers live until the end), only receives wait, so the ring cannot
+# deadlock. Every micro-batch runs all max_new_tokens steps (rows past <eop> emit padding).
+
+
+def generate(model, d, input_ids, max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0,
+             top_k=0, generator=None, micro_batches=None, cuda_graph=None):
+    """KV-cached sampling through the pipeline; every stage of the replica gets the result:
+    ids [B, T + N'] (pad after <eop>) and the sampled tokens' log-probabilities [B, N']."""
+    if d.P == 1:
+        return model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                              temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
+                              return_logprobs=True, cuda_graph=cuda_graph)
+    cfg, (B, T), N = model.config, input_ids.shape, max_new_tokens
+    if T + N > cfg.max_sequence_length:
+        raise ValueError(f"prompt of {T} tokens + max_new_tokens {N} exceeds max_sequence_length "
+                         f"{cfg.max_sequence_length}; shorten either")
+    use_graph = d.device.type == "cuda" if cuda_graph is None else cuda_graph
+    n = min(B, max(micro_batches or d.P, d.P))
+    chunks = list(input_ids.tensor_split(n))
+    layouts = [glm.derive_layout(c, cfg) for c in chunks]
+    decoders = [glm.Decoder(model, c.shape[0], T + N, use_graph) for c in chunks]
+    compute_dtype = next(iter(model.transformer.layers.values())).input_layernorm.weight.dtype
+    out = torch.full((B, N), cfg.pad_token_id, dtype=torch.long, device=d.device)
+    logprobs = torch.zeros(B, N, device=d.device)
+    rows = [range(int(a), int(a) + c.shape[0]) for a, c in
+            zip(torch.tensor([0] + [c.shape[0] for c in chunks]).cumsum(0), chunks)]
+    done = torch.zeros(B, dtype=torch.bool, device=d.device)
+    pending, s, C = [], d.pp_rank, cfg.hidden_size
+
+    def recv(shape, dtype, src):
+        buf = torch.empty(shape, dtype=dtype, device=d.device)
+        tdist.irecv(buf, src=d.stage_rank(src)).wait()
+        return buf
+
+    def send(t, dst):
+        t = t.contiguous()
+        pending.append((tdist.isend(t, dst=d.stage_rank(dst)), t))
+
+    with torch.no_grad():
+        for k in range(N):  # k = 0: the prompt; k > 0: the token sampled at step k - 1
+            for m, c in enumerate(chunks):
+                b = c.shape[0]
+                if d.first:
+                    x = c if k == 0 else recv((b,), torch.long, d.P - 1)
+                else:
+                    x = recv((b, T if k == 0 else 1, C), torch.float32, s - 1).to(compute_dtype)
+                if k == 0:
+                    y = decoders[m].prefill(x, layouts[m])
+                else:
+                    slot = T + k - 1
+                    lay = layouts[m]
+                    pos_ids = torch.stack([lay.mask_pos, slot - lay.ctx + 1], dim=1)[:, :, None]  # [b, 2, 1]
+                    y = decoders[m].step(x, pos_ids, slot)
+                if not d.last:
+                    send(y.float(), s + 1)
+                    continue
+                r = rows[m]
+                tok, lp = glm.sample_next(y.float(), do_sample, temperature, top_p, top_k, generator)
+                tok = tok.masked_fill(done[r.start:r.stop], cfg.pad_token_id)
+                out[r.start:r.stop, k] = tok
+                logprobs[r.start:r.stop, k] = lp.masked_fill(done[r.start:r.stop], 0.0)
+                done[r.start:r.stop] |= tok == cfg.eos_token_id
+                if k < N - 1:
+                    send(tok, 0)
+    for req, _ in pending:
+        req.wait()
+    broadcast_from_last_stage(out, d)
+    broadcast_from_last_stage(logprobs, d)
+    out, logprobs = glm.trim_finished(out, logprobs, cfg.eos_token_id)
+    return torch.cat([input_ids, out], dim=1), logprobs

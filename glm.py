@@ -528,8 +528,8 @@ class ChatGLM(nn.Module):
             slot = T + i
             pos_ids = torch.stack([layout.mask_pos, slot - layout.ctx + 1], dim=1)[:, :, None]  # [B, 2, 1]
             logits = decoder.step(tok, pos_ids, slot)
-        if stop_at_eop and done.all():  # drop the all-pad tail after everyone stopped
-            out, logprobs = out[:, :i + 1], logprobs[:, :i + 1]
+        if stop_at_eop:
+            out, logprobs = trim_finished(out, logprobs, cfg.eos_token_id)
         ids = torch.cat([input_ids, out], dim=1)
         return (ids, logprobs) if return_logprobs else ids
 
@@ -562,6 +562,16 @@ class ChatGLM(nn.Module):
 
 # -----------------------------------------------------------------------------
 # sampling
+
+
+def trim_finished(out, logprobs, eos_id):
+    """Drop trailing columns in which every row had already emitted <eop> (all padding).
+    The result does not depend on how often the decode loop checked for the end."""
+    N = out.shape[1]
+    t = torch.arange(N, device=out.device)
+    ended = torch.where(out == eos_id, t, N).min(dim=1).values  # [B]: first <eop>, N if none
+    keep = int(ended.max().clamp(max=N - 1)) + 1 if N else 0
+    return out[:, :keep], logprobs[:, :keep]
 
 
 def sample_next(logits, do_sample, temperature, top_p, top_k, generator=None):

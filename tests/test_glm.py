@@ -174,8 +174,20 @@ def test_eop_stops_and_pads():
     with torch.no_grad():
         model.lm_head.weight[cfg.eos_token_id] = model.lm_head.weight[first] * 2
     out = model.generate(ids, max_new_tokens=5)
-    assert out.shape[1] == 4 + 5 and out[0, 4].item() == cfg.eos_token_id
-    assert (out[0, 5:] == cfg.pad_token_id).all()
+    assert out.shape == (1, 4 + 1) and out[0, 4].item() == cfg.eos_token_id  # nothing after <eop>
+    # in a batch, a finished row pads while the other goes on
+    both = torch.tensor([[20, 30, cfg.gmask_token_id, cfg.bos_token_id], [21, 31, cfg.gmask_token_id, cfg.bos_token_id]])
+    with torch.no_grad():
+        model.lm_head.weight[cfg.eos_token_id] = model.lm_head.weight[first] * 2
+    unstopped = model.generate(both, max_new_tokens=5, stop_at_eop=False)
+    out = model.generate(both, max_new_tokens=5)
+    for r in range(2):
+        row = unstopped[r, 4:].tolist()
+        if cfg.eos_token_id in row:
+            n = row.index(cfg.eos_token_id) + 1
+            assert out[r, 4:4 + n].tolist() == row[:n] and (out[r, 4 + n:] == cfg.pad_token_id).all()
+        else:
+            assert out[r, 4:].tolist() == row
 
 
 def test_left_padded_batch_equals_single_runs(tok):
