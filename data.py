@@ -435,14 +435,17 @@ class Batches:
 # numbers and the operation whatever the wording, which a 2-layer model of width 64 learns in a
 # few CPU minutes. Answers are the bare number; every text stays inside the 1200 pieces of the
 # test tokenizer (ASCII "?" and ",": sentencepiece's NFKC would rewrite full-width ones).
+# Numbers stand between spaces in the Chinese wordings too, so every number is the same "▁N"
+# piece in every wording: "3加5" would give "▁3" "加" "5", and a model would have to learn that
+# "5" and "▁5" mean the same before it could carry a sum from one wording to another.
 
 TOY_TEMPLATES = [  # (op, template); {x}, {y} are names, drawn per example
     ("+", "What is {a} plus {b}?"),
-    ("+", "{a}加{b}等于多少?"),
+    ("+", "{a} 加 {b} 等于多少?"),
     ("+", "{x} has {a} apples and {y} gives {x} {b} more. How many apples does {x} have now?"),
-    ("+", "{x}有{a}本书,又买了{b}本,一共有几本?"),
+    ("+", "{x}有 {a} 本书,又买了 {b} 本,一共有几本?"),
     ("-", "What is {a} minus {b}?"),
-    ("-", "{a}减{b}等于多少?"),
+    ("-", "{a} 减 {b} 等于多少?"),
 ]
 TOY_NAMES = {"en": ["Alice", "Bob", "Carol", "David", "Emma", "Frank"], "zh": ["小明", "小红", "老王", "李雷"]}
 

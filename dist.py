@@ -714,6 +714,33 @@ def train_step(model, d, microbatches, loss_fn, hidden_dtype, first_trainable=0)
     return broadcast_from_last_stage(total, d)
 
 
+def forward_collect(model, d, microbatches, out_fn, out_shape):
+    """Forward-only through the pipeline, collecting out_fn(model, hidden, mb) -> float32 tensor
+    of out_shape(mb) per micro-batch from the last stage; every stage gets the list."""
+    s, outs = d.pp_rank, []
+    C = model.config.hidden_size
+    with torch.no_grad():
+        for mb in microbatches:
+            ids = mb["input_ids"]
+            x = ids if d.first else _p2p(d, recv_shape=(*ids.shape, C), recv_from=s - 1, dtype=torch.float32)
+            if not d.first:
+                x = x.to(stage_dtype(model))
+            rope, attend = model.inputs(ids)
+            h = model.transformer(x, rope, attend)
+            if d.last:
+                y = out_fn(model, h, mb).float()
+            else:
+                _p2p(d, send=h.float(), send_to=s + 1)
+                y = torch.empty(out_shape(mb), device=d.device)
+            outs.append(broadcast_from_last_stage(y, d))
+    return outs
+
+
+def stage_dtype(model):
+    """The dtype this stage computes in (its first block's LayerNorm; fp32 where it trains)."""
+    return next(iter(model.transformer.layers.values())).input_layernorm.weight.dtype
+
+
 def forward_only(model, d, microbatches, loss_fn, hidden_dtype):
     """Evaluation through the pipeline: every micro-batch flows forward; the summed loss_fn over
     them is returned on every stage. No graph is built."""
@@ -874,14 +901,14 @@ def optimizer_state_by_name(named, opt):
             for p, st in opt.state.items()}
 
 
-def load_optimizer_state(named, opt, ckpt_dir):
-    """Fill opt's state from every stage file of a checkpoint (written with any P)."""
+def load_optimizer_state(named, opt, ckpt_dir, prefix="optim"):
+    """Fill opt's state from every {prefix}-stage*.pt file of a checkpoint (written with any P)."""
     merged = {}
-    for path in sorted(glob.glob(os.path.join(ckpt_dir, "optim-stage*.pt"))):
+    for path in sorted(glob.glob(os.path.join(ckpt_dir, f"{prefix}-stage*.pt"))):
         merged.update(torch.load(path, map_location="cpu", weights_only=True))
-    for name, p in named.items():
-        if not p.requires_grad:
-            continue
+    names = {id(p): n for n, p in named.items()}
+    for p in (p for g in opt.param_groups for p in g["params"]):
+        name = names[id(p)]
         if name not in merged:
             raise KeyError(f"{ckpt_dir}: no optimiser state for '{name}'. HINT: resume with the same "
                            "training mode (--lora_rank / --train_layers) the checkpoint was written with")

@@ -1,0 +1,565 @@
+"""PPO and PPO-ptx for ChatGLM-6B: actor, reference, critic and reward split by one pipeline plan.
+
+    python train_ppo.py                    # toy: toy SFT policy + toy RM on toy prompts (CPU, minutes)
+
+    # shared-base LoRA: one frozen base on each GPU serves all four roles
+    torchrun --nproc_per_node=8 train_ppo.py --pp 8 --mode lora --model BASE \\
+        --sft_adapter SFT_ADAPTER --rm_dir RM_ADAPTER_DIR --data prompts.jsonl --out runs/ppo
+
+    # full: separate actor and critic weights; frozen reference and reward copies
+    torchrun --nproc_per_node=8 train_ppo.py --pp 8 --mode full --actor SFT_DIR --rm_dir RM_DIR \\
+        --data prompts.jsonl --ptx_data sft.jsonl --ptx_coef 0.5 --out runs/ppo
+
+Roles. actor = the policy being trained (from SFT); reference = the frozen SFT policy; critic =
+a value head on the reward model's backbone (trained); reward = the frozen reward model, its
+score read at the final <eop>. In --mode lora they are adapters on one frozen base: "policy"
+and "critic" train, "reference" (a frozen copy of the SFT adapter, or no adapter when the base
+is the SFT model) and "reward" (the RM's adapter) do not.
+
+One step: sample rollout_batch_size prompts per replica; generate through the pipeline; one
+scoring pass for old log-probs, reference log-probs, values and the reward; per-token rewards
+-beta * (log pi - log pi_ref) plus the normalised, clipped score on the last token; GAE;
+whitened advantages; ppo_epochs over mini-batches of the clipped policy loss (+ entropy bonus,
++ ptx_coef * LM loss on SFT data) and the clipped value loss.
+"""
+import json
+import math
+import os
+import time
+from types import SimpleNamespace
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import dist
+import glm
+import lora
+
+
+@dataclass
+class Config:
+    # ---- models
+    mode: str = "lora"              # "lora" (one shared frozen base) or "full" (separate actor/critic weights)
+    model: str = ""                 # lora: the frozen base (HF folder)
+    sft_adapter: str = ""           # lora: the SFT adapter (policy init + reference); "" = the base is the SFT model
+    actor: str = ""                 # full: the SFT model (policy init + reference)
+    rm_dir: str = ""                # train_rm.py output: weights or adapter, reward_head.safetensors, reward_stats.json
+    out: str = "runs/ppo"
+    # ---- data
+    data: str = ""                  # prompts jsonl
+    ptx_data: str = ""              # SFT jsonl for the PPO-ptx term
+    max_prompt_len: int = 256
+    # ---- LoRA (lora mode; a given adapter's own r/alpha/targets win)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str = "query_key_value"
+    # ---- rollouts
+    rollout_batch_size: int = 64    # prompts per step and data-parallel replica
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    # ---- PPO
+    max_steps: int = 100
+    ppo_epochs: int = 1
+    mini_batch_size: int = 16       # sequences per optimiser step and replica
+    micro_batch_size: int = 4       # sequences per forward
+    actor_lr: float = 1e-5
+    critic_lr: float = 1e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_ratio: float = 0.2
+    value_clip: float = 0.2
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.05           # beta; adapted towards target_kl when target_kl > 0
+    target_kl: float = 0.0
+    kl_horizon: int = 10000
+    reward_clip: float = 5.0        # the normalised score is clipped to [-reward_clip, reward_clip]
+    no_eop_penalty: float = 0.0     # added to the score of a response that never emitted <eop>
+    ptx_coef: float = 0.0
+    ptx_batch_size: int = 4         # SFT sequences per actor update and replica
+    seed: int = 0
+    # ---- memory and the pipeline
+    checkpoint: bool = False
+    pp: int = 1
+    plan: str = "auto"
+    gpu_mem_gib: float = 0.0
+    # ---- logs and checkpoints
+    log_every: int = 1
+    sample_every: int = 10
+    save_every: int = 20
+    resume: bool = False
+
+
+TOY = dict(mode="full", max_prompt_len=48, rollout_batch_size=64, max_new_tokens=6, max_steps=40,
+           mini_batch_size=32, micro_batch_size=32, actor_lr=3e-4, critic_lr=1e-3, kl_coef=0.02,
+           ppo_epochs=2, temperature=1.0, save_every=20, sample_every=10, out="runs/toy_ppo")
+
+
+def apply_toy_defaults(cfg):
+    """With no models given: the toy SFT policy and toy RM (trained first if missing), toy prompts."""
+    if cfg.model or cfg.actor or cfg.rm_dir:
+        return cfg
+    import train_rm
+    import train_sft
+    defaults = Config()
+    for k, v in TOY.items():
+        if getattr(cfg, k) == getattr(defaults, k):
+            setattr(cfg, k, v)
+    runs = os.path.dirname(cfg.out) or "."
+    cfg.actor, cfg.rm_dir = os.path.join(runs, "toy_sft", "final"), os.path.join(runs, "toy_rm", "final")
+    if dist.get().world == 1:  # the prerequisites are single-process toy runs
+        if not os.path.isdir(cfg.actor):
+            train_sft.main(["--out", os.path.join(runs, "toy_sft")])
+        if not os.path.isdir(cfg.rm_dir):
+            train_rm.main(["--out", os.path.join(runs, "toy_rm")])
+    cfg.data = cfg.data or os.path.join(train_sft.TOY_DIR, "toy_prompts.jsonl")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# the four roles on this rank's stage
+
+
+class Roles:
+    """Which weights each role runs on this stage. In lora mode every role is an adapter (or none)
+    of one model; in full mode each role has its own model. Heads live on the last stage."""
+
+    def __init__(self, cfg, d, stage):
+        self.d, self.mode = d, cfg.mode
+        if cfg.mode == "lora":
+            self._build_lora(cfg, d, stage)
+        elif cfg.mode == "full":
+            self._build_full(cfg, d, stage)
+        else:
+            raise ValueError(f"--mode {cfg.mode!r}: expected 'lora' or 'full'")
+        C = self.models["actor"].config.hidden_size
+        self.value_head = self.reward_head = None
+        if d.last:  # the critic starts from the reward model, head included
+            self.reward_head = nn.Linear(C, 1).to(d.device)
+            dist.load_head(self.reward_head, cfg.rm_dir, "reward_head")
+            self.reward_head.requires_grad_(False)
+            self.value_head = nn.Linear(C, 1).to(d.device)
+            self.value_head.load_state_dict(self.reward_head.state_dict())
+            self.value_head.requires_grad_(True)
+
+    def _build_lora(self, cfg, d, stage):
+        if not cfg.model:
+            raise ValueError("--mode lora needs --model BASE (the frozen base all roles share)")
+        model = dist.build_stage(cfg.model, stage, d, checkpoint_all=cfg.checkpoint)
+        targets = tuple(cfg.lora_targets.split(","))
+        sft = cfg.sft_adapter
+        # trainable adapters in float32; frozen ones may stay in the base's dtype
+        if sft:  # the policy starts as the SFT adapter; a frozen copy of it is the reference
+            self._adapter(model, sft, "policy", torch.float32)
+            self._adapter(model, sft, "reference", None)
+        else:  # the base is the SFT model: a fresh adapter (B = 0) starts as exactly the reference
+            lora.inject_lora(model, targets=targets, r=cfg.lora_rank, alpha=cfg.lora_alpha, name="policy",
+                             dtype=torch.float32)
+        self._adapter(model, cfg.rm_dir, "critic", torch.float32)
+        self._adapter(model, cfg.rm_dir, "reward", None)
+        for _, m in lora.lora_modules(model):
+            for name in m.lora_A:
+                train = name in ("policy", "critic")
+                m.lora_A[name].requires_grad_(train)
+                m.lora_B[name].requires_grad_(train)
+        self.models = {r: model for r in ("actor", "reference", "critic", "reward")}
+        self.adapters = {"actor": "policy", "reference": "reference" if sft else None,
+                         "critic": "critic", "reward": "reward"}
+
+    @staticmethod
+    def _adapter(model, adapter_dir, name, dtype):
+        """Inject adapter `name` with the folder's own r/alpha/targets, then load it."""
+        acfg = lora.read_adapter_config(adapter_dir)
+        lora.inject_lora(model, targets=tuple(acfg["target_modules"]), r=acfg["r"], alpha=acfg["lora_alpha"],
+                         name=name, dtype=dtype)
+        lora.load_adapter(model, adapter_dir, name=name)
+
+    def _build_full(self, cfg, d, stage):
+        if not cfg.actor or not cfg.rm_dir:
+            raise ValueError("--mode full needs --actor SFT_DIR and --rm_dir RM_DIR (HF weight folders)")
+        build = lambda path: dist.build_stage(path, stage, d, checkpoint_all=cfg.checkpoint)
+        self.models = {"actor": build(cfg.actor), "reference": build(cfg.actor),
+                       "critic": build(cfg.rm_dir), "reward": build(cfg.rm_dir)}
+        for role, m in self.models.items():
+            m.requires_grad_(role in ("actor", "critic"))
+            if role in ("actor", "critic"):
+                dist.cast_trainable_fp32(m)
+        self.adapters = {r: None for r in self.models}
+
+    def use(self, role):
+        """The stage model with `role`'s weights active."""
+        model = self.models[role]
+        if self.mode == "lora":
+            lora.set_adapter(model, self.adapters[role])
+        return model
+
+    def params(self, role):
+        model = self.models[role]
+        if self.mode == "lora":
+            name = self.adapters[role]
+            ps = [p for _, m in lora.lora_modules(model) for p in (m.lora_A[name], m.lora_B[name])]
+        else:
+            ps = [p for p in model.parameters() if p.requires_grad]
+        return ps + (list(self.value_head.parameters()) if role == "critic" and self.value_head else [])
+
+    def named(self, role):
+        """Parameter names for optimiser state: the role's model plus its head."""
+        heads = {"value_head": self.value_head} if role == "critic" and self.value_head else None
+        return dist.named_trainables(self.models[role], heads)
+
+
+# -----------------------------------------------------------------------------
+# rollouts and advantages
+
+
+def response_mask(ids, T, eos_id):
+    """[B, L-1] mask over actions (index i = token i+1): response tokens up to and including <eop>."""
+    B, L = ids.shape
+    j = torch.arange(1, L, device=ids.device)  # the token each action index produces
+    resp = ids[:, T:]  # [B, N]
+    N = resp.shape[1]
+    first_eop = torch.where(resp == eos_id, torch.arange(N, device=ids.device), N).min(dim=1).values  # [B]
+    end = T + torch.minimum(first_eop, torch.full_like(first_eop, N - 1))  # last response token's index
+    return (j[None] >= T) & (j[None] <= end[:, None]), end, first_eop < N
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation over the masked action axis of [B, A] tensors.
+    delta_t = r_t + gamma V_{t+1} - V_t (V after the last action = 0); A_t = delta_t + gamma lam A_{t+1}."""
+    B, A = rewards.shape
+    adv = torch.zeros_like(rewards)
+    nxt_v, nxt_a = torch.zeros(B, device=rewards.device), torch.zeros(B, device=rewards.device)
+    for t in reversed(range(A)):
+        m = mask[:, t].float()
+        delta = rewards[:, t] + gamma * nxt_v - values[:, t]
+        a = delta + gamma * lam * nxt_a
+        adv[:, t] = a * m
+        # masked (prompt or padding) steps pass the future through untouched
+        nxt_v = torch.where(mask[:, t], values[:, t], nxt_v)
+        nxt_a = torch.where(mask[:, t], a, nxt_a)
+    return adv, (adv + values) * mask
+
+
+def masked_whiten(x, mask, group=None, eps=1e-8):
+    """(x - mean) / std over the masked entries of every replica in `group`."""
+    m = mask.float()
+    s = dist.all_reduce(torch.stack([(x * m).sum(), m.sum()]), "sum", group)
+    mean = s[0] / s[1].clamp(min=1)
+    var = dist.all_reduce(((x - mean) ** 2 * m).sum(), "sum", group) / s[1].clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + eps) * m
+
+
+def kl_rewards(logp, ref_logp, score, mask, end, beta):
+    """Per-action rewards [B, A]: -beta (log pi - log pi_ref) on response actions, plus the score
+    on the action that produced the last response token."""
+    r = -beta * (logp - ref_logp) * mask
+    last = (end - 1).clamp(min=0)  # action index of token `end`
+    return r.scatter_add(1, last[:, None], score[:, None])
+
+
+class KLController:
+    """Fixed beta, or the adaptive rule: beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon."""
+
+    def __init__(self, beta, target, horizon):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl, n):
+        if self.target > 0:
+            err = max(-0.2, min(0.2, kl / self.target - 1))
+            self.beta *= 1 + err * n / self.horizon
+
+
+# -----------------------------------------------------------------------------
+# the per-micro-batch quantities (last stage)
+
+
+def token_logprobs(model, h, ids):
+    """log pi(token t+1 | tokens <= t) for t = 0..L-2: [B, L-1] float32, and the full log-softmax."""
+    logp_all = torch.log_softmax(model.lm_head(h[:, :-1]).float(), dim=-1)  # [B, L-1, V]
+    return logp_all.gather(-1, ids[:, 1:, None])[..., 0], logp_all
+
+
+def policy_loss(cfg, n_tok, stats):
+    """Clipped surrogate (plus entropy bonus) over response actions, summed / n_tok."""
+    def fn(model, h, mb):
+        mask = mb["mask"]
+        hs = h[:, :-1][mask]  # [n, C]: the head only where there is an action to score
+        logp_all = torch.log_softmax(model.lm_head(hs).float(), dim=-1)  # [n, V]
+        logp = logp_all.gather(-1, mb["input_ids"][:, 1:][mask][:, None])[:, 0]
+        old, adv = mb["logp"][mask], mb["adv"][mask]
+        ratio = torch.exp(logp - old)
+        loss = -torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_ratio, 1 + cfg.clip_ratio) * adv).sum()
+        entropy = -(logp_all.exp() * logp_all).sum(-1)  # [n]
+        if cfg.entropy_coef:
+            loss = loss - cfg.entropy_coef * entropy.sum()
+        with torch.no_grad():
+            stats.add_(torch.stack([((ratio - 1).abs() > cfg.clip_ratio).float().sum(),
+                                    (0.5 * (logp - old) ** 2).sum(), entropy.sum(), mask.sum().float()]))
+        return loss / n_tok
+    return fn
+
+
+def value_loss(cfg, head, n_tok, stats):
+    """Clipped value loss 0.5 max((V - R)^2, (V_clip - R)^2) over response actions, summed / n_tok."""
+    def fn(model, h, mb):
+        mask = mb["mask"]
+        v = head(h[:, :-1][mask]).float()[:, 0]  # [n]
+        old, ret = mb["values"][mask], mb["returns"][mask]
+        v_clip = old + (v - old).clamp(-cfg.value_clip, cfg.value_clip)
+        loss = 0.5 * torch.maximum((v - ret) ** 2, (v_clip - ret) ** 2).sum()
+        with torch.no_grad():
+            stats.add_(torch.stack([loss.detach(), mask.sum().float()]))
+        return loss / n_tok
+    return fn
+
+
+def ptx_loss(coef, n_tok):
+    """ptx_coef times the SFT language-model loss (mean over its response tokens)."""
+    def fn(model, h, mb):
+        targets = mb["labels"][:, 1:]
+        keep = targets != data.IGNORE
+        return coef * F.cross_entropy(model.lm_head(h[:, :-1][keep]).float(), targets[keep], reduction="sum") / n_tok
+    return fn
+
+
+# -----------------------------------------------------------------------------
+
+
+def split(batch, idx, size):
+    """Micro-batches {key: tensor[rows]} of `size` rows from a dict of [B, ...] tensors."""
+    return [{k: v[idx[i:i + size]] for k, v in batch.items()} for i in range(0, len(idx), size)]
+
+
+def score_rollout(roles, d, ids, T, cfg):
+    """One pass per role over the finished sequences: old and reference log-probs, values, reward."""
+    eos = roles.models["actor"].config.eos_token_id
+    mask, end, has_eop = response_mask(ids, T, eos)
+    mbs = split({"input_ids": ids, "end": end}, torch.arange(ids.shape[0]), cfg.micro_batch_size)
+    per_token = lambda mb: (mb["input_ids"].shape[0], mb["input_ids"].shape[1] - 1)
+    per_row = lambda mb: (mb["input_ids"].shape[0],)
+    run = lambda role, fn, shape: torch.cat(dist.forward_collect(roles.use(role), d, mbs, fn, shape))
+    logp_fn = lambda model, h, mb: token_logprobs(model, h, mb["input_ids"])[0]
+    with dist.autocast(d):
+        logp = run("actor", logp_fn, per_token)
+        ref_logp = run("reference", logp_fn, per_token)
+        values = run("critic", lambda m, h, mb: roles.value_head(h[:, :-1]).float()[..., 0], per_token)
+        score = run("reward", lambda m, h, mb: roles.reward_head(
+            h[torch.arange(h.shape[0]), mb["end"]]).float()[:, 0], per_row)
+    return dict(mask=mask, end=end, has_eop=has_eop, logp=logp, ref_logp=ref_logp, values=values, score=score)
+
+
+def main(argv=None):
+    cfg = dist.parse_config(Config, argv)
+    d = dist.setup(cfg.pp)
+    cfg = apply_toy_defaults(cfg)
+    toy = cfg.out.endswith("toy_ppo") and not cfg.model
+    torch.manual_seed(cfg.seed + d.rank)
+    dist.print0(f"config: {asdict(cfg)}")
+
+    # ---- tokenizer and data
+    base_dir = cfg.model if cfg.mode == "lora" else cfg.actor
+    tok = glm.Tokenizer.from_dir(base_dir)
+    stats = data.TruncationStats()
+    prompts = [data.encode_prompt(tok, e, cfg.max_prompt_len, stats) for e in data.load_prompts(cfg.data)]
+    dist.print0(f"prompts: {len(prompts)}; {stats}")
+    ptx = []
+    if cfg.ptx_coef > 0:
+        if not cfg.ptx_data:
+            raise ValueError("--ptx_coef > 0 needs --ptx_data (an SFT jsonl)")
+        ptx = [data.encode_sft(tok, e, cfg.max_prompt_len + cfg.max_new_tokens) for e in data.load_sft(cfg.ptx_data)]
+    batches = data.Batches(len(prompts), cfg.rollout_batch_size, cfg.seed, rank=d.dp_rank, world=d.D)
+    ptx_batches = data.Batches(len(ptx), cfg.ptx_batch_size, cfg.seed + 1, rank=d.dp_rank, world=d.D) if ptx else None
+    with open(os.path.join(cfg.rm_dir, "reward_stats.json"), encoding="utf-8") as f:
+        rm_stats = json.load(f)  # the RM's held-out reward mean/std: scores are normalised by them
+
+    # ---- the plan (sized for the actor's training) and the four roles on this stage
+    gcfg = glm.GLMConfig.from_json(os.path.join(base_dir, "config.json"))
+    plan_cfg = SimpleNamespace(  # the planner sees the actor's training shapes
+        micro_batch_size=cfg.micro_batch_size, max_len=cfg.max_prompt_len + cfg.max_new_tokens,
+        grad_accum=max(1, cfg.mini_batch_size // cfg.micro_batch_size), train_layers=0,
+        lora_rank=cfg.lora_rank if cfg.mode == "lora" else 0, lora_targets=cfg.lora_targets,
+        checkpoint=cfg.checkpoint, gpu_mem_gib=cfg.gpu_mem_gib, plan=cfg.plan)
+    plan, stage = dist.plan_for_run(gcfg, d, plan_cfg, "lora" if cfg.mode == "lora" else "full")
+    roles = Roles(cfg, d, stage)
+    actor_params, critic_params = roles.params("actor"), roles.params("critic")
+    actor_opt = dist.adamw(actor_params, cfg.actor_lr, cfg.weight_decay)
+    critic_opt = dist.adamw(critic_params, cfg.critic_lr, cfg.weight_decay)
+    kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+    ckpt_dir = os.path.join(cfg.out, "checkpoint")
+    step, bad = 0, {"actor": 0, "critic": 0}
+    if cfg.resume and os.path.isdir(ckpt_dir):
+        state = load_ppo_checkpoint(ckpt_dir, roles, actor_opt, critic_opt, d)
+        step, bad, kl_ctl.beta = state["step"], state["bad"], state["beta"]
+        batches.load_state_dict(state["data"])
+        if ptx_batches:
+            ptx_batches.load_state_dict(state["ptx_data"])
+        dist.print0(f"resumed from {ckpt_dir} at step {step}")
+
+    def save(path):
+        save_ppo_checkpoint(path, roles, actor_opt, critic_opt, d, tok.path, cfg, dict(
+            step=step, bad=bad, beta=kl_ctl.beta, data=batches.state_dict(),
+            ptx_data=ptx_batches.state_dict() if ptx_batches else None, config=asdict(cfg),
+            rm_stats=rm_stats))
+
+    def next_prompts():
+        for idx in batches:
+            return idx
+        return next(iter(batches))  # a new epoch
+
+    def next_ptx():
+        for idx in ptx_batches:
+            return idx
+        return next(iter(ptx_batches))
+
+    # ---- loop
+    log = dist.MetricsLog(cfg.out)
+    gen = torch.Generator(device=d.device)
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
+    t_run = time.perf_counter()
+    while step < cfg.max_steps:
+        # ---- rollout: generate with the policy, then score with all four roles
+        t0 = time.perf_counter()
+        idx = next_prompts()
+        prompt_ids = glm.left_pad([prompts[i] for i in idx], tok.pad_id).to(d.device)
+        T = prompt_ids.shape[1]
+        gen.manual_seed(cfg.seed * 1_000_003 + step * 1009 + d.dp_rank)  # per step: a resumed run samples the same
+        # no autocast: LoRA layers mix dtypes themselves, and the decode steps are CUDA graphs
+        ids, _ = dist.generate(roles.use("actor"), d, prompt_ids, cfg.max_new_tokens, do_sample=True,
+                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, generator=gen)
+        t1 = time.perf_counter()
+        r = score_rollout(roles, d, ids, T, cfg)
+        raw_score = r["score"] + cfg.no_eop_penalty * (~r["has_eop"]).float()
+        norm_score = ((raw_score - rm_stats["mean"]) / max(rm_stats["std"], 1e-6)).clamp(-cfg.reward_clip, cfg.reward_clip)
+        mask = r["mask"]
+        rewards = kl_rewards(r["logp"], r["ref_logp"], norm_score, mask, r["end"], kl_ctl.beta)
+        adv, returns = gae(rewards, r["values"], mask, cfg.gamma, cfg.lam)
+        adv = masked_whiten(adv, mask, d.dp_group)
+        t2 = time.perf_counter()
+
+        # ---- PPO epochs over mini-batches
+        rollout = {"input_ids": ids, "mask": mask, "logp": r["logp"], "adv": adv, "returns": returns,
+                   "values": r["values"]}
+        pstats = torch.zeros(4, device=d.device)
+        vstats = torch.zeros(2, device=d.device)
+        order_gen = torch.Generator().manual_seed(cfg.seed + 31 * step)
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(ids.shape[0], generator=order_gen).to(d.device)
+            for m in range(0, ids.shape[0], cfg.mini_batch_size):
+                rows = perm[m:m + cfg.mini_batch_size]
+                mbs = split(rollout, rows, cfg.micro_batch_size)
+                n_tok = dist.all_reduce(mask[rows].sum().float(), "sum", d.dp_group).clamp(min=1)
+                with dist.autocast(d):
+                    loss = dist.train_step(roles.use("actor"), d, mbs, policy_loss(cfg, n_tok, pstats), torch.float32)
+                    if ptx:
+                        pmbs = [{"input_ids": a.to(d.device), "labels": b.to(d.device)} for a, b in
+                                [data.collate([ptx[i] for i in next_ptx()], tok.pad_id)]]
+                        p_tok = dist.all_reduce(sum((mb["labels"][:, 1:] != data.IGNORE).sum() for mb in pmbs).float(),
+                                                "sum", d.dp_group).clamp(min=1)
+                        loss = loss + dist.train_step(roles.use("actor"), d, pmbs, ptx_loss(cfg.ptx_coef, p_tok), torch.float32)
+                _, _, bad["actor"] = dist.optimizer_step(actor_opt, actor_params, loss, cfg.actor_lr, cfg.grad_clip,
+                                                         d, bad["actor"], step)
+                with dist.autocast(d):
+                    vloss = dist.train_step(roles.use("critic"), d, mbs,
+                                            value_loss(cfg, roles.value_head, n_tok, vstats), torch.float32)
+                _, _, bad["critic"] = dist.optimizer_step(critic_opt, critic_params, vloss, cfg.critic_lr, cfg.grad_clip,
+                                                          d, bad["critic"], step)
+        t3 = time.perf_counter()
+        step += 1
+
+        # ---- metrics: global over replicas (stats summed on the last stage, then shared)
+        m = metrics(r, raw_score, mask, returns, pstats, vstats, d)
+        kl_ctl.update(m["kl"], cfg.rollout_batch_size * d.D)
+        m.update(beta=kl_ctl.beta, t_generate=t1 - t0, t_score=t2 - t1, t_train=t3 - t2,
+                 pairs_per_s=ids.shape[0] * d.D / (t3 - t0))
+        bar.update(1)
+        bar.set_postfix(reward=f"{m['reward_mean']:.3f}", kl=f"{m['kl']:.3f}", len=f"{m['response_len']:.1f}")
+        if step % cfg.log_every == 0:
+            log.log(step, **m)
+        if dist.is_main() and (step % cfg.sample_every == 0 or step == 1):
+            print(f"\nstep {step}: reward {m['reward_mean']:.3f} kl {m['kl']:.4f} | sample: "
+                  f"{tok.decode(ids[0, :T], skip_special_tokens=True)!r} -> "
+                  f"{tok.decode(ids[0, T:], skip_special_tokens=True)!r}", flush=True)
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            save(ckpt_dir)
+    bar.close()
+    wall = time.perf_counter() - t_run
+    final = os.path.join(cfg.out, "final")
+    dist.save_weights(final, roles.models["actor"], d, tok.path,
+                      lora_name="policy" if cfg.mode == "lora" else None)
+    dist.print0(f"wrote {final} (the trained policy)")
+    dist.report_memory_and_busy(plan.stages[d.pp_rank], d, wall)
+    dist.teardown()
+
+
+def metrics(r, raw_score, mask, returns, pstats, vstats, d):
+    """Reward, KL, entropy, clip fraction, approximate KL, value loss, explained variance, length."""
+    m = mask.float()
+    kl_seq = ((r["logp"] - r["ref_logp"]) * m).sum(1)  # [B]
+    resid = (returns - r["values"]) * m
+    n = m.sum()
+    var = lambda x: (x ** 2 * m).sum() / n - ((x * m).sum() / n) ** 2
+    local = torch.stack([raw_score.sum(), (raw_score ** 2).sum(), kl_seq.sum(), m.sum(1).sum(),
+                         torch.tensor(float(raw_score.shape[0]), device=m.device), var(resid) * n, var(returns) * n, n])
+    g = dist.all_reduce(local, "sum", d.dp_group)
+    B = g[4]
+    pstats = dist.all_reduce(dist.broadcast_from_last_stage(pstats, d), "sum", d.dp_group)
+    vstats = dist.all_reduce(dist.broadcast_from_last_stage(vstats, d), "sum", d.dp_group)
+    mean = g[0] / B
+    return dict(reward_mean=float(mean), reward_std=float((g[1] / B - mean ** 2).clamp(min=0).sqrt()),
+                kl=float(g[2] / B), response_len=float(g[3] / B),
+                explained_var=float(1 - g[5] / g[6].clamp(min=1e-8)),
+                clip_frac=float(pstats[0] / pstats[3].clamp(min=1)), approx_kl=float(pstats[1] / pstats[3].clamp(min=1)),
+                entropy=float(pstats[2] / pstats[3].clamp(min=1)), value_loss=float(vstats[0] / vstats[1].clamp(min=1)))
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: policy and critic (adapters or weights), value head, both optimisers, loop state
+
+
+def save_ppo_checkpoint(out_dir, roles, actor_opt, critic_opt, d, tok_path, cfg, state):
+    def write(tmp):
+        for role, sub, name in (("actor", "policy", "policy"), ("critic", "critic", "critic")):
+            os.makedirs(os.path.join(tmp, sub), exist_ok=True)
+            dist.write_stage_weights(roles.models[role], os.path.join(tmp, sub), d,
+                                     name if roles.mode == "lora" else None)
+        dist.save_heads({"value_head": roles.value_head} if roles.value_head else None, tmp, d)
+        if d.dp_rank == 0:
+            for role, opt in (("actor", actor_opt), ("critic", critic_opt)):
+                torch.save(dist.optimizer_state_by_name(roles.named(role), opt),
+                           os.path.join(tmp, f"optim-{role}-stage{d.pp_rank:03d}.pt"))
+        torch.save({"cpu": torch.get_rng_state()}, os.path.join(tmp, f"rng-rank{d.rank:03d}.pt"))
+        dist.barrier()
+        if dist.is_main():
+            for role, sub, name in (("actor", "policy", "policy"), ("critic", "critic", "critic")):
+                dist.finish_weights(roles.models[role], os.path.join(tmp, sub), tok_path,
+                                    name if roles.mode == "lora" else None)
+            with open(os.path.join(tmp, "train_state.json"), "w", encoding="utf-8") as f:
+                json.dump({**state, "world": d.world, "pp": d.P}, f, indent=2)
+    dist.atomic_dir_all(out_dir, write, d)
+
+
+def load_ppo_checkpoint(ckpt_dir, roles, actor_opt, critic_opt, d):
+    """Weights/adapters, value head, optimisers and the loop state, with any pipeline split."""
+    state = dist.load_train_state(ckpt_dir, d)
+    for role, sub, name in (("actor", "policy", "policy"), ("critic", "critic", "critic")):
+        model, path = roles.models[role], os.path.join(ckpt_dir, sub)
+        if roles.mode == "lora":
+            lora.load_adapter(model, path, name=name)
+        else:  # this stage's tensors, copied into the (float32 master) parameters
+            model.load_state_dict(glm.read_safetensors(path, glm.expected_shapes(model), d.device))
+    if roles.value_head is not None:
+        dist.load_head(roles.value_head, ckpt_dir, "value_head")
+    dist.load_optimizer_state(roles.named("actor"), actor_opt, ckpt_dir, prefix="optim-actor")
+    dist.load_optimizer_state(roles.named("critic"), critic_opt, ckpt_dir, prefix="optim-critic")
+    return state
+
+
+if __name__ == "__main__":
+    main()
