@@ -3,6 +3,12 @@
 
     python bench.py generate [--batches 1,16,64 --prompt_len 64 --new_tokens 128]
     python bench.py forward  [--batch 4 --seq 512]
+    python bench.py sft --train lora [--checkpoint]           # LoRA r=8 on query_key_value, 4 x 512
+    python bench.py sft --train last_n --train_layers 4
+    torchrun --nproc_per_node=4 bench.py pipeline --pp 4 --train full --plans auto,naive
+    torchrun --nproc_per_node=4 bench.py sft --pp 1 --train lora        # D = 4 data-parallel replicas
+    torchrun --nproc_per_node=4 bench.py rm --pp 4 --train full         # ranked groups of 4 answers
+    python bench.py make_model --dir /tmp/glm6b [--adapter]             # random 6B folder for train_ppo.py
     python bench.py generate --toy          # the 2-layer toy model, runs anywhere
 
 Each result is printed and appended as one JSON line to --out (default bench_results.jsonl)
@@ -11,12 +17,14 @@ together with the card, the command line and the date.
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+import dist
 import glm
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s per H100 (datasheet), the MFU denominator
@@ -125,9 +133,175 @@ def bench_forward(args, device, dtype):
     return [res]
 
 
+def random_stage(cfg, stage, d, dtype, seed=0):
+    """A pipeline stage with random weights, built on the meta device and initialised in place."""
+    with torch.device("meta"):
+        model = glm.ChatGLM(cfg, **stage.model_kwargs())
+    return model.to_empty(device=d.device).to(dtype).init_weights(seed=seed + d.pp_rank)
+
+
+def train_batches(cfg, args, M, device, seed):
+    """M micro-batches of args.batch sequences of args.seq tokens: a prompt half, then an answer
+    half that takes the loss (as in SFT)."""
+    mbs = []
+    for m in range(M):
+        ids = random_prompts(cfg, args.batch, args.seq // 2, device, seed=seed + m)
+        ans = random_prompts(cfg, args.batch, args.seq - args.seq // 2 + 2, device, seed=seed + 100 + m)[:, :-2]
+        ids = torch.cat([ids, ans], dim=1)  # [b, s]
+        labels = torch.full_like(ids, -100)
+        labels[:, args.seq // 2:] = ids[:, args.seq // 2:]
+        mbs.append({"input_ids": ids, "labels": labels})
+    return mbs
+
+
+def rm_batches(cfg, args, M, device, seed):
+    """M micro-batches of args.batch prompts with 4 ranked answers each (all 4 in one forward)."""
+    mbs, K = [], 4
+    for m in range(M):
+        ids = random_prompts(cfg, args.batch * K, args.seq, device, seed=seed + m)
+        ids[:, -1] = cfg.eos_token_id  # every answer ends in <eop>, where its score is read
+        better, worse = zip(*[(g * K + i, g * K + j) for g in range(args.batch) for i in range(K) for j in range(i + 1, K)])
+        mbs.append({"input_ids": ids, "end": torch.full((args.batch * K,), args.seq - 1, device=device),
+                    "better": torch.tensor(better, device=device), "worse": torch.tensor(worse, device=device)})
+    return mbs
+
+
+def model_flops_per_token(cfg, train, seq, train_layers=0):
+    """Model FLOPs per trained token (no recomputation): forward 2N + attention; backward twice the
+    forward for trained weights, once (activation gradients only) where weights are frozen."""
+    h, L, V = cfg.hidden_size, cfg.num_layers, cfg.vocab_size
+    block = 2 * (4 * h * h + 2 * h * cfg.inner_hidden_size) + 4 * seq * h  # matmuls + attention (causal ~half of 2*2*s*h)
+    fwd = L * block + 2 * h * V
+    if train == "full":
+        return 3 * fwd
+    if train == "lora":
+        return 2 * fwd
+    trained = train_layers * block
+    return fwd + 2 * trained + (fwd - L * block) + 0  # frozen prefix: forward only
+
+
+def bench_train(args, device, dtype):
+    """Training steps through dist.train_step (1F1B) + the optimiser, per rank: measured and
+    predicted peak memory, busy share; overall tokens/s (or answers/s) and MFU."""
+    from types import SimpleNamespace
+    import train_sft
+    d = dist.setup(args.pp)
+    cfg = glm.GLMConfig.toy() if args.toy else glm.GLMConfig()
+    if args.toy:
+        cfg.num_layers = 4
+    M = args.micro_batches
+    budget = 0.95 * torch.cuda.get_device_properties(d.device).total_memory if device.type == "cuda" else None
+    results = []
+    for method in args.plans.split(","):
+        plan = dist.plan_pipeline(cfg, d.P, args.batch * (4 if args.mode == "rm" else 1), args.seq, M,
+                                  train=args.train, lora_rank=8, train_layers=args.train_layers,
+                                  param_bytes=2 if device.type == "cuda" else 4, checkpoint=budget is not None,
+                                  mem_budget=budget, method=method)
+        dist.print0(plan.format_table())
+        stage = plan.stages[d.pp_rank]
+        model = random_stage(cfg, stage, d, dtype)
+        model.checkpoint_activations = True if args.checkpoint else set(stage.checkpoint_layers)
+        params = dist.select_trainable(model, args.train, SimpleNamespace(
+            lora_targets="query_key_value", lora_rank=8, lora_alpha=16.0, lora_dropout=0.0,
+            train_layers=args.train_layers))
+        head = None
+        if args.mode == "rm" and d.last:
+            head = torch.nn.Linear(cfg.hidden_size, 1, device=d.device)
+            params = params + list(head.parameters())
+        opt = dist.adamw(params, 1e-5, 0.0)
+        first_trainable = dist.first_trainable_stage(model, d)
+        if args.mode == "rm":
+            mbs = rm_batches(cfg, args, M, d.device, seed=17 * d.dp_rank)
+            n_pairs = torch.tensor(float(sum(len(mb["better"]) for mb in mbs) * d.D), device=d.device)
+
+            def loss_fn(model, h, mb):  # the pairwise ranking loss, scores read at each answer's <eop>
+                r = head(h[torch.arange(h.shape[0], device=h.device), mb["end"]]).float()[:, 0]
+                return -F.logsigmoid(r[mb["better"]] - r[mb["worse"]]).sum() / n_pairs
+        else:
+            mbs = train_batches(cfg, args, M, d.device, seed=17 * d.dp_rank)
+            loss_fn = train_sft.sft_loss(dist.all_reduce(sum((mb["labels"][:, 1:] != -100).sum() for mb in mbs)
+                                                         .float(), "sum", d.dp_group))
+
+        def step():
+            with dist.autocast(d):
+                loss = dist.train_step(model, d, mbs, loss_fn, torch.float32, first_trainable)
+            return dist.optimizer_step(opt, params, loss, 1e-5, 1.0, d, 0, 0)[0]
+
+        for _ in range(2):
+            step()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(d.device)
+        dist.WAIT["s"] = 0.0
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            step()
+        sync(device)
+        dt = (time.perf_counter() - t0) / args.iters
+        seqs = args.batch * M * d.D * (4 if args.mode == "rm" else 1)
+        tokens = seqs * args.seq
+        mfu = model_flops_per_token(cfg, args.train, args.seq, args.train_layers) * tokens / dt / (d.world * H100_BF16_PEAK)
+        rows = dist.report_memory_and_busy(stage, d, dt * args.iters)
+        res = dict(mode=args.mode, train=args.train, plan=method, P=d.P, D=d.D, micro_batch=args.batch,
+                   micro_batches=M, seq=args.seq, checkpoint=args.checkpoint, layer_counts=plan.layer_counts,
+                   step_s=round(dt, 4), tok_per_s=round(tokens / dt, 1), mfu=round(mfu, 4),
+                   per_rank=[dict(rank=int(r[0]), stage=int(r[1]), peak_gib=round(r[2] / 2**30, 2),
+                                  predicted_gib=round(r[3] / 2**30, 2), busy=round(r[4], 3)) for r in rows])
+        if args.mode == "rm":
+            res["answers_per_s_per_gpu"] = round(seqs / dt / d.world, 1)
+        if d.device.type == "cuda":
+            peaks = [r[2] for r in rows]
+            res["peak_max_over_min"] = round(max(peaks) / min(peaks), 3)
+        res["bubble_predicted"] = round((d.P - 1) / (M + d.P - 1), 3)
+        dist.print0(json.dumps(res))
+        results.append(res)
+        del model, opt, params, mbs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results if dist.is_main() else []
+
+
+def make_model(args, device, dtype):
+    """A random 6B model folder (bf16) with a reward head and statistics, so train_ppo.py can run
+    at full shapes: --actor DIR --rm_dir DIR (full), or --model DIR --rm_dir DIR/rm_adapter (LoRA).
+    Special ids are the toy tokenizer's (bundled), so prompts tokenise; shapes are ChatGLM-6B's."""
+    import shutil
+    from safetensors.torch import save_file
+    import lora
+    cfg = glm.GLMConfig(bos_token_id=8, eos_token_id=9, mask_token_id=4, gmask_token_id=5, pad_token_id=3)
+    if args.toy:
+        cfg = glm.GLMConfig.toy()
+    with torch.device("meta"):
+        model = glm.ChatGLM(cfg)
+    model = model.to_empty(device=device).to(dtype).init_weights(seed=0)
+    tok = glm.Tokenizer(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "ice_text.model"))
+    model.save_pretrained(args.dir, tokenizer=tok)
+    head = {"weight": torch.randn(1, cfg.hidden_size) * cfg.hidden_size ** -0.5, "bias": torch.zeros(1)}
+    save_file(head, os.path.join(args.dir, "reward_head.safetensors"))
+    with open(os.path.join(args.dir, "reward_stats.json"), "w") as f:
+        json.dump({"mean": 0.0, "std": 1.0}, f)
+    if args.adapter:  # a reward adapter (random B, as after training) for the shared-base mode
+        lora.inject_lora(model, r=8, alpha=16)
+        for _, m in lora.lora_modules(model):
+            torch.nn.init.normal_(m.lora_B["default"], std=1e-3)
+        sub = os.path.join(args.dir, "rm_adapter")
+        lora.save_adapter(model, sub)
+        for name in ("reward_head.safetensors", "reward_stats.json"):
+            shutil.copy(os.path.join(args.dir, name), os.path.join(sub, name))
+    # prompts of about 256 tokens
+    words = [tok.sp.id_to_piece(i).lstrip("\u2581") for i in range(300, 1100)]
+    g = torch.Generator().manual_seed(0)
+    with open(os.path.join(args.dir, "prompts.jsonl"), "w", encoding="utf-8") as f:
+        for _ in range(512):
+            picks = torch.randint(len(words), (args.prompt_len,), generator=g).tolist()
+            f.write(json.dumps({"prompt": " ".join(words[i] for i in picks if words[i].isalnum())}) + "\n")
+    print(f"wrote {args.dir}")
+    return []
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["generate", "forward"])
+    p.add_argument("mode", choices=["generate", "forward", "sft", "pipeline", "rm", "make_model"])
     p.add_argument("--toy", action="store_true", help="the 2-layer toy model instead of 6B shapes")
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--prompt_len", type=int, default=64)
@@ -136,16 +310,28 @@ def main():
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--checkpoint", action="store_true", help="activation checkpointing")
+    p.add_argument("--train", default="lora", choices=["lora", "full", "last_n"])
+    p.add_argument("--train_layers", type=int, default=0)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--micro_batches", type=int, default=1, help="micro-batches per step and replica (M)")
+    p.add_argument("--plans", default="auto", help="comma-separated: auto, naive")
+    p.add_argument("--dir", default="/tmp/glm6b")
+    p.add_argument("--adapter", action="store_true")
     p.add_argument("--out", default="bench_results.jsonl")
     args = p.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.backends.cuda.matmul.allow_tf32 = True
-    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     header = dict(card=card, date=datetime.date.today().isoformat(), torch=torch.__version__,
                   command="python " + " ".join(sys.argv))
-    print(json.dumps(header), flush=True)
-    results = {"generate": bench_generate, "forward": bench_forward}[args.mode](args, device, dtype)
+    if local == 0:
+        print(json.dumps(header), flush=True)
+    results = {"generate": bench_generate, "forward": bench_forward, "sft": bench_train, "pipeline": bench_train,
+               "rm": bench_train, "make_model": make_model}[args.mode](args, device, dtype)
+    if not results:
+        return
     with open(args.out, "a", encoding="utf-8") as f:
         for r in results:
             f.write(json.dumps({**header, **r}) + "\n")

@@ -92,7 +92,7 @@ class Config:
     gpu_mem_gib: float = 0.0
     # ---- logs and checkpoints
     log_every: int = 1
-    sample_every: int = 10
+    sample_every: int = 10          # print a sample every N steps (0: never)
     save_every: int = 20
     resume: bool = False
 
@@ -482,7 +482,7 @@ def main(argv=None):
         bar.set_postfix(reward=f"{m['reward_mean']:.3f}", kl=f"{m['kl']:.3f}", len=f"{m['response_len']:.1f}")
         if step % cfg.log_every == 0:
             log.log(step, **m)
-        if dist.is_main() and (step % cfg.sample_every == 0 or step == 1):
+        if dist.is_main() and cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == 1):
             print(f"\nstep {step}: reward {m['reward_mean']:.3f} kl {m['kl']:.4f} | sample: "
                   f"{tok.decode(ids[0, :T], skip_special_tokens=True)!r} -> "
                   f"{tok.decode(ids[0, T:], skip_special_tokens=True)!r}", flush=True)

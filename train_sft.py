@@ -64,8 +64,8 @@ class Config:
 
 
 # the toy run: a small model from scratch on the bundled arithmetic task, a few CPU minutes
-TOY = dict(max_len=64, micro_batch_size=32, grad_accum=1, lr=3e-3, warmup_steps=30, max_steps=600,
-           weight_decay=0.01, eval_every=200, save_every=300, out="runs/toy_sft")
+TOY = dict(max_len=64, micro_batch_size=32, grad_accum=1, lr=1e-2, warmup_steps=30, max_steps=2000,
+           weight_decay=0.1, eval_every=200, save_every=400, out="runs/toy_sft")
 TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
