@@ -93,7 +93,8 @@ class Config:
     # ---- logs and checkpoints
     log_every: int = 1
     sample_every: int = 10          # print a sample every N steps (0: never)
-    save_every: int = 20
+    save_every: int = 20            # checkpoint every N steps and at the end (0: never)
+    save_final: bool = True         # write the trained policy to OUT/final
     resume: bool = False
 
 
@@ -486,14 +487,15 @@ def main(argv=None):
             print(f"\nstep {step}: reward {m['reward_mean']:.3f} kl {m['kl']:.4f} | sample: "
                   f"{tok.decode(ids[0, :T], skip_special_tokens=True)!r} -> "
                   f"{tok.decode(ids[0, T:], skip_special_tokens=True)!r}", flush=True)
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
+        if cfg.save_every > 0 and (step % cfg.save_every == 0 or step == cfg.max_steps):
             save(ckpt_dir)
     bar.close()
     wall = time.perf_counter() - t_run
-    final = os.path.join(cfg.out, "final")
-    dist.save_weights(final, roles.models["actor"], d, tok.path,
-                      lora_name="policy" if cfg.mode == "lora" else None)
-    dist.print0(f"wrote {final} (the trained policy)")
+    if cfg.save_final:
+        final = os.path.join(cfg.out, "final")
+        dist.save_weights(final, roles.models["actor"], d, tok.path,
+                          lora_name="policy" if cfg.mode == "lora" else None)
+        dist.print0(f"wrote {final} (the trained policy)")
     dist.report_memory_and_busy(plan.stages[d.pp_rank], d, wall)
     dist.teardown()
 
