@@ -611,13 +611,13 @@ def _p2p(d, send=None, send_to=None, recv_shape=None, recv_from=None, dtype=None
     """Post a send and/or a receive together, so that two neighbours that both send and both
     receive in the same moment (1F1B's steady state) can never deadlock."""
     ops, buf = [], None
-    t0 = _clock(d)
     if send is not None:
         ops.append(tdist.P2POp(tdist.isend, send.contiguous(), d.stage_rank(send_to)))
     if recv_shape is not None:
         buf = torch.empty(recv_shape, dtype=dtype, device=d.device)
         ops.append(tdist.P2POp(tdist.irecv, buf, d.stage_rank(recv_from)))
     if ops:
+        t0 = _clock(d)
         for req in tdist.batch_isend_irecv(ops):
             req.wait()
         WAIT["s"] += _clock(d) - t0

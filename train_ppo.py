@@ -359,8 +359,8 @@ def score_rollout(roles, d, ids, T, cfg):
 def main(argv=None):
     cfg = dist.parse_config(Config, argv)
     d = dist.setup(cfg.pp)
+    toy = not (cfg.model or cfg.actor or cfg.rm_dir)
     cfg = apply_toy_defaults(cfg)
-    toy = cfg.out.endswith("toy_ppo") and not cfg.model
     torch.manual_seed(cfg.seed + d.rank)
     dist.print0(f"config: {asdict(cfg)}")
 
@@ -422,6 +422,8 @@ def main(argv=None):
     # ---- loop
     log = dist.MetricsLog(cfg.out)
     gen = torch.Generator(device=d.device)
+    before = toy_report(roles, tok, d, cfg.max_prompt_len) if toy else None
+    history = []
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
     t_run = time.perf_counter()
     while step < cfg.max_steps:
@@ -479,6 +481,7 @@ def main(argv=None):
         kl_ctl.update(m["kl"], cfg.rollout_batch_size * d.D)
         m.update(beta=kl_ctl.beta, t_generate=t1 - t0, t_score=t2 - t1, t_train=t3 - t2,
                  pairs_per_s=ids.shape[0] * d.D / (t3 - t0))
+        history.append(m)
         bar.update(1)
         bar.set_postfix(reward=f"{m['reward_mean']:.3f}", kl=f"{m['kl']:.3f}", len=f"{m['response_len']:.1f}")
         if step % cfg.log_every == 0:
@@ -496,6 +499,8 @@ def main(argv=None):
         dist.save_weights(final, roles.models["actor"], d, tok.path,
                           lora_name="policy" if cfg.mode == "lora" else None)
         dist.print0(f"wrote {final} (the trained policy)")
+    if toy and dist.is_main() and history:
+        print_toy_table(before, toy_report(roles, tok, d, cfg.max_prompt_len), history)
     dist.report_memory_and_busy(plan.stages[d.pp_rank], d, wall)
     dist.teardown()
 
@@ -519,6 +524,40 @@ def metrics(r, raw_score, mask, returns, pstats, vstats, d):
                 explained_var=float(1 - g[5] / g[6].clamp(min=1e-8)),
                 clip_frac=float(pstats[0] / pstats[3].clamp(min=1)), approx_kl=float(pstats[1] / pstats[3].clamp(min=1)),
                 entropy=float(pstats[2] / pstats[3].clamp(min=1)), value_loss=float(vstats[0] / vstats[1].clamp(min=1)))
+
+
+# -----------------------------------------------------------------------------
+# the toy run's before/after report
+
+
+def toy_report(roles, tok, d, max_len):
+    """Held-out exact-match accuracy of the policy's greedy answers on the toy task, plus three
+    sample answers (single-stage runs; the toy model is small)."""
+    import train_sft
+    if d.P > 1:
+        return float("nan"), []
+    eval_ex = data.load_sft(os.path.join(train_sft.TOY_DIR, "toy_sft_eval.jsonl"))
+    model = roles.use("actor")
+    acc = train_sft.toy_accuracy(model, tok, eval_ex, max_len, d)
+    picks = eval_ex[:4]
+    ids = glm.left_pad([data.encode_prompt(tok, e, max_len) for e in picks], tok.pad_id).to(d.device)
+    model.eval()
+    out = model.generate(ids, max_new_tokens=6)
+    model.train()
+    return acc, [(e["prompt"], tok.decode(row, skip_special_tokens=True)) for e, row in zip(picks, out[:, ids.shape[1]:])]
+
+
+def print_toy_table(before, after, history):
+    first, last = history[:2], history[-2:]
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
+    print("\n                          before RLHF   after RLHF")
+    print(f"toy held-out accuracy     {before[0]:>11.1%}   {after[0]:>10.1%}")
+    print(f"reward mean (RM score)    {mean(first, 'reward_mean'):>11.3f}   {mean(last, 'reward_mean'):>10.3f}"
+          "   (first two / last two steps)")
+    print(f"KL to the reference       {mean(first, 'kl'):>11.3f}   {mean(last, 'kl'):>10.3f}")
+    print("samples (greedy):")
+    for (p, a), (_, b) in zip(before[1], after[1]):
+        print(f"  {p!r}\n      before: {a!r}   after: {b!r}")
 
 
 # -----------------------------------------------------------------------------

@@ -136,9 +136,10 @@ def toy_accuracy(model, tok, examples, max_len, d):
 
 
 def main(argv=None):
-    cfg = apply_toy_defaults(dist.parse_config(Config, argv))
-    toy = cfg.model.endswith("toy_base")
+    cfg = dist.parse_config(Config, argv)
+    toy = not cfg.model
     d = dist.setup(cfg.pp)
+    cfg = apply_toy_defaults(cfg)
     torch.manual_seed(cfg.seed + d.rank)
     dist.print0(f"config: {asdict(cfg)}")
 
