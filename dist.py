@@ -548,7 +548,7 @@ def setup(pp=1):
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if pp < 1 or world % pp:
         raise ValueError(f"--pp {pp} does not divide the world size {world}; choose P so that "
-                         f"WORLD_SIZE = P x D (e.g. --pp {world} or --pp 1)")
+                         f"WORLD_SIZE = P x D" + (f" (e.g. --pp {world} or --pp 1)" if world > 1 else " (one process: --pp 1)"))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
@@ -964,11 +964,13 @@ def parse_config(cls, argv=None):
 class MetricsLog:
     """metrics.jsonl (and TensorBoard events when the package is installed), on rank 0 only."""
 
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, resume=False):
         self.path, self.tb = os.path.join(out_dir, "metrics.jsonl"), None
         if not is_main():
             return
         os.makedirs(out_dir, exist_ok=True)
+        if not resume and os.path.exists(self.path):  # a fresh run starts a fresh log
+            os.remove(self.path)
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
@@ -1104,7 +1106,8 @@ def train_mode(lora_rank, train_layers, num_layers):
     if lora_rank > 0 and train_layers > 0:
         raise ValueError("--lora_rank and --train_layers are exclusive: pick one way to train")
     if train_layers > num_layers:
-        raise ValueError(f"--train_layers {train_layers} is larger than the model's {num_layers} blocks")
+        raise ValueError(f"--train_layers {train_layers} is larger than the model's {num_layers} blocks; "
+                         f"use 1..{num_layers}, or 0 to train everything")
     if train_layers < 0 or lora_rank < 0:
         raise ValueError("--train_layers and --lora_rank must be >= 0")
     return "lora" if lora_rank > 0 else "last_n" if train_layers > 0 else "full"
@@ -1116,7 +1119,8 @@ def select_trainable(model, mode, cfg, adapter_dir=None, adapter="default"):
     import lora
     if mode == "lora":
         lora.inject_lora(model, targets=tuple(cfg.lora_targets.split(",")), r=cfg.lora_rank,
-                         alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, name=adapter, dtype=torch.float32)
+                         alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, name=adapter, dtype=torch.float32,
+                         seed=getattr(cfg, "seed", 0))
         if adapter_dir is not None:
             lora.load_adapter(model, adapter_dir, name=adapter)
     else:

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import zlib
 
 import torch
 import torch.nn as nn
@@ -71,7 +72,7 @@ class LoRALinear(nn.Linear):
         self.active = None  # adapter the forward adds, None = base only
         self.merged = None  # adapter currently folded into `weight`, None = weight is the base
 
-    def add_adapter(self, name, r, alpha, dropout=0.0, dtype=None):
+    def add_adapter(self, name, r, alpha, dropout=0.0, dtype=None, generator=None):
         if not ADAPTER_NAME.fullmatch(name):
             raise ValueError(f"adapter name '{name}' must be a Python identifier "
                              "(it becomes part of parameter names)")
@@ -81,7 +82,12 @@ class LoRALinear(nn.Linear):
             raise ValueError(f"LoRA rank r must be > 0, got {r}")
         dtype = dtype or self.weight.dtype
         A = torch.empty(r, self.in_features, device=self.weight.device, dtype=dtype)
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # nn.Linear's own init, as loralib and PEFT use
+        if A.device.type == "meta":
+            pass  # filled by load_adapter
+        elif generator is None:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # nn.Linear's own init, as loralib and PEFT use
+        else:  # drawn on the CPU from the caller's generator: the same A on every rank and device
+            A.copy_(nn.init.kaiming_uniform_(torch.empty(A.shape), a=math.sqrt(5), generator=generator))
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=self.weight.device, dtype=dtype))
         self.r[name], self.alpha[name], self.dropout[name] = r, alpha, dropout
@@ -165,14 +171,18 @@ def mark_only_lora_trainable(model, name=None):
                 m.lora_B[n].requires_grad_(True)
 
 
-def inject_lora(model, targets=("query_key_value",), r=8, alpha=16, dropout=0.0, name="default", dtype=None):
+def inject_lora(model, targets=("query_key_value",), r=8, alpha=16, dropout=0.0, name="default", dtype=None,
+                seed=None):
     """Add adapter `name` to the target linears, freeze the base, make `name` trainable and active.
 
     Works on a meta-device model (the factors stay on meta until load_adapter) and on a loaded one;
     the base weight tensors are kept as they are, never copied. Adapters added earlier keep their
-    requires_grad flags, so a policy and a critic adapter can both train."""
-    for linear in find_targets(model, targets).values():
-        LoRALinear.convert(linear).add_adapter(name, r, alpha, dropout, dtype)
+    requires_grad flags, so a policy and a critic adapter can both train. With `seed`, each A is
+    drawn from (seed, its module path): a pipeline stage or a data-parallel replica gets exactly
+    the factors one process would have."""
+    for path, linear in find_targets(model, targets).items():
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(path.encode())) if seed is not None else None
+        LoRALinear.convert(linear).add_adapter(name, r, alpha, dropout, dtype, generator=g)
     lora_params = {id(p) for _, m in lora_modules(model) for d in (m.lora_A, m.lora_B) for p in d.values()}
     for p in model.parameters():
         if id(p) not in lora_params:

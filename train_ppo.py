@@ -162,7 +162,7 @@ class Roles:
             self._adapter(model, sft, "reference", None)
         else:  # the base is the SFT model: a fresh adapter (B = 0) starts as exactly the reference
             lora.inject_lora(model, targets=targets, r=cfg.lora_rank, alpha=cfg.lora_alpha, name="policy",
-                             dtype=torch.float32)
+                             dtype=torch.float32, seed=cfg.seed)
         self._adapter(model, cfg.rm_dir, "critic", torch.float32)
         self._adapter(model, cfg.rm_dir, "reward", None)
         for _, m in lora.lora_modules(model):
@@ -420,7 +420,7 @@ def main(argv=None):
         return next(iter(ptx_batches))
 
     # ---- loop
-    log = dist.MetricsLog(cfg.out)
+    log = dist.MetricsLog(cfg.out, resume=cfg.resume and os.path.isdir(ckpt_dir))
     gen = torch.Generator(device=d.device)
     before = toy_report(roles, tok, d, cfg.max_prompt_len) if toy else None
     history = []

@@ -114,9 +114,9 @@ def microbatches(examples, idx, cfg, pad_id, device):
 
 
 def count_label_tokens(mbs, group=None):
-    """Response tokens (the loss's denominator) in these micro-batches, summed over `group`."""
-    n = sum((mb["labels"][:, 1:] != data.IGNORE).sum() for mb in mbs).float()
-    return dist.all_reduce(n, "sum", group).clamp(min=1)
+    """Response tokens (the loss's denominator) in these micro-batches, summed over `group` if given."""
+    n = sum(((mb["labels"][:, 1:] != data.IGNORE).sum() for mb in mbs), torch.zeros(())).float()
+    return (dist.all_reduce(n, "sum", group) if group is not None else n).clamp(min=1)
 
 
 def toy_accuracy(model, tok, examples, max_len, d):
@@ -154,6 +154,8 @@ def main(argv=None):
     train_enc = [data.encode_sft(tok, e, cfg.max_len, stats) for e in train_ex]
     eval_enc = [data.encode_sft(tok, e, cfg.max_len, stats) for e in eval_ex]
     dist.print0(f"data: {len(train_enc)} train / {len(eval_enc)} held-out examples; {stats}")
+    if not eval_enc:
+        dist.print0("no held-out examples (raise --holdout or pass --eval_data): evaluation is off")
     batches = data.Batches(len(train_enc), cfg.micro_batch_size * cfg.grad_accum, cfg.seed,
                            rank=d.dp_rank, world=d.D)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(batches))
@@ -191,7 +193,7 @@ def main(argv=None):
         return float(loss)
 
     # ---- loop
-    log = dist.MetricsLog(cfg.out)
+    log = dist.MetricsLog(cfg.out, resume=resuming)
     if toy and not resuming:
         dist.print0(f"toy held-out accuracy before training: {toy_accuracy(model, tok, eval_ex, cfg.max_len, d):.1%}")
     model.train()
@@ -214,7 +216,7 @@ def main(argv=None):
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
             if step % cfg.log_every == 0 or step == total_steps:
                 log.log(step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tok_s, skipped=bad_steps)
-            if step % cfg.eval_every == 0 or step == total_steps:
+            if eval_enc and (step % cfg.eval_every == 0 or step == total_steps):
                 ev = evaluate()
                 log.log(step, eval_loss=ev, eval_ppl=math.exp(min(ev, 50)))
                 dist.print0(f"\nstep {step}: eval loss {ev:.4f} (perplexity {math.exp(min(ev, 50)):.2f})")

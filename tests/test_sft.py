@@ -1,0 +1,332 @@
+"""train_sft.py end to end on a 4-block toy model: overfitting, resuming, what trains, what loads back,
+and the errors a user can cause. (Label masks are in test_data.py; LoRA layer math in test_lora.py.)"""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import data
+import dist
+import glm
+import lora
+import train_sft
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TOK_PATH = os.path.join(HERE, "fixtures", "case_small", "ice_text.model")
+TOY_TRAIN = os.path.join(ROOT, "data", "toy_sft_train.jsonl")
+LAYERS = 4
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def make_base(path, num_layers=LAYERS, seed=0):
+    """A randomly initialised toy ChatGLM of num_layers blocks, saved as an HF folder with the tokenizer."""
+    cfg = glm.GLMConfig.toy()
+    cfg.num_layers = num_layers
+    glm.ChatGLM(cfg).init_weights(seed).save_pretrained(path, tokenizer=glm.Tokenizer(TOK_PATH))
+    return str(path)
+
+
+def write_jsonl(path, lines):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def toy_lines(n):
+    """The first n lines of the bundled toy task (some carry a history turn)."""
+    with open(TOY_TRAIN, encoding="utf-8") as f:
+        return [next(f).rstrip("\n") for _ in range(n)]
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(out):
+    """{step: training loss} from metrics.jsonl (a resumed run appends to the same file)."""
+    return {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
+
+
+def load_tensors(model_dir):
+    """Every tensor of an HF folder (sharded or not), by checkpoint key."""
+    state = {}
+    for path in sorted(set(glm.safetensors_files(model_dir).values())):
+        state.update(load_file(path))
+    return state
+
+
+def probe_ids():
+    """A fixed left-padded batch of two chat prompts with answers, [2, T]."""
+    tok = glm.Tokenizer(TOK_PATH)
+    rows = [tok.encode_pair("What is 3 plus 4?", "7"),
+            tok.encode_pair(glm.chat_prompt("5减2等于多少?", [("1加1", "2")]), "3")]
+    return glm.left_pad(rows, tok.pad_id)
+
+
+def logits_of(model, ids=None):
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(probe_ids() if ids is None else ids)
+    model.train(was_training)
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Toy-sized ops gain nothing from threads, and on a busy 2-core machine every op of a 2-thread pool
+    waits for a descheduled thread (about 5x slower here); restored after this module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_base(tmp_path_factory.mktemp("base") / "toy4")
+
+
+@pytest.fixture(scope="module")
+def data16(tmp_path_factory):
+    """16 toy examples: 4 steps an epoch at 2 micro-batches of 2."""
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train16.jsonl", toy_lines(16))
+
+
+def argv(base, data_file, out, *extra, **flags):
+    """train_sft flags for a small fast run; keyword flags override the defaults here."""
+    opts = dict(model=base, data=data_file, eval_data=data_file, out=str(out), max_len=48, micro_batch_size=2,
+                grad_accum=2, lr=1e-2, warmup_steps=2, max_steps=6, log_every=1, eval_every=1000,
+                save_every=1000)
+    opts.update(flags)
+    return [x for k, v in opts.items() for x in (f"--{k}", str(v))] + list(extra)
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def test_single_batch_overfits(tmp_path, base):
+    path = write_jsonl(tmp_path / "four.jsonl", toy_lines(4))
+    out = tmp_path / "run"
+    train_sft.main(argv(base, path, out, micro_batch_size=4, grad_accum=1, max_steps=60, warmup_steps=5))
+    curve = losses(out)
+    assert sorted(curve) == list(range(1, 61))
+    assert curve[1] > 4.0  # about ln(1200) for a random 1200-token model
+    assert curve[60] < 0.01, curve
+    # eval on the same four examples: the trained model reproduces them
+    assert [r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r][-1] < 0.01
+
+
+class Stop(Exception):
+    """Raised inside the loop to simulate a run killed mid-way."""
+
+
+def stop_before_step(monkeypatch, k):
+    """Make the (k+1)-th optimiser step raise: the run dies after step k (and its checkpoint)."""
+    real, calls = dist.optimizer_step, [0]
+
+    def step_or_stop(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] > k:
+            raise Stop
+        return real(*args, **kwargs)
+    monkeypatch.setattr(dist, "optimizer_step", step_or_stop)
+
+
+@pytest.mark.parametrize("mode", [
+    [],
+    # dropout draws random numbers every step: the resumed run must restore the RNG to match
+    ["--lora_rank", "4", "--lora_targets", "query_key_value,dense_4h_to_h", "--lora_dropout", "0.1"],
+    ["--train_layers", "2"],
+], ids=["full", "lora", "last2"])
+def test_resumed_run_continues_the_same_loss_curve(tmp_path, monkeypatch, base, data16, mode):
+    N, k = 8, 3  # 4 steps an epoch: the resumed run starts mid-epoch and crosses into the next
+    whole = tmp_path / "whole"
+    train_sft.main(argv(base, data16, whole, *mode, max_steps=N, save_every=k))
+    want = losses(whole)
+    assert sorted(want) == list(range(1, N + 1))
+
+    cut = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        stop_before_step(m, k)
+        with pytest.raises(Stop):
+            train_sft.main(argv(base, data16, cut, *mode, max_steps=N, save_every=k))
+    with open(cut / "checkpoint" / "train_state.json", encoding="utf-8") as f:
+        assert json.load(f)["step"] == k
+    assert sorted(losses(cut)) == list(range(1, k + 1))
+    assert not (cut / "final").exists()
+
+    train_sft.main(argv(base, data16, cut, *mode, "--resume", max_steps=N, save_every=k))
+    got = losses(cut)
+    assert sorted(got) == list(range(1, N + 1))  # steps 1..k once from the first run, k+1..N from the second
+    for step in range(1, N + 1):
+        assert got[step] == want[step], (step, got[step], want[step])
+    # the resumed run's result is the uninterrupted run's result (the adapter, or the HF weights)
+    read = (lambda d: load_file(d / lora.ADAPTER_FILE)) if "--lora_rank" in mode else load_tensors
+    sa, sb = read(whole / "final"), read(cut / "final")
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sb[key], sa[key], atol=0, rtol=0, msg=key)
+
+
+def test_train_layers_leaves_every_frozen_tensor_bit_identical(tmp_path, base, data16):
+    out = tmp_path / "run"
+    train_sft.main(argv(base, data16, out, "--train_layers", "2", max_steps=3))
+    before, after = load_tensors(base), load_tensors(out / "final")
+    assert before.keys() == after.keys()
+    for key in before:
+        m = glm.LAYER_KEY.fullmatch(key)
+        trained = m is not None and int(m.group(1)) >= LAYERS - 2
+        if trained:  # every tensor of blocks 2-3 (weights, biases, LayerNorms) has moved
+            assert not torch.equal(before[key], after[key]), f"{key} did not train"
+        else:  # blocks 0-1, the embedding, the final LayerNorm and lm_head
+            assert torch.equal(before[key], after[key]), f"{key} changed but is frozen"
+    # optimiser state exists for the trained tensors only
+    optim = torch.load(out / "checkpoint" / "optim-stage000.pt", weights_only=True)
+    assert {m.group(1) if (m := glm.LAYER_KEY.fullmatch(k)) else k for k in optim} == {"2", "3"}
+
+
+def capture_final_logits(monkeypatch):
+    """Record the logits the in-memory model gives on probe_ids() when the run writes final/."""
+    seen = {}
+    real = dist.save_weights
+
+    def save_and_record(out_dir, model, *a, **kw):
+        if os.path.basename(out_dir) == "final":
+            seen["logits"] = logits_of(model)
+        return real(out_dir, model, *a, **kw)
+    monkeypatch.setattr(dist, "save_weights", save_and_record)
+    return seen
+
+
+def test_full_finetune_result_loads_back(tmp_path, monkeypatch, base, data16):
+    seen = capture_final_logits(monkeypatch)
+    out = tmp_path / "run"
+    train_sft.main(argv(base, data16, out, max_steps=3))
+    model = glm.ChatGLM.from_pretrained(out / "final")
+    assert os.path.isfile(out / "final" / "ice_text.model")
+    got = logits_of(model)
+    torch.testing.assert_close(got, seen["logits"], atol=0, rtol=0)
+    assert (got - logits_of(glm.ChatGLM.from_pretrained(base))).abs().max() > 1e-2  # it did train
+
+
+def test_lora_result_loads_back_and_merges(tmp_path, monkeypatch, base, data16):
+    seen = capture_final_logits(monkeypatch)
+    out = tmp_path / "run"
+    train_sft.main(argv(base, data16, out, "--lora_rank", "4", "--lora_targets", "query_key_value,dense_h_to_4h",
+                        max_steps=3))
+    final = out / "final"
+    with open(final / lora.CONFIG_FILE, encoding="utf-8") as f:
+        cfg = json.load(f)
+    assert cfg["r"] == 4 and cfg["target_modules"] == ["dense_h_to_4h", "query_key_value"]
+    assert not any(n.startswith("model") for n in os.listdir(final))  # the adapter only, no base weights
+    assert len(load_file(final / lora.ADAPTER_FILE)) == 2 * 2 * LAYERS  # A and B, two targets, every block
+
+    model = lora.load_adapter(glm.ChatGLM.from_pretrained(base), final)
+    got = logits_of(model)
+    torch.testing.assert_close(got, seen["logits"], atol=0, rtol=0)
+    assert (got - logits_of(glm.ChatGLM.from_pretrained(base))).abs().max() > 1e-2
+    lora.main(["merge", "--model", base, "--adapter", str(final), "--out", str(tmp_path / "merged")])
+    merged = glm.ChatGLM.from_pretrained(tmp_path / "merged")
+    assert not lora.lora_modules(merged)
+    torch.testing.assert_close(logits_of(merged), got, atol=1e-5, rtol=1e-5)
+
+
+def test_toy_default_run(tmp_path):
+    out = tmp_path / "toy"
+    train_sft.main(["--max_steps", "5", "--out", str(out)])
+    # the toy base is made next to --out, from the bundled tokenizer, with the toy shape
+    toy_base = tmp_path / "toy_base"
+    assert glm.GLMConfig.from_json(toy_base / "config.json") == glm.GLMConfig.toy()
+    assert sorted(losses(out)) == [5]  # TOY logs every 10 steps, and always the last
+    assert all(torch.isfinite(torch.tensor(r.get("loss", r.get("eval_loss")))) for r in read_metrics(out))
+    glm.ChatGLM.from_pretrained(out / "final")
+
+
+def test_small_file_without_eval_data_trains_to_the_end(tmp_path, base):
+    """Fewer than 10 examples: the 5 % holdout rounds to none, and the run must still finish."""
+    path = write_jsonl(tmp_path / "four.jsonl", toy_lines(4))
+    out = tmp_path / "run"
+    flags = argv(base, path, out, micro_batch_size=4, grad_accum=1, max_steps=2)
+    i = flags.index("--eval_data")
+    del flags[i:i + 2]
+    train_sft.main(flags)
+    assert os.path.isdir(out / "final")
+
+
+# -----------------------------------------------------------------------------
+# errors a user can cause: clear, and before any training
+
+
+@pytest.mark.parametrize("which", ["data", "eval_data"])
+def test_malformed_line_fails_before_training(tmp_path, base, which):
+    good = write_jsonl(tmp_path / "good.jsonl", toy_lines(4))
+    bad_line = '{"prompt": "What is 1 plus 1?", "response": 2}'
+    bad = write_jsonl(tmp_path / "bad.jsonl", toy_lines(2) + [bad_line] + toy_lines(1))
+    out = tmp_path / "run"
+    flags = argv(base, good, out, max_steps=2)
+    flags[flags.index(f"--{which}") + 1] = bad
+    with pytest.raises(data.DataError) as e:
+        train_sft.main(flags)
+    msg = str(e.value)
+    assert f"{bad}:3:" in msg and "'response' is a number" in msg and "HINT" in msg
+    assert not out.exists()  # no checkpoint, no metrics: it stopped before anything ran
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--train_layers", "5"], ["--train_layers 5", "4 blocks"]),
+    (["--train_layers", "2", "--lora_rank", "4"], ["--lora_rank", "--train_layers", "exclusive"]),
+    (["--lora_rank", "4", "--lora_targets", "query_key_value,query"], ["'query'", "query_key_value", "dense_4h_to_h"]),
+    (["--pp", "2"], ["--pp 2", "world size 1"]),
+], ids=["train_layers_too_many", "lora_and_train_layers", "lora_target_matches_nothing", "pp_without_processes"])
+def test_bad_flags_are_clear_errors(tmp_path, base, data16, flags, words):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError) as e:
+        train_sft.main(argv(base, data16, out, *flags, max_steps=2))
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+    assert not out.exists()
+
+
+def test_unknown_flag_is_rejected(tmp_path, base, data16):
+    with pytest.raises(SystemExit):
+        train_sft.main(argv(base, data16, tmp_path / "run", "--lora_rnak", "4"))
+
+
+# -----------------------------------------------------------------------------
+# the loss
+
+
+def test_sft_loss_is_the_mean_over_response_tokens(tmp_path, base):
+    """sft_loss over micro-batches, summed, equals a float64 token-mean cross-entropy of the whole batch."""
+    tok = glm.Tokenizer(TOK_PATH)
+    exs = data.load_sft(write_jsonl(tmp_path / "six.jsonl", toy_lines(6)))
+    enc = [data.encode_sft(tok, e, 48) for e in exs]
+    model = glm.ChatGLM.from_pretrained(base)
+    mbs = []
+    for i in range(0, 6, 2):
+        ids, labels = data.collate(enc[i:i + 2], tok.pad_id)
+        mbs.append({"input_ids": ids, "labels": labels})
+    n_tok = train_sft.count_label_tokens(mbs)
+    # labels[:, 1:] drop the first position, which is always prompt
+    assert int(n_tok) == sum(sum(l != data.IGNORE for l in labels) for _, labels in enc)
+    with torch.no_grad():
+        got = sum(train_sft.sft_loss(n_tok)(model, model(mb["input_ids"], return_hidden=True), mb) for mb in mbs)
+        nll, count = 0.0, 0
+        for ids, labels in enc:  # one unpadded example at a time, in float64
+            logp = F.log_softmax(model(torch.tensor([ids]))[0].double(), -1)
+            for t in range(len(ids) - 1):
+                if labels[t + 1] != data.IGNORE:
+                    nll -= logp[t, labels[t + 1]].item()
+                    count += 1
+    assert count == int(n_tok)
+    torch.testing.assert_close(got.double(), torch.tensor(nll / count, dtype=torch.float64), atol=1e-5, rtol=1e-6)
