@@ -124,6 +124,18 @@ def apply_toy_defaults(cfg):
     return cfg
 
 
+def check_models(cfg):
+    """The folders each mode needs, checked before anything is read."""
+    if cfg.mode not in ("lora", "full"):
+        raise ValueError(f"--mode {cfg.mode!r}: expected 'lora' or 'full'")
+    if cfg.mode == "lora" and not cfg.model:
+        raise ValueError("--mode lora needs --model BASE (the frozen base all roles share)")
+    if cfg.mode == "full" and not cfg.actor:
+        raise ValueError("--mode full needs --actor SFT_DIR (an HF weight folder)")
+    if not cfg.rm_dir:
+        raise ValueError("--rm_dir is required: the output folder of train_rm.py")
+
+
 # -----------------------------------------------------------------------------
 # the four roles on this rank's stage
 
@@ -190,6 +202,8 @@ class Roles:
                        "critic": build(cfg.rm_dir), "reward": build(cfg.rm_dir)}
         for role, m in self.models.items():
             m.requires_grad_(role in ("actor", "critic"))
+            if role == "critic" and m.lm_head is not None:
+                m.lm_head.requires_grad_(False)  # the value comes from value_head; lm_head gets no gradient
             if role in ("actor", "critic"):
                 dist.cast_trainable_fp32(m)
         self.adapters = {r: None for r in self.models}
@@ -281,10 +295,11 @@ class KLController:
 # the per-micro-batch quantities (last stage)
 
 
-def token_logprobs(model, h, ids):
-    """log pi(token t+1 | tokens <= t) for t = 0..L-2: [B, L-1] float32, and the full log-softmax."""
-    logp_all = torch.log_softmax(model.lm_head(h[:, :-1]).float(), dim=-1)  # [B, L-1, V]
-    return logp_all.gather(-1, ids[:, 1:, None])[..., 0], logp_all
+def token_logprobs(model, h, ids, temperature=1.0):
+    """log pi(token t+1 | tokens <= t) for t = 0..L-2 under softmax(logits / temperature): [B, L-1].
+    The policy PPO optimises is the one rollouts sample from, temperature included."""
+    logp_all = torch.log_softmax(model.lm_head(h[:, :-1]).float() / temperature, dim=-1)  # [B, L-1, V]
+    return logp_all.gather(-1, ids[:, 1:, None])[..., 0]
 
 
 def policy_loss(cfg, n_tok, stats):
@@ -292,7 +307,7 @@ def policy_loss(cfg, n_tok, stats):
     def fn(model, h, mb):
         mask = mb["mask"]
         hs = h[:, :-1][mask]  # [n, C]: the head only where there is an action to score
-        logp_all = torch.log_softmax(model.lm_head(hs).float(), dim=-1)  # [n, V]
+        logp_all = torch.log_softmax(model.lm_head(hs).float() / cfg.temperature, dim=-1)  # [n, V]
         logp = logp_all.gather(-1, mb["input_ids"][:, 1:][mask][:, None])[:, 0]
         old, adv = mb["logp"][mask], mb["adv"][mask]
         ratio = torch.exp(logp - old)
@@ -346,7 +361,7 @@ def score_rollout(roles, d, ids, T, cfg):
     per_token = lambda mb: (mb["input_ids"].shape[0], mb["input_ids"].shape[1] - 1)
     per_row = lambda mb: (mb["input_ids"].shape[0],)
     run = lambda role, fn, shape: torch.cat(dist.forward_collect(roles.use(role), d, mbs, fn, shape))
-    logp_fn = lambda model, h, mb: token_logprobs(model, h, mb["input_ids"])[0]
+    logp_fn = lambda model, h, mb: token_logprobs(model, h, mb["input_ids"], cfg.temperature)
     with dist.autocast(d):
         logp = run("actor", logp_fn, per_token)
         ref_logp = run("reference", logp_fn, per_token)
@@ -361,6 +376,7 @@ def main(argv=None):
     d = dist.setup(cfg.pp)
     toy = not (cfg.model or cfg.actor or cfg.rm_dir)
     cfg = apply_toy_defaults(cfg)
+    check_models(cfg)
     torch.manual_seed(cfg.seed + d.rank)
     dist.print0(f"config: {asdict(cfg)}")
 

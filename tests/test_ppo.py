@@ -1,0 +1,511 @@
+"""train_ppo.py: GAE, the clipped losses and the KL reward against float64 formulas written here; that PPO
+raises a toy reward (and a flipped advantage sign does not); a 2-stage pipeline against one process;
+resuming; the errors a user can cause.
+
+The end-to-end runs use the random 2-layer model folder `bench.py make_model --toy --adapter` writes: full
+weights with reward_head.safetensors and reward_stats.json (actor and reward model in --mode full), an
+rm_adapter/ subfolder (the reward adapter of --mode lora) and 512 random prompts.
+"""
+import argparse
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import bench
+import data
+import dist
+import glm
+import train_ppo
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TOY_SFT = os.path.join(ROOT, "data", "toy_sft_train.jsonl")
+# what a rerun of the same seeded steps must reproduce (timings and throughput are not)
+METRICS = ("reward_mean", "reward_std", "kl", "response_len", "explained_var", "clip_frac", "approx_kl",
+           "entropy", "value_loss", "beta")
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Toy-sized ops gain nothing from threads (and lose much on a busy 2-core machine); restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    """bench.py make_model --toy --adapter --prompt_len 30: the random model, its reward head, the reward
+    adapter and the prompts."""
+    path = str(tmp_path_factory.mktemp("ppo") / "toy")
+    torch.manual_seed(0)  # make_model draws the reward head and the reward adapter from the global RNG
+    bench.make_model(argparse.Namespace(toy=True, dir=path, adapter=True, prompt_len=30), torch.device("cpu"),
+                     torch.float32)
+    return path
+
+
+def write_jsonl(path, lines):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def head_lines(path, n):
+    with open(path, encoding="utf-8") as f:
+        return [next(f).rstrip("\n") for _ in range(n)]
+
+
+def argv(toy, out, mode="full", *extra, **flags):
+    """train_ppo flags for a small, fast, seeded run on the toy folder; keyword flags override these."""
+    models = (dict(actor=toy, rm_dir=toy) if mode == "full" else
+              dict(model=toy, rm_dir=os.path.join(toy, "rm_adapter")))
+    opts = dict(mode=mode, **models, data=os.path.join(toy, "prompts.jsonl"), out=str(out), max_prompt_len=40,
+                rollout_batch_size=8, mini_batch_size=4, micro_batch_size=2, max_new_tokens=3, max_steps=2,
+                ppo_epochs=2, actor_lr=1e-3, critic_lr=1e-3, sample_every=0, save_every=0, save_final="false")
+    opts.update(flags)
+    return [x for k, v in opts.items() for x in (f"--{k}", str(v))] + list(extra)
+
+
+def read_metrics(out):
+    """{step: metrics} from metrics.jsonl (a resumed run appends to the same file)."""
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+def load_dir(path):
+    """Every tensor of the safetensors files in a folder."""
+    state = {}
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        state.update(load_file(f))
+    return state
+
+
+# -----------------------------------------------------------------------------
+# GAE and whitening
+
+
+def naive_gae(rewards, values, mask, gamma, lam):
+    """Per row, in float64, backwards over the masked (response) steps only:
+    delta_t = r_t + gamma V_next - V_t, A_t = delta_t + gamma lam A_next, with V and A after the last step 0."""
+    adv = torch.zeros(rewards.shape, dtype=torch.float64)
+    ret = torch.zeros(rewards.shape, dtype=torch.float64)
+    for b in range(rewards.shape[0]):
+        steps = [t for t in range(rewards.shape[1]) if mask[b, t]]
+        next_v, next_a = 0.0, 0.0
+        for t in reversed(steps):
+            r, v = float(rewards[b, t]), float(values[b, t])
+            next_a = r + gamma * next_v - v + gamma * lam * next_a
+            next_v = v
+            adv[b, t], ret[b, t] = next_a, next_a + v
+    return adv, ret
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.7)])
+def test_gae_equals_a_naive_backward_loop(gamma, lam):
+    g = torch.Generator().manual_seed(0)
+    A = 12
+    # rows: (first response action, number of response actions); prompts and responses of different lengths,
+    # a response that runs to the last column, and one of a single token
+    spans = [(3, 4), (5, 7), (0, 2), (8, 1), (2, 10)]
+    mask = torch.zeros(len(spans), A, dtype=torch.bool)
+    for b, (start, n) in enumerate(spans):
+        mask[b, start:start + n] = True
+    rewards = torch.randn(len(spans), A, generator=g)
+    values = torch.randn(len(spans), A, generator=g)
+    # whatever stands on prompt and padding steps must not leak into the response's advantages
+    rewards[~mask] = 1e3
+    values[~mask] = -1e3
+    adv, returns = train_ppo.gae(rewards, values, mask, gamma, lam)
+    want_adv, want_ret = naive_gae(rewards, values, mask, gamma, lam)
+    torch.testing.assert_close(adv.double(), want_adv, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(returns.double(), want_ret, atol=1e-5, rtol=1e-6)
+    assert (adv[~mask] == 0).all() and (returns[~mask] == 0).all()
+
+
+def test_masked_whiten_has_zero_mean_and_unit_std_on_the_mask():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 9, generator=g) * 3 + 2
+    mask = torch.rand(4, 9, generator=g) > 0.4
+    x[~mask] = 1e4  # ignored
+    w = train_ppo.masked_whiten(x, mask)
+    vals = x[mask].double()
+    want = (vals - vals.mean()) / vals.std(unbiased=False)
+    torch.testing.assert_close(w[mask].double(), want, atol=1e-5, rtol=1e-5)
+    assert (w[~mask] == 0).all()
+
+
+# -----------------------------------------------------------------------------
+# the losses against float64 formulas
+
+
+class StandIn(nn.Module):
+    """The part of a stage model the losses use: an lm_head."""
+
+    def __init__(self, C, V, seed):
+        super().__init__()
+        self.lm_head = nn.Linear(C, V, bias=False)
+        with torch.no_grad():
+            self.lm_head.weight.copy_(torch.randn(V, C, generator=torch.Generator().manual_seed(seed)))
+
+
+def loss_batch(B=3, L=8, C=6, V=11, seed=0):
+    """Random hidden states [B, L, C], ids, and an action mask [B, L-1] with a prompt and padding per row."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, L, C, generator=g)
+    ids = torch.randint(V, (B, L), generator=g)
+    mask = torch.zeros(B, L - 1, dtype=torch.bool)
+    for b, (start, stop) in enumerate([(2, 6), (4, 7), (1, 3)]):
+        mask[b, start:stop] = True
+    return h, ids, mask, g
+
+
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.05])
+def test_policy_loss_is_the_clipped_surrogate(entropy_coef, temperature=0.7):
+    """The policy is the sampling one: softmax(logits / temperature)."""
+    model = StandIn(6, 11, seed=1)
+    h, ids, mask, g = loss_batch()
+    with torch.no_grad():
+        logp_now = torch.log_softmax(model.lm_head(h[:, :-1]).double() / temperature, -1).gather(
+            -1, ids[:, 1:, None])[..., 0]
+    # old log-probs a little off, so that ratios fall below, inside and above [1 - eps, 1 + eps]
+    old = (logp_now + 0.4 * torch.randn(logp_now.shape, generator=g, dtype=torch.float64)).float()
+    adv = torch.randn(mask.shape, generator=g)
+    mb = {"input_ids": ids, "mask": mask, "logp": old, "adv": adv}
+    cfg = SimpleNamespace(clip_ratio=0.2, entropy_coef=entropy_coef, temperature=temperature)
+    n_tok = torch.tensor(float(mask.sum() + 5))  # the global count (other replicas' tokens too)
+    stats = torch.zeros(4)
+    h = h.requires_grad_()
+    got = train_ppo.policy_loss(cfg, n_tok, stats)(model, h, mb)
+    got.backward()
+
+    # the same in float64, one response action at a time
+    h64 = h.detach().double().requires_grad_()
+    W = model.lm_head.weight.detach().double()
+    total, n_clip, n_low, n_high, kl2, ent_sum = 0.0, 0, 0, 0, 0.0, 0.0
+    for b, t in mask.nonzero().tolist():
+        logp_all = torch.log_softmax(W @ h64[b, t] / temperature, -1)  # action t scores token t + 1
+        ratio = torch.exp(logp_all[ids[b, t + 1]] - old[b, t].double())
+        a = adv[b, t].double()
+        total = total - torch.minimum(ratio * a, torch.clamp(ratio, 0.8, 1.2) * a)
+        entropy = -(logp_all.exp() * logp_all).sum()
+        total = total - entropy_coef * entropy
+        n_clip += int(abs(ratio.item() - 1) > 0.2)
+        n_low, n_high = n_low + int(ratio.item() < 0.8), n_high + int(ratio.item() > 1.2)
+        kl2 += 0.5 * (logp_all[ids[b, t + 1]].item() - old[b, t].item()) ** 2
+        ent_sum += entropy.item()
+    want = total / n_tok.double()
+    want.backward()
+    assert n_low > 0 and n_high > 0 and n_clip < int(mask.sum())  # every branch of the min is exercised
+    torch.testing.assert_close(got.double(), want.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(h.grad.double(), h64.grad, atol=1e-6, rtol=1e-5)
+    assert (h.grad[:, -1] == 0).all()  # the last position scores no action
+    torch.testing.assert_close(stats.double(), torch.tensor([n_clip, kl2, ent_sum, int(mask.sum())],
+                                                            dtype=torch.float64), atol=1e-5, rtol=1e-5)
+
+
+def test_value_loss_is_the_clipped_squared_error():
+    C = 6
+    head = nn.Linear(C, 1)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(1, C, generator=torch.Generator().manual_seed(2)))
+        head.bias.fill_(0.3)
+    h, _, mask, g = loss_batch(C=C, seed=3)
+    with torch.no_grad():
+        v_now = head(h[:, :-1])[..., 0]
+    # old values within and beyond value_clip of the new ones; returns on either side
+    old = v_now + 0.5 * torch.randn(v_now.shape, generator=g)
+    returns = v_now + torch.randn(v_now.shape, generator=g)
+    mb = {"input_ids": torch.zeros(h.shape[:2], dtype=torch.long), "mask": mask, "values": old, "returns": returns}
+    cfg = SimpleNamespace(value_clip=0.2)
+    n_tok = torch.tensor(float(mask.sum() + 2))
+    stats = torch.zeros(2)
+    h = h.requires_grad_()
+    got = train_ppo.value_loss(cfg, head, n_tok, stats)(None, h, mb)
+    got.backward()
+
+    h64 = h.detach().double().requires_grad_()
+    w, bias = head.weight.detach().double()[0], head.bias.detach().double()[0]
+    total, clipped = 0.0, 0
+    for b, t in mask.nonzero().tolist():
+        v = h64[b, t] @ w + bias  # the value of the state before action t
+        o, r = old[b, t].double(), returns[b, t].double()
+        v_clip = o + torch.clamp(v - o, -0.2, 0.2)
+        total = total + 0.5 * torch.maximum((v - r) ** 2, (v_clip - r) ** 2)
+        clipped += int((v_clip - r) ** 2 > (v - r) ** 2)
+    want = total / n_tok.double()
+    want.backward()
+    assert 0 < clipped < int(mask.sum())
+    torch.testing.assert_close(got.double(), want.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(h.grad.double(), h64.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(stats.double(), torch.stack([total.detach(), torch.tensor(float(mask.sum()),
+                                                            dtype=torch.float64)]), atol=1e-5, rtol=1e-5)
+
+
+def test_ptx_loss_is_coef_times_the_lm_loss():
+    model = StandIn(6, 11, seed=4)
+    h, ids, _, _ = loss_batch(seed=5)
+    labels = ids.clone()
+    labels[:, :4] = data.IGNORE  # the prompt takes no loss
+    labels[1, 4:6] = data.IGNORE
+    coef, n_tok = 0.7, torch.tensor(17.0)
+    got = train_ppo.ptx_loss(coef, n_tok)(model, h, {"input_ids": ids, "labels": labels})
+    W = model.lm_head.weight.double()
+    nll, count = 0.0, 0
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1] - 1):  # position t predicts token t + 1
+            if labels[b, t + 1] != data.IGNORE:
+                nll -= torch.log_softmax(W @ h[b, t].double(), -1)[labels[b, t + 1]].item()
+                count += 1
+    assert count == 10
+    torch.testing.assert_close(got.double(), torch.tensor(coef * nll / 17.0, dtype=torch.float64),
+                               atol=1e-6, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# which tokens are the response, and where the rewards land
+
+PAD, GMASK, SOP, EOP = 3, 5, 8, 9  # the toy tokenizer's ids
+
+
+def hand_built():
+    """Left-padded prompts of 5, 3, 4 and 2 tokens (T = 7 with [gMASK] <sop>), then N = 4 response tokens:
+    <eop> second, <eop> last, <eop> first (then padding), and no <eop> at all. The first prompt holds
+    an <eop> id of its own, which is not the response's end."""
+    prompts = [[20, EOP, 22, 23, 24], [30, 31, 32], [40, 41, 42, 43], [50, 51]]
+    responses = [[60, EOP, PAD, PAD], [61, 62, 63, EOP], [EOP, PAD, PAD, PAD], [64, 65, 66, 67]]
+    ids = glm.left_pad([p + [GMASK, SOP] for p in prompts], PAD)
+    return torch.cat([ids, torch.tensor(responses)], dim=1), ids.shape[1], responses
+
+
+def test_response_mask_on_hand_built_rollouts():
+    ids, T, responses = hand_built()
+    assert T == 7 and ids.shape == (4, 11)
+    mask, end, has_eop = train_ppo.response_mask(ids, T, EOP)
+    want = torch.zeros(4, 10, dtype=torch.bool)
+    want_end = []
+    for b, resp in enumerate(responses):
+        n = resp.index(EOP) + 1 if EOP in resp else len(resp)  # response tokens, <eop> included
+        for k in range(n):
+            want[b, T + k - 1] = True  # token T + k is produced by action T + k - 1
+        want_end.append(T + n - 1)
+    assert torch.equal(mask, want)
+    assert end.tolist() == want_end == [8, 10, 7, 10]
+    assert has_eop.tolist() == [True, True, True, False]
+    assert mask.sum(1).tolist() == [2, 4, 1, 4]  # the row without <eop> keeps all N tokens
+
+
+def test_kl_rewards_sign_and_placement():
+    ids, T, _ = hand_built()
+    mask, end, _ = train_ppo.response_mask(ids, T, EOP)
+    g = torch.Generator().manual_seed(6)
+    logp = -torch.rand(mask.shape, generator=g) * 3  # nonzero everywhere, prompt and padding included
+    ref_logp = -torch.rand(mask.shape, generator=g) * 3
+    score = torch.tensor([2.0, -1.5, 0.75, 3.0])
+    beta = 0.1
+    r = train_ppo.kl_rewards(logp, ref_logp, score, mask, end, beta)
+    assert (r[~mask] == 0).all()  # prompt and padding: exactly nothing
+    last = torch.zeros_like(mask)
+    last[torch.arange(4), end - 1] = True  # the action that produced the last response token
+    assert last.tolist() == (mask & ~F.pad(mask, (0, 1))[:, 1:]).tolist()  # ... is the mask's last True
+    kl_only = mask & ~last
+    assert kl_only.any()
+    # where the policy puts more probability on its token than the reference, the reward is a penalty
+    assert (r[kl_only & (logp > ref_logp)] < 0).all() and (r[kl_only & (logp < ref_logp)] > 0).all()
+    torch.testing.assert_close(r[kl_only], -beta * (logp - ref_logp)[kl_only])
+    torch.testing.assert_close(r[last], score - beta * (logp - ref_logp)[last])
+    # each row's return (gamma = 1) is its score minus beta times its summed KL
+    torch.testing.assert_close(r.sum(1), score - beta * ((logp - ref_logp) * mask).sum(1))
+
+
+def test_score_rollout_reads_each_role_at_the_right_position(toy_dir):
+    """Old log-probs and values at every action, the reward at the last response token: each equal to the
+    model run on that row alone, cut right after the position read (so later padding cannot matter)."""
+    model = glm.ChatGLM.from_pretrained(toy_dir).eval()
+    g = torch.Generator().manual_seed(7)
+    heads = [nn.Linear(64, 1) for _ in range(2)]
+    with torch.no_grad():
+        for head in heads:
+            head.weight.copy_(torch.randn(1, 64, generator=g))
+    roles = SimpleNamespace(models={"actor": model}, use=lambda role: model, value_head=heads[0],
+                            reward_head=heads[1])
+    ids, T, _ = hand_built()
+    r = train_ppo.score_rollout(roles, dist.Dist(), ids, T, SimpleNamespace(micro_batch_size=3, temperature=1.0))
+    assert r["end"].tolist() == [8, 10, 7, 10]
+    with torch.no_grad():
+        for b in range(ids.shape[0]):
+            e = int(r["end"][b])
+            h = model(ids[b:b + 1, :e + 1], return_hidden=True)[0]  # [e + 1, C]
+            torch.testing.assert_close(r["score"][b], heads[1](h[-1])[0], atol=1e-5, rtol=1e-5)
+            logp = torch.log_softmax(model.lm_head(h[:-1]).double(), -1)
+            for i in range(e):  # action i scores token i + 1
+                torch.testing.assert_close(r["logp"][b, i].double(), logp[i, ids[b, i + 1]], atol=1e-5, rtol=0)
+                torch.testing.assert_close(r["values"][b, i], heads[0](h[i])[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(r["ref_logp"], r["logp"])  # one model here: reference = actor
+        # the row whose <eop> is followed by padding: the last column would have given another score
+        last_col = heads[1](model(ids[:1], return_hidden=True)[0, -1])[0]
+        assert (last_col - r["score"][0]).abs() > 1e-3
+
+
+# -----------------------------------------------------------------------------
+# PPO raises the reward
+
+
+def reward_curve(toy, out):
+    """Twelve seeded full-mode steps of 64 rollouts of 2 tokens; the mean reward of each step.
+    top_k 8: the random policy is near uniform over 1200 tokens, so without it no token is drawn twice
+    in a step; with it each prompt chooses among a few, and a dozen steps move the choice."""
+    train_ppo.main(argv(toy, out, max_steps=12, rollout_batch_size=64, mini_batch_size=32, micro_batch_size=32,
+                        max_new_tokens=2, ppo_epochs=1, actor_lr=1e-2, critic_lr=1e-3, kl_coef=0.01, top_k=8))
+    m = read_metrics(out)
+    assert sorted(m) == list(range(1, 13))
+    return [m[step]["reward_mean"] for step in range(1, 13)]
+
+
+def test_ppo_raises_the_reward_and_a_flipped_advantage_does_not(tmp_path, monkeypatch, toy_dir):
+    right = reward_curve(toy_dir, tmp_path / "right")
+    start, end = sum(right[:2]) / 2, sum(right[-2:]) / 2
+    # normalised scores have a std of about 1 within a step; twelve steps take the mean up by about 2
+    assert end - start > 1.0, right
+
+    real = train_ppo.masked_whiten
+    monkeypatch.setattr(train_ppo, "masked_whiten", lambda *a, **kw: -real(*a, **kw))
+    flipped = reward_curve(toy_dir, tmp_path / "flipped")
+    assert flipped[0] == right[0]  # the same first rollouts: only the update differs
+    assert sum(flipped[-2:]) / 2 - sum(flipped[:2]) / 2 < 0, flipped  # descends instead
+
+
+# -----------------------------------------------------------------------------
+# a 2-stage pipeline (gloo) gives the single-process steps
+
+WORKER = r'''
+import json, sys
+import torch.distributed as tdist
+import dist, train_ppo
+
+# several runs in one process group: dist.setup reuses it, and the runs' teardowns keep it
+init = tdist.init_process_group
+tdist.init_process_group = lambda *a, **kw: None if tdist.is_initialized() else init(*a, **kw)
+dist.teardown = dist.barrier
+for flags in json.load(open(sys.argv[1])):
+    train_ppo.main(flags)
+tdist.barrier()
+tdist.destroy_process_group()
+'''
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pipeline_runs(toy, out):
+    """{mode: flags} of the compared runs: two steps, two PPO epochs, 1F1B over two micro-batches a
+    mini-batch; the full run adds the PPO-ptx term and an adaptive beta."""
+    ptx = write_jsonl(os.path.join(out, "ptx.jsonl"), head_lines(TOY_SFT, 8))
+    return {"full": argv(toy, os.path.join(out, "full"), "full", ptx_coef=0.5, ptx_data=ptx, ptx_batch_size=2,
+                         target_kl=0.01, kl_horizon=100),
+            "lora": argv(toy, os.path.join(out, "lora"), "lora", actor_lr=1e-2, critic_lr=1e-2)}
+
+
+def test_torchrun_p2_ppo_steps_equal_one_process(tmp_path, toy_dir):
+    one, two = tmp_path / "p1", tmp_path / "p2"
+    os.makedirs(one)
+    os.makedirs(two)
+    single, piped = pipeline_runs(toy_dir, str(one)), pipeline_runs(toy_dir, str(two))
+    for flags in single.values():
+        train_ppo.main(flags)
+    (tmp_path / "jobs.json").write_text(json.dumps([flags + ["--pp", "2"] for flags in piped.values()]))
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}", str(tmp_path / "worker.py"), str(tmp_path / "jobs.json")],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    for mode in ("full", "lora"):
+        a, b = read_metrics(one / mode), read_metrics(two / mode)
+        assert sorted(a) == sorted(b) == [1, 2]
+        for step in (1, 2):
+            for key in METRICS:
+                assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-6), (mode, step, key)
+        assert a[2]["kl"] != 0  # the policy moved away from the reference: step 2 compares trained weights
+    assert read_metrics(one / "full")[2]["beta"] != 0.05  # the adaptive beta moved (and matched)
+
+
+# -----------------------------------------------------------------------------
+# resuming
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_resumed_run_continues_with_the_same_steps(tmp_path, toy_dir, mode):
+    """Stopped after step 2 and resumed: steps 3 and 4 as in the run that never stopped. 20 prompts at 8 a step:
+    step 3 takes the epoch's last 4, step 4 starts the next epoch. 10 PPO-ptx examples at 4 (3 batches an
+    epoch), one batch per mini-batch, 4 a step: the resumed run starts inside the third epoch. Beta adapts,
+    so it has to be restored too."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", head_lines(os.path.join(toy_dir, "prompts.jsonl"), 20))
+    ptx = write_jsonl(tmp_path / "ptx.jsonl", head_lines(TOY_SFT, 10))
+    run = lambda out, *extra, **kw: train_ppo.main(argv(
+        toy_dir, out, mode, *extra, data=prompts, ptx_coef=0.2, ptx_data=ptx, ptx_batch_size=4, target_kl=0.01,
+        kl_horizon=100, save_every=2, actor_lr=1e-2, critic_lr=1e-2, **kw))
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run(whole, max_steps=4)
+    run(cut, max_steps=2)
+    with open(cut / "checkpoint" / "train_state.json", encoding="utf-8") as f:
+        assert json.load(f)["step"] == 2
+    run(cut, "--resume", max_steps=4)
+    a, b = read_metrics(whole), read_metrics(cut)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        for key in METRICS:
+            assert b[step][key] == a[step][key], (step, key, b[step][key], a[step][key])
+    assert a[4]["beta"] != a[2]["beta"]
+    # the checkpoints at step 4 hold the same policy, critic and value head
+    for sub in ("policy", "critic", ""):
+        sa, sb = load_dir(whole / "checkpoint" / sub), load_dir(cut / "checkpoint" / sub)
+        assert sa and sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), (sub, key)
+
+
+# -----------------------------------------------------------------------------
+# errors a user can cause: clear, and before any rollout
+
+
+def test_ptx_coef_without_ptx_data_is_a_clear_error(tmp_path, toy_dir):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="--ptx_data"):
+        train_ppo.main(argv(toy_dir, out, ptx_coef=0.5))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("mode,drop", [("lora", "model"), ("full", "actor")])
+def test_missing_model_flag_is_a_clear_error(tmp_path, toy_dir, mode, drop):
+    flags = argv(toy_dir, tmp_path / "run", mode)
+    i = flags.index(f"--{drop}")
+    del flags[i:i + 2]
+    with pytest.raises(ValueError, match=f"--{drop}"):
+        train_ppo.main(flags)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_mode_is_a_clear_error(tmp_path, toy_dir):
+    flags = argv(toy_dir, tmp_path / "run", "full")
+    flags[flags.index("--mode") + 1] = "lroa"
+    with pytest.raises(ValueError, match="--mode 'lroa'"):
+        train_ppo.main(flags)
+    assert not (tmp_path / "run").exists()
