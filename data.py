@@ -5,6 +5,7 @@ Formats (jsonl: UTF-8, one JSON object a line; blank lines are skipped):
     SFT      {"prompt": str, "response": str, "history": [[q, a], ...]}    history optional
              {"instruction": str, "input": str, "output": str}               Alpaca; input optional
     RM       {"prompt": str, "answers": [best, ..., worst]}                  K >= 2, all K(K-1)/2 pairs
+             {"prompt": str, "answers": [A, B, C, D], "ranks": [2, 1, 4, 3]}  any order, ranks 1 = best
              {"prompt": str, "chosen": str, "rejected": str}                 the K = 2 case
              both may carry "history" and "margin" (a float every pair's reward gap should exceed)
     prompts  {"prompt": str, "history": [...]}                               PPO; SFT lines work too
@@ -199,8 +200,16 @@ def load_ranked(path):
                 _fail(where, f"field 'margin' is {json.dumps(margin)[:40]}, not a finite number",
                       'write margin as a number, e.g. "margin": 1.0, or leave it out')
             margin = float(margin)
+        ranks = obj.get("ranks")
+        if ranks is not None:  # explicit ranks (1 = best) travel with answers stored in any order
+            if "answers" not in obj:
+                _fail(where, "'ranks' goes with 'answers', not with 'chosen'/'rejected'", "drop 'ranks'")
+            if (not isinstance(ranks, list) or len(ranks) != len(answers)
+                    or any(isinstance(r, bool) or not isinstance(r, int) for r in ranks) or len(set(ranks)) != len(ranks)):
+                _fail(where, f"field 'ranks' is {json.dumps(ranks)[:40]}, not one distinct integer per answer",
+                      'write e.g. "ranks": [2, 1, 4, 3] (1 = best) for four answers, or leave it out')
         out.append(dict(prompt=prompt, answers=list(answers), history=_history(obj, where),
-                        margin=margin, source=where))
+                        margin=margin, ranks=list(ranks) if ranks is not None else None, source=where))
     return out
 
 

@@ -1059,12 +1059,17 @@ def save_weights(out_dir, model, d, tokenizer_path, lora_name=None, heads=None, 
     atomic_dir_all(out_dir, write, d)
 
 
-def save_train_checkpoint(out_dir, model, opt, d, tokenizer_path, lora_name, train_state, heads=None):
+def save_train_checkpoint(out_dir, model, opt, d, tokenizer_path, lora_name, train_state, heads=None,
+                          extra_json=None):
     """Weights (or adapter), heads, optimiser state by parameter name, each rank's RNG and the
     loop's state: everything a resumed run needs, readable with another number of stages."""
     def write(tmp):
         write_stage_weights(model, tmp, d, lora_name)
         save_heads(heads, tmp, d)
+        if is_main():
+            for name, obj in (extra_json or {}).items():
+                with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                    json.dump(obj, f, indent=2)
         if d.dp_rank == 0:
             torch.save(optimizer_state_by_name(named_trainables(model, heads), opt),
                        os.path.join(tmp, f"optim-stage{d.pp_rank:03d}.pt"))

@@ -38,6 +38,7 @@ import data
 import dist
 import glm
 import lora
+import train_rm
 
 
 @dataclass
@@ -107,7 +108,6 @@ def apply_toy_defaults(cfg):
     """With no models given: the toy SFT policy and toy RM (trained first if missing), toy prompts."""
     if cfg.model or cfg.actor or cfg.rm_dir:
         return cfg
-    import train_rm
     import train_sft
     defaults = Config()
     for k, v in TOY.items():
@@ -366,8 +366,7 @@ def score_rollout(roles, d, ids, T, cfg):
         logp = run("actor", logp_fn, per_token)
         ref_logp = run("reference", logp_fn, per_token)
         values = run("critic", lambda m, h, mb: roles.value_head(h[:, :-1]).float()[..., 0], per_token)
-        score = run("reward", lambda m, h, mb: roles.reward_head(
-            h[torch.arange(h.shape[0]), mb["end"]]).float()[:, 0], per_row)
+        score = run("reward", lambda m, h, mb: train_rm.rewards_at_eop(roles.reward_head, h, mb["end"]), per_row)
     return dict(mask=mask, end=end, has_eop=has_eop, logp=logp, ref_logp=ref_logp, values=values, score=score)
 
 
@@ -438,7 +437,7 @@ def main(argv=None):
     # ---- loop
     log = dist.MetricsLog(cfg.out, resume=cfg.resume and os.path.isdir(ckpt_dir))
     gen = torch.Generator(device=d.device)
-    before = toy_report(roles, tok, d, cfg.max_prompt_len) if toy else None
+    before = toy_report(roles, tok, d, cfg) if toy else None
     history = []
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
     t_run = time.perf_counter()
@@ -516,7 +515,7 @@ def main(argv=None):
                           lora_name="policy" if cfg.mode == "lora" else None)
         dist.print0(f"wrote {final} (the trained policy)")
     if toy and dist.is_main() and history:
-        print_toy_table(before, toy_report(roles, tok, d, cfg.max_prompt_len), history)
+        print_toy_table(before, toy_report(roles, tok, d, cfg), history)
     dist.report_memory_and_busy(plan.stages[d.pp_rank], d, wall)
     dist.teardown()
 
@@ -546,33 +545,34 @@ def metrics(r, raw_score, mask, returns, pstats, vstats, d):
 # the toy run's before/after report
 
 
-def toy_report(roles, tok, d, max_len):
-    """Held-out exact-match accuracy of the policy's greedy answers on the toy task, plus three
-    sample answers (single-stage runs; the toy model is small)."""
+def toy_report(roles, tok, d, cfg):
+    """On the toy task's held-out questions: exact-match accuracy of the policy's greedy answers,
+    the reward model's mean score of those answers, and four samples (single-stage runs)."""
     import train_sft
     if d.P > 1:
-        return float("nan"), []
+        return float("nan"), float("nan"), []
     eval_ex = data.load_sft(os.path.join(train_sft.TOY_DIR, "toy_sft_eval.jsonl"))
     model = roles.use("actor")
-    acc = train_sft.toy_accuracy(model, tok, eval_ex, max_len, d)
-    picks = eval_ex[:4]
-    ids = glm.left_pad([data.encode_prompt(tok, e, max_len) for e in picks], tok.pad_id).to(d.device)
+    acc = train_sft.toy_accuracy(model, tok, eval_ex, cfg.max_prompt_len, d)
+    ids = glm.left_pad([data.encode_prompt(tok, e, cfg.max_prompt_len) for e in eval_ex], tok.pad_id).to(d.device)
     model.eval()
-    out = model.generate(ids, max_new_tokens=6)
+    out = model.generate(ids, max_new_tokens=cfg.max_new_tokens)
     model.train()
-    return acc, [(e["prompt"], tok.decode(row, skip_special_tokens=True)) for e, row in zip(picks, out[:, ids.shape[1]:])]
+    score = float(score_rollout(roles, d, out, ids.shape[1], cfg)["score"].mean())
+    samples = [(e["prompt"], tok.decode(row, skip_special_tokens=True)) for e, row in zip(eval_ex[:4], out[:4, ids.shape[1]:])]
+    return acc, score, samples
 
 
 def print_toy_table(before, after, history):
-    first, last = history[:2], history[-2:]
+    first, last = history[:5], history[-5:]
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
-    print("\n                          before RLHF   after RLHF")
-    print(f"toy held-out accuracy     {before[0]:>11.1%}   {after[0]:>10.1%}")
-    print(f"reward mean (RM score)    {mean(first, 'reward_mean'):>11.3f}   {mean(last, 'reward_mean'):>10.3f}"
-          "   (first two / last two steps)")
-    print(f"KL to the reference       {mean(first, 'kl'):>11.3f}   {mean(last, 'kl'):>10.3f}")
-    print("samples (greedy):")
-    for (p, a), (_, b) in zip(before[1], after[1]):
+    print("\n                                          before RLHF   after RLHF")
+    print(f"held-out accuracy (greedy answers)        {before[0]:>11.1%}   {after[0]:>10.1%}")
+    print(f"held-out RM score (greedy answers)        {before[1]:>11.3f}   {after[1]:>10.3f}")
+    print(f"rollout reward mean (first / last 5 steps) {mean(first, 'reward_mean'):>10.3f}   {mean(last, 'reward_mean'):>10.3f}")
+    print(f"KL to the reference (first / last 5 steps) {mean(first, 'kl'):>10.3f}   {mean(last, 'kl'):>10.3f}")
+    print("held-out samples (greedy):")
+    for (p, a), (_, b) in zip(before[2], after[2]):
         print(f"  {p!r}\n      before: {a!r}   after: {b!r}")
 
 

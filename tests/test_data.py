@@ -342,3 +342,19 @@ def test_toy_answers_and_split(tok):
         c, near, wrong = (int(a) for a in e["answers"])
         assert str(c) == data.toy_answer(e["prompt"]) and abs(near - c) == 1 and abs(wrong - c) >= 2
     assert len(data.load_prompts(os.path.join(d, "toy_prompts.jsonl"))) == len(train)
+
+
+def test_ranked_ranks_field(tmp_path):
+    """Explicit ranks travel with the answers; malformed ones name file:line and the field."""
+    good = write(tmp_path, [row(prompt="p", answers=["a", "b", "c"], ranks=[2, 1, 3])])
+    assert data.load_ranked(good)[0]["ranks"] == [2, 1, 3]
+    plain = write(tmp_path, [row(prompt="p", answers=["a", "b"])], name="plain.jsonl")
+    assert data.load_ranked(plain)[0]["ranks"] is None
+    for bad in ([1, 1, 2], [1, 2], ["1", "2", "3"], [1, 2, True]):
+        path = write(tmp_path, [row(prompt="p", answers=["a", "b", "c"]), row(prompt="q", answers=["a", "b", "c"], ranks=bad)],
+                     name="bad.jsonl")
+        with pytest.raises(data.DataError, match=r"bad\.jsonl:2: field 'ranks'"):
+            data.load_ranked(path)
+    mixed = write(tmp_path, [row(prompt="p", chosen="a", rejected="b", ranks=[1, 2])], name="mixed.jsonl")
+    with pytest.raises(data.DataError, match="mixed.jsonl:1: 'ranks' goes with 'answers'"):
+        data.load_ranked(mixed)

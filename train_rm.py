@@ -1,0 +1,525 @@
+"""Reward model for ChatGLM-6B: the GLM plus a scalar head read at each answer's final <eop>,
+trained on ranked answers with InstructGPT's loss over all K(K-1)/2 pairs of a prompt's K answers.
+
+    python train_rm.py                                    # toy: the toy SFT model (or a random one) on the bundled toy ranking set
+    python train_rm.py --model SFT_DIR --data FILE --out DIR                    # full fine-tune from an SFT folder
+    python train_rm.py --model SFT_DIR --data FILE --out DIR --train_layers 4   # only the last 4 blocks (and the head)
+    python train_rm.py --model BASE_DIR --sft_adapter SFT_OUT/final --data FILE --out DIR --lr 1e-4   # LoRA, from the SFT adapter
+    torchrun --nproc_per_node=8 train_rm.py --model DIR --data FILE --out DIR --pp 4   # 4 stages x 2 replicas
+    ... --resume                                          # continue from OUT/checkpoint
+    python train_rm.py score --model DIR --data FILE [--adapter DIR]          # print the score of every (prompt, answer)
+
+One optimiser step = grad_accum micro-batches of micro_batch_size prompts on each of the D
+data-parallel replicas. All K answers of a prompt go through the same forward, and the loss is
+the mean over every ordered pair (better b, worse w) of that global batch of
+    -log sigmoid(r_b - r_w - margin),
+with r the head's score at the answer's final <eop> and margin the line's optional "margin" (0).
+
+OUT/final holds the backbone (HF weights, or the LoRA adapter: a complete delta from --model, the
+SFT adapter's share included), reward_head.safetensors (weight [1, C], bias [1]) and
+reward_stats.json (mean and std of the rewards on the held-out answers; PPO normalises by them).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import dist
+import glm
+import lora
+import train_sft
+
+
+@dataclass
+class Config:
+    # ---- model
+    model: str = ""                 # HF folder: the base, or a full / last-N SFT result; "" = toy
+    sft_adapter: str = ""           # a LoRA SFT result (its final/): the RM's adapter starts from it
+    out: str = "runs/rm"
+    # ---- data
+    data: str = ""                  # ranked jsonl; "" = the bundled toy ranking set
+    eval_data: str = ""             # held-out jsonl; "" = hold out `holdout` of --data
+    holdout: float = 0.05
+    max_len: int = 512              # per answer: prompt + answer + <eop>; the prompt is cut first
+    # ---- what trains: LoRA (lora_rank > 0), the last N blocks (train_layers > 0), else everything
+    lora_rank: int = 0              # with --sft_adapter, 0 takes the adapter's own r, alpha and targets
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "query_key_value"
+    train_layers: int = 0
+    # ---- optimiser (InstructGPT's 6B RM: lr 9e-6, one epoch; LoRA wants ~1e-4)
+    max_steps: int = 0              # 0 = run `epochs` epochs
+    epochs: float = 1.0
+    micro_batch_size: int = 2       # prompts per micro-batch; each brings all of its K answers
+    grad_accum: int = 8             # micro-batches per step and replica (the M of 1F1B)
+    lr: float = 1e-5
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    # ---- memory and the pipeline
+    checkpoint: bool = False        # activation checkpointing in every block (the planner may add some)
+    pp: int = 1                     # pipeline stages; data-parallel replicas = world size / pp
+    plan: str = "auto"              # "auto" (balanced memory and time) or "naive" (equal layer counts)
+    gpu_mem_gib: float = 0.0        # memory budget per GPU for the planner; 0 = the card's
+    # ---- logs and checkpoints
+    log_every: int = 10
+    eval_every: int = 100
+    save_every: int = 200
+    resume: bool = False
+
+
+# the toy run: from the toy SFT model (runs/toy_sft/final, if `python train_sft.py` has run) or a
+# random toy model, on the bundled arithmetic rankings (correct > off by one > further off)
+TOY = dict(max_len=64, micro_batch_size=16, grad_accum=1, lr=1e-3, warmup_steps=20, max_steps=300,
+           weight_decay=0.01, eval_every=100, save_every=150, out="runs/toy_rm")
+HEAD = "reward_head"        # the head's file prefix: reward_head.safetensors
+STATS_FILE = "reward_stats.json"
+
+
+def apply_toy_defaults(cfg):
+    """With no --model, fields still at their 6B default take the toy run's values; the model is the
+    toy SFT result next to --out when there is one, else a random toy model."""
+    if cfg.model:
+        return cfg
+    defaults = Config()
+    for k, v in TOY.items():
+        if getattr(cfg, k) == getattr(defaults, k):
+            setattr(cfg, k, v)
+    runs = os.path.dirname(cfg.out) or "."
+    sft = os.path.join(runs, "toy_sft", "final")
+    if os.path.isfile(os.path.join(sft, "config.json")):
+        cfg.model = sft
+    else:
+        cfg.model = train_sft.ensure_toy_model(os.path.join(runs, "toy_base"))
+        if os.path.isfile(os.path.join(sft, lora.CONFIG_FILE)) and not cfg.sft_adapter:
+            cfg.sft_adapter = sft  # a LoRA toy SFT run: its adapter sits on the toy base
+    if not cfg.data:
+        cfg.data = os.path.join(train_sft.TOY_DIR, "toy_rm_train.jsonl")
+        cfg.eval_data = cfg.eval_data or os.path.join(train_sft.TOY_DIR, "toy_rm_eval.jsonl")
+    return cfg
+
+
+def check_init(cfg):
+    """Where the RM starts: --model (an HF folder) plus, for LoRA, --sft_adapter. Mismatches are errors."""
+    if os.path.isfile(os.path.join(cfg.model, lora.CONFIG_FILE)) and \
+            not os.path.isfile(os.path.join(cfg.model, "config.json")):
+        raise ValueError(f"--model {cfg.model} holds a LoRA adapter, not a model. HINT: pass the base it was "
+                         f"trained on as --model and this folder as --sft_adapter")
+    if not cfg.sft_adapter:
+        return cfg
+    if cfg.train_layers:
+        raise ValueError("--sft_adapter continues a LoRA adapter, --train_layers trains blocks: pick one. HINT: "
+                         "for --train_layers, merge the adapter first (python lora.py merge) and pass it as --model")
+    acfg = lora.read_adapter_config(cfg.sft_adapter)
+    if cfg.lora_rank == 0:  # adopt the adapter's shape; a different explicit shape fails in lora.load_adapter
+        cfg.lora_rank, cfg.lora_alpha = int(acfg.get("r", 8)), float(acfg.get("lora_alpha", 8))  # PEFT defaults
+        cfg.lora_targets = ",".join(acfg["target_modules"])
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# the reward head and the loss
+
+
+def make_head(hidden_size, seed=0, device="cpu"):
+    """Linear hidden -> 1 in float32, weight ~ N(0, 1/(C+1)), bias 0.
+
+    Not zeros: a zero head scores every answer 0, so the backbone gets no gradient until the head
+    has moved and the accuracy before training is a tie-break artefact; with this scale the first
+    rewards are about unit size, differ between answers, and training starts at once (the scale
+    of lm-human-preferences' reward head). The bias never gets a gradient here (the loss sees only
+    differences), but PPO's critic starts from this head and needs one for its values. The seed
+    makes the head the same whatever the number of pipeline stages."""
+    head = nn.Linear(hidden_size, 1, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g) / math.sqrt(hidden_size + 1))
+        head.bias.zero_()
+    return head.to(device)
+
+
+def eop_index(input_ids, eop_id):
+    """Column of each row's last <eop> [N]: where its score is read (the last column under left
+    padding; computed, so right-padded rows work too). A row without one is an error."""
+    T = input_ids.shape[1]
+    hit = input_ids == eop_id  # [N, T]
+    if not bool(hit.any(dim=1).all()):
+        row = int((~hit.any(dim=1)).nonzero()[0])
+        raise ValueError(f"answer row {row} has no <eop> token: its score has nowhere to be read. HINT: encode "
+                         "answers with data.encode_ranked, which keeps <eop> and cuts the prompt first")
+    return torch.where(hit, torch.arange(T, device=input_ids.device), -1).max(dim=1).values  # [N]
+
+
+def rewards_at_eop(head, h, eop_idx):
+    """Scores r [N] from final hidden states h [N, T, C] at each row's <eop>, in float32."""
+    x = h[torch.arange(h.shape[0], device=h.device), eop_idx]  # [N, C]
+    with torch.autocast(h.device.type, enabled=False):  # the head stays float32 under bf16 autocast
+        return head(x.float())[:, 0]  # [N]
+
+
+def pair_loss(r, better, worse, margin):
+    """Sum over pairs of -log sigmoid(r[better] - r[worse] - margin); logsigmoid stays finite and
+    exact for any gap, where log(sigmoid(x)) underflows to -inf below x = -100 or so."""
+    return -F.logsigmoid(r[better] - r[worse] - margin).sum()
+
+
+def rm_loss(head, n_pairs):
+    """The last stage's loss_fn for dist.train_step: one micro-batch's summed pair loss divided by
+    the global batch's pair count, so a step's loss is the mean over all of its pairs."""
+    def loss_fn(model, h, mb):
+        r = rewards_at_eop(head, h, mb["eop_idx"])
+        return pair_loss(r, mb["better"], mb["worse"], mb["margin"]) / n_pairs
+    return loss_fn
+
+
+# -----------------------------------------------------------------------------
+# data: ranked examples -> micro-batches of whole prompts
+
+
+@dataclass
+class RankStats:
+    """What truncation did to rankings, beyond data.TruncationStats; print it before training."""
+    emptied: int = 0         # answers cut down to their <eop> alone (they still train)
+    merged: int = 0          # answers identical to a better one after truncation: dropped
+    skipped: int = 0         # prompts left with fewer than 2 distinct answers: skipped
+    where: list = field(default_factory=list)
+
+    def __str__(self):
+        s = (f"{self.emptied} answers cut to nothing, {self.merged} identical to a better answer after "
+             f"truncation (dropped), {self.skipped} prompts skipped (fewer than 2 distinct answers left)")
+        return s + (f", e.g. {', '.join(self.where)}" if self.where else "")
+
+    def note(self, source):
+        if len(self.where) < 3 and source and source not in self.where:
+            self.where.append(source)
+
+
+def best_first(ex):
+    """The example's answers best first: as listed, or sorted by an explicit "ranks" list (1 = best)
+    that travels with them, so the order they are stored in does not matter."""
+    ranks = ex.get("ranks")
+    if ranks is None:
+        return list(ex["answers"])
+    where = ex.get("source", "an example")
+    if len(ranks) != len(ex["answers"]) or len(set(ranks)) != len(ranks):
+        raise data.DataError(f"{where}: 'ranks' {ranks} does not give each of the {len(ex['answers'])} answers "
+                             "its own rank. HINT: one distinct number per answer, 1 = best, e.g. [2, 1, 4, 3]")
+    return [a for _, a in sorted(zip(ranks, ex["answers"]), key=lambda t: t[0])]
+
+
+def encode_examples(tok, examples, max_len, stats, ranks):
+    """Examples -> [{"ids": [id list per answer, best first], "margin", "source"}]. Every list ends
+    in <eop>; answers that truncation made identical to a better one are dropped, and prompts
+    left with one answer are skipped, each counted in `ranks` (a RankStats)."""
+    out = []
+    for ex in examples:
+        seqs = data.encode_ranked(tok, {**ex, "answers": best_first(ex)}, max_len, stats)
+        keep = []
+        for s in seqs:
+            if s[-2] == tok.sop_id:  # prompt [gMASK] <sop> <eop>: nothing of the answer is left
+                ranks.emptied += 1
+                ranks.note(ex.get("source", ""))
+            if s in keep:  # the same tokens both better and worse: no signal, only a contradiction
+                ranks.merged += 1
+                ranks.note(ex.get("source", ""))
+                continue
+            keep.append(s)
+        if len(keep) < 2:
+            ranks.skipped += 1
+            continue
+        out.append(dict(ids=keep, margin=float(ex.get("margin") or 0.0), source=ex.get("source", "")))
+    return out
+
+
+def microbatches(encoded, idx, micro_batch_size, tok, device):
+    """The step's prompts -> micro-batches of micro_batch_size prompts, all answers of a prompt in one:
+    input_ids [N, T] (N = sum of K), eop_idx [N], and per ordered pair better/worse rows, margin and
+    pair_prompt (the prompt's index in the micro-batch) [P]."""
+    out = []
+    for m in range(0, len(idx), micro_batch_size):
+        chunk = [encoded[i] for i in idx[m:m + micro_batch_size]]
+        ids, sizes = data.collate_ranked([e["ids"] for e in chunk], tok.pad_id)  # [N, T], left-padded
+        better, worse, prompt = data.ranked_pairs(sizes)  # [P] each
+        margin = torch.tensor([chunk[e]["margin"] for e in prompt.tolist()], dtype=torch.float32)
+        out.append({"input_ids": ids.to(device), "eop_idx": eop_index(ids, tok.eop_id).to(device),
+                    "better": better.to(device), "worse": worse.to(device), "margin": margin.to(device),
+                    "pair_prompt": prompt.to(device), "n_prompts": len(chunk)})
+    return out
+
+
+def count_pairs(mbs, group=None):
+    """Ordered pairs (the loss's denominator) in these micro-batches, summed over `group`."""
+    n = torch.tensor(float(sum(len(mb["better"]) for mb in mbs)), device=mbs[0]["input_ids"].device)
+    return dist.all_reduce(n, "sum", group).clamp(min=1)
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+def ranking_metrics(rewards, mbs):
+    """Pair loss, pairwise accuracy, full-ranking accuracy (every pair of a prompt in the label's
+    order) and the rewards' mean and std, from per-micro-batch rewards [N]. A tie counts as wrong."""
+    loss = right = pairs = whole = prompts = 0.0
+    for r, mb in zip(rewards, mbs):
+        r = r.float()
+        ok = r[mb["better"]] > r[mb["worse"]]  # [P]
+        loss += float(pair_loss(r, mb["better"], mb["worse"], mb["margin"]))
+        right, pairs = right + float(ok.sum()), pairs + len(ok)
+        wrong = torch.zeros(mb["n_prompts"], device=r.device).index_add_(0, mb["pair_prompt"], (~ok).float())
+        whole, prompts = whole + float((wrong == 0).sum()), prompts + mb["n_prompts"]
+    allr = torch.cat([r.float() for r in rewards])
+    return dict(loss=loss / max(pairs, 1), pair_acc=right / max(pairs, 1), rank_acc=whole / max(prompts, 1),
+                mean=float(allr.mean()), std=float(allr.std(unbiased=False)), count=len(allr))
+
+
+def evaluate(model, head, d, mbs):
+    """Held-out metrics; every replica scores the whole set, so no cross-replica sums are needed."""
+    was_training = model.training
+    model.eval()
+    with dist.autocast(d):
+        rewards = dist.forward_collect(model, d, mbs, lambda m, h, mb: rewards_at_eop(head, h, mb["eop_idx"]),
+                                       lambda mb: (mb["input_ids"].shape[0],))
+    model.train(was_training)
+    return ranking_metrics(rewards, mbs)
+
+
+def freeze_lm_head(model, dtype):
+    """The RM never computes logits: lm_head stays frozen in the build dtype (no gradient, no
+    optimiser state), and is still saved, so final/ remains a complete HF folder for PPO."""
+    if model.lm_head is not None:
+        model.lm_head.requires_grad_(False)
+        model.lm_head.weight.data = model.lm_head.weight.data.to(dtype)
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["score"]:
+        return score(argv[1:])
+    cfg = dist.parse_config(Config, argv)
+    toy = not cfg.model
+    d = dist.setup(cfg.pp)
+    cfg = check_init(apply_toy_defaults(cfg))  # after setup: only rank 0 writes a missing toy model
+    torch.manual_seed(cfg.seed + d.rank)
+    dist.print0(f"config: {asdict(cfg)}")
+
+    # ---- tokenizer and data (checked in full before any model is built)
+    tok = glm.Tokenizer.from_dir(cfg.model)
+    train_ex = data.load_ranked(cfg.data)
+    if cfg.eval_data:
+        eval_ex = data.load_ranked(cfg.eval_data)
+    else:
+        train_ex, eval_ex = data.split_holdout(train_ex, cfg.holdout, cfg.seed)
+    stats, ranks = data.TruncationStats(), RankStats()
+    train_enc = encode_examples(tok, train_ex, cfg.max_len, stats, ranks)
+    eval_enc = encode_examples(tok, eval_ex, cfg.max_len, stats, ranks)
+    if not train_enc:
+        raise data.DataError(f"{cfg.data}: no prompt has two distinct answers left after truncation to "
+                             f"--max_len {cfg.max_len}. HINT: raise --max_len")
+    train_pairs = sum(len(e["ids"]) * (len(e["ids"]) - 1) // 2 for e in train_enc)
+    dist.print0(f"data: {len(train_enc)} train prompts ({train_pairs} pairs) / {len(eval_enc)} held-out prompts; "
+                f"{stats}; {ranks}")
+    if not eval_enc:
+        dist.print0("no held-out prompts: evaluation and reward statistics use the training prompts")
+        eval_enc = train_enc
+    batches = data.Batches(len(train_enc), cfg.micro_batch_size * cfg.grad_accum, cfg.seed,
+                           rank=d.dp_rank, world=d.D)
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(batches))
+
+    # ---- the plan and this rank's stage: a micro-batch holds K answers per prompt, so the planner
+    # sees micro_batch_size * K sequences of max_len tokens
+    gcfg = glm.GLMConfig.from_json(os.path.join(cfg.model, "config.json"))
+    mode = dist.train_mode(cfg.lora_rank, cfg.train_layers, gcfg.num_layers)
+    k_max = max(len(e["ids"]) for e in train_enc)
+    plan, stage = dist.plan_for_run(gcfg, d, dataclasses.replace(cfg, micro_batch_size=cfg.micro_batch_size * k_max),
+                                    mode)
+    ckpt_dir = os.path.join(cfg.out, "checkpoint")
+    resuming = cfg.resume and os.path.isdir(ckpt_dir)
+    if cfg.resume and not resuming:
+        dist.print0(f"--resume: no checkpoint in {ckpt_dir}, starting afresh")
+    model = dist.build_stage(ckpt_dir if resuming and mode != "lora" else cfg.model, stage, d,
+                             checkpoint_all=cfg.checkpoint)
+    build_dtype = next(model.parameters()).dtype
+    # LoRA: the adapter continues from the SFT adapter (same name, so final/ is the whole delta)
+    params = dist.select_trainable(model, mode, cfg, adapter_dir=ckpt_dir if resuming else (cfg.sft_adapter or None))
+    if d.last:
+        freeze_lm_head(model, build_dtype)
+        params = [p for p in params if p.requires_grad]
+    head = make_head(gcfg.hidden_size, cfg.seed, d.device) if d.last else None  # the last stage's alone
+    heads = {HEAD: head} if d.last else {}
+    if resuming and d.last:
+        dist.load_head(head, ckpt_dir, HEAD)
+    params = params + (list(head.parameters()) if d.last else [])
+    first_trainable = dist.first_trainable_stage(model, d)
+    opt = dist.adamw(params, cfg.lr, cfg.weight_decay)
+    step, bad_steps, reward_stats, ev = 0, 0, None, None
+    if resuming:
+        state = dist.load_train_state(ckpt_dir, d)
+        dist.load_optimizer_state(dist.named_trainables(model, heads), opt, ckpt_dir)
+        batches.load_state_dict(state["data"])
+        step, bad_steps, reward_stats = state["step"], state["bad_steps"], state.get("reward_stats")
+        dist.print0(f"resumed from {ckpt_dir} at step {step}")
+    lora_name = "default" if mode == "lora" else None
+
+    def save(path):
+        dist.save_train_checkpoint(path, model, opt, d, tok.path, lora_name, heads=heads,
+                                   train_state=dict(step=step, bad_steps=bad_steps, data=batches.state_dict(),
+                                                    reward_stats=reward_stats, config=asdict(cfg)))
+
+    eval_mbs = microbatches(eval_enc, list(range(len(eval_enc))), cfg.micro_batch_size, tok, d.device)
+
+    def report(ev, when):
+        dist.print0(f"{when}: held-out pairwise accuracy {ev['pair_acc']:.1%}, full-ranking accuracy "
+                    f"{ev['rank_acc']:.1%}, loss {ev['loss']:.4f}, reward mean {ev['mean']:+.3f} std {ev['std']:.3f}")
+
+    # ---- loop
+    log = dist.MetricsLog(cfg.out, resume=resuming)
+    if toy and not resuming:
+        report(evaluate(model, head, d, eval_mbs), "toy, before training")
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
+    t_start, tokens_seen = time.perf_counter(), 0
+    while step < total_steps:
+        for idx in batches:
+            t0 = time.perf_counter()
+            mbs = microbatches(train_enc, idx, cfg.micro_batch_size, tok, d.device)
+            n_pairs = count_pairs(mbs, d.dp_group)
+            lr = dist.lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+            with dist.autocast(d):
+                loss = dist.train_step(model, d, mbs, rm_loss(head, n_pairs), torch.float32, first_trainable)
+            loss, norm, bad_steps = dist.optimizer_step(opt, params, loss, lr, cfg.grad_clip, d, bad_steps, step)
+            step += 1
+            tokens = sum(mb["input_ids"].numel() for mb in mbs) * d.D
+            tokens_seen += tokens
+            tok_s = tokens / (time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+            if step % cfg.log_every == 0 or step == total_steps:
+                log.log(step, loss=loss, lr=lr, grad_norm=norm, pairs=int(n_pairs), tokens_per_s=tok_s,
+                        skipped=bad_steps)
+            if step % cfg.eval_every == 0 or step == total_steps:
+                ev = evaluate(model, head, d, eval_mbs)
+                reward_stats = dict(mean=ev["mean"], std=ev["std"], count=ev["count"], step=step)
+                ev["step"] = step
+                log.log(step, eval_loss=ev["loss"], eval_pair_acc=ev["pair_acc"], eval_rank_acc=ev["rank_acc"],
+                        reward_mean=ev["mean"], reward_std=ev["std"])
+                report(ev, f"\nstep {step}")
+            if step % cfg.save_every == 0 or step == total_steps:
+                save(ckpt_dir)
+            if step >= total_steps:
+                break
+    bar.close()
+    wall = time.perf_counter() - t_start
+
+    # ---- the result: backbone (HF weights or adapter) + reward head + reward statistics for PPO
+    if ev is None or ev["step"] != step:  # a run resumed at its end has not evaluated yet
+        ev = dict(evaluate(model, head, d, eval_mbs), step=step)
+    final = os.path.join(cfg.out, "final")
+    stats_json = dict(mean=ev["mean"], std=ev["std"], count=ev["count"], pair_accuracy=ev["pair_acc"],
+                      ranking_accuracy=ev["rank_acc"], step=step,
+                      data=cfg.eval_data or (f"{cfg.data} (held out)" if eval_enc is not train_enc else cfg.data))
+    dist.save_weights(final, model, d, tok.path, lora_name, heads=heads, extra_json={STATS_FILE: stats_json})
+    dist.print0(f"wrote {final} ({'LoRA adapter' if mode == 'lora' else 'full HF weights'} + {HEAD}.safetensors "
+                f"+ {STATS_FILE}); {tokens_seen / max(wall, 1e-9):.0f} tokens/s over the run")
+    report(ev, "toy, after training" if toy else "final")
+    dist.report_memory_and_busy(plan.stages[d.pp_rank] if plan else None, d, wall)
+    dist.teardown()
+    return ev
+
+
+# -----------------------------------------------------------------------------
+# scoring, for inspection
+
+
+def load_reward_model(model_dir, adapter_dir="", device="cpu", dtype=torch.float32):
+    """(model, head, stats or None) of a train_rm.py result: --model an HF folder (full / last-N
+    run's final/, or the base of a LoRA run whose final/ is adapter_dir)."""
+    if os.path.isfile(os.path.join(model_dir, lora.CONFIG_FILE)) and not adapter_dir:
+        raise ValueError(f"{model_dir} holds a LoRA adapter. HINT: pass the base model as --model and "
+                         f"this folder as --adapter")
+    model = glm.ChatGLM.from_pretrained(model_dir, dtype=dtype, device=device).eval()
+    if adapter_dir:
+        lora.load_adapter(model, adapter_dir)
+    head_dir = adapter_dir or model_dir
+    head = make_head(model.config.hidden_size, device=device)
+    dist.load_head(head, head_dir, HEAD)
+    stats = None
+    if os.path.isfile(os.path.join(head_dir, STATS_FILE)):
+        with open(os.path.join(head_dir, STATS_FILE), encoding="utf-8") as f:
+            stats = json.load(f)
+    return model, head, stats
+
+
+@torch.no_grad()
+def score_examples(model, head, tok, examples, max_len=512, batch_size=8):
+    """Scores of every answer: a list, per example, of float rewards in the answers' stored order."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        groups = [data.encode_ranked(tok, e, max_len) for e in chunk]
+        ids, sizes = data.collate_ranked(groups, tok.pad_id)
+        ids = ids.to(device)
+        h = model(ids, return_hidden=True)
+        r = rewards_at_eop(head, h, eop_index(ids, tok.eop_id)).tolist()
+        for k in sizes:
+            out.append(r[:k])
+            r = r[k:]
+    return out
+
+
+def score(argv=None):
+    """`python train_rm.py score`: print the score of every (prompt, answer) of a ranked or SFT file."""
+    p = argparse.ArgumentParser(prog="train_rm.py score", description=score.__doc__)
+    p.add_argument("--model", required=True, help="a train_rm.py final/ (full or last-N), or the base of a LoRA run")
+    p.add_argument("--adapter", default="", help="a LoRA train_rm.py final/ (adapter + reward head)")
+    p.add_argument("--data", required=True, help="ranked jsonl (answers or chosen/rejected), or SFT jsonl "
+                   "(prompt + response: one answer each)")
+    p.add_argument("--max_len", type=int, default=512)
+    p.add_argument("--batch_size", type=int, default=8)
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, head, stats = load_reward_model(args.model, args.adapter, device, dtype)
+    tok = glm.Tokenizer.from_dir(args.model)
+    _, first = next(data.read_jsonl(args.data))
+    if any(k in first for k in ("answers", "chosen", "rejected")):
+        examples = data.load_ranked(args.data)
+    else:  # SFT lines: the response is the one answer
+        examples = [dict(e, answers=[e["response"]]) for e in data.load_sft(args.data)]
+    scores = score_examples(model, head, tok, examples, args.max_len, args.batch_size)
+    z = (lambda r: f"  z {(r - stats['mean']) / max(stats['std'], 1e-6):+.2f}") if stats else (lambda r: "")
+    right = pairs = 0
+    for ex, rs in zip(examples, scores):
+        print(f"{ex['source']}  {ex['prompt'][:70]!r}")
+        order = best_first(ex) if len(rs) > 1 else ex["answers"]
+        for k, (a, r) in enumerate(zip(ex["answers"], rs)):
+            label = f"rank {order.index(a) + 1}" if len(rs) > 1 else "answer"
+            print(f"    {r:+9.4f}{z(r)}  {label}: {a[:70]!r}")
+        by_label = sorted(zip(ex["answers"], rs), key=lambda t: order.index(t[0]))
+        for i in range(len(by_label)):
+            for j in range(i + 1, len(by_label)):
+                right, pairs = right + (by_label[i][1] > by_label[j][1]), pairs + 1
+    if pairs:
+        print(f"pairwise accuracy {right / pairs:.1%} over {pairs} pairs")
+    return scores
+
+
+if __name__ == "__main__":
+    main()
