@@ -1043,16 +1043,22 @@ def autocast(d):
     return contextlib.nullcontext()
 
 
+def write_result(tmp, model, d, lora_name=None, heads=None, extra_json=None):
+    """Every rank's share of a result folder: its stage's weights (or adapter part), the heads
+    it holds, and (rank 0) small JSON files ({filename: object})."""
+    write_stage_weights(model, tmp, d, lora_name)
+    save_heads(heads, tmp, d)
+    if is_main():
+        for name, obj in (extra_json or {}).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                json.dump(obj, f, indent=2)
+
+
 def save_weights(out_dir, model, d, tokenizer_path, lora_name=None, heads=None, extra_json=None):
     """The trained result as an HF model folder (or a PEFT adapter), every stage adding its part,
-    plus extra heads ({prefix: module}) and small JSON files ({filename: object}) from rank 0."""
+    plus extra heads ({prefix: module}) and small JSON files from rank 0."""
     def write(tmp):
-        write_stage_weights(model, tmp, d, lora_name)
-        save_heads(heads, tmp, d)
-        if is_main():
-            for name, obj in (extra_json or {}).items():
-                with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                    json.dump(obj, f, indent=2)
+        write_result(tmp, model, d, lora_name, heads, extra_json)
         barrier()
         if is_main():
             finish_weights(model, tmp, tokenizer_path, lora_name)
@@ -1064,12 +1070,7 @@ def save_train_checkpoint(out_dir, model, opt, d, tokenizer_path, lora_name, tra
     """Weights (or adapter), heads, optimiser state by parameter name, each rank's RNG and the
     loop's state: everything a resumed run needs, readable with another number of stages."""
     def write(tmp):
-        write_stage_weights(model, tmp, d, lora_name)
-        save_heads(heads, tmp, d)
-        if is_main():
-            for name, obj in (extra_json or {}).items():
-                with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                    json.dump(obj, f, indent=2)
+        write_result(tmp, model, d, lora_name, heads, extra_json)
         if d.dp_rank == 0:
             torch.save(optimizer_state_by_name(named_trainables(model, heads), opt),
                        os.path.join(tmp, f"optim-stage{d.pp_rank:03d}.pt"))
