@@ -734,6 +734,9 @@ IMAGE_TOKENS = 20000  # an early release put 20000 image tokens in front of the 
 def convert(src, dst):
     """Official .bin shards -> model-*.safetensors + index, config.json and ice_text.model in dst."""
     config_path = os.path.join(src, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path}: no such file. HINT: SRC is the folder of the official "
+                                "release (config.json, pytorch_model-*.bin, ice_text.model)")
     with open(config_path, encoding="utf-8") as f:
         raw = json.load(f)
     tok_path = os.path.join(src, "ice_text.model")
