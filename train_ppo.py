@@ -99,9 +99,12 @@ class Config:
     resume: bool = False
 
 
-TOY = dict(mode="full", max_prompt_len=48, rollout_batch_size=64, max_new_tokens=6, max_steps=40,
-           mini_batch_size=32, micro_batch_size=32, actor_lr=3e-4, critic_lr=1e-3, kl_coef=0.02,
-           ppo_epochs=2, temperature=1.0, save_every=20, sample_every=10, out="runs/toy_ppo")
+# The toy PPO prompts are the toy task's held-out questions, without their answers: neither the
+# SFT model nor the RM was trained on them, and RL sees only the RM's scores. All 76 go into
+# every step, so the reward curve shows the policy's progress rather than which prompts came up.
+TOY = dict(mode="full", max_prompt_len=48, rollout_batch_size=76, max_new_tokens=6, max_steps=60,
+           mini_batch_size=38, micro_batch_size=38, actor_lr=3e-4, critic_lr=1e-3, kl_coef=0.1,
+           ppo_epochs=2, temperature=1.0, save_every=20, sample_every=20, out="runs/toy_ppo")
 
 
 def apply_toy_defaults(cfg):
@@ -120,7 +123,7 @@ def apply_toy_defaults(cfg):
             train_sft.main(["--out", os.path.join(runs, "toy_sft")])
         if not os.path.isdir(cfg.rm_dir):
             train_rm.main(["--out", os.path.join(runs, "toy_rm")])
-    cfg.data = cfg.data or os.path.join(train_sft.TOY_DIR, "toy_prompts.jsonl")
+    cfg.data = cfg.data or os.path.join(train_sft.TOY_DIR, "toy_sft_eval.jsonl")
     return cfg
 
 
@@ -559,21 +562,24 @@ def toy_report(roles, tok, d, cfg):
     out = model.generate(ids, max_new_tokens=cfg.max_new_tokens)
     model.train()
     score = float(score_rollout(roles, d, out, ids.shape[1], cfg)["score"].mean())
-    samples = [(e["prompt"], tok.decode(row, skip_special_tokens=True)) for e, row in zip(eval_ex[:4], out[:4, ids.shape[1]:])]
-    return acc, score, samples
+    answers = [(e["prompt"], tok.decode(row, skip_special_tokens=True)) for e, row in zip(eval_ex, out[:, ids.shape[1]:])]
+    return acc, score, answers
 
 
 def print_toy_table(before, after, history):
     first, last = history[:5], history[-5:]
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
-    print("\n                                          before RLHF   after RLHF")
-    print(f"held-out accuracy (greedy answers)        {before[0]:>11.1%}   {after[0]:>10.1%}")
-    print(f"held-out RM score (greedy answers)        {before[1]:>11.3f}   {after[1]:>10.3f}")
+    print("\non the held-out questions (PPO's prompts; no labels seen in RL):")
+    print("                                          before RLHF   after RLHF")
+    print(f"accuracy of the greedy answers            {before[0]:>11.1%}   {after[0]:>10.1%}")
+    print(f"RM score of the greedy answers            {before[1]:>11.3f}   {after[1]:>10.3f}")
     print(f"rollout reward mean (first / last 5 steps) {mean(first, 'reward_mean'):>10.3f}   {mean(last, 'reward_mean'):>10.3f}")
     print(f"KL to the reference (first / last 5 steps) {mean(first, 'kl'):>10.3f}   {mean(last, 'kl'):>10.3f}")
-    print("held-out samples (greedy):")
-    for (p, a), (_, b) in zip(before[2], after[2]):
-        print(f"  {p!r}\n      before: {a!r}   after: {b!r}")
+    changed = [(p, a, b) for (p, a), (_, b) in zip(before[2], after[2]) if a != b]
+    print(f"greedy answers that changed: {len(changed)} of {len(before[2])}" + (", e.g.:" if changed else ""))
+    for p, a, b in changed[:6]:
+        mark = lambda x: "right" if data.toy_answer_correct(p, x) else "wrong"
+        print(f"  {p!r}\n      before: {a!r} ({mark(a)})   after: {b!r} ({mark(b)})")
 
 
 # -----------------------------------------------------------------------------
