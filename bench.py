@@ -176,8 +176,10 @@ def model_flops_per_token(cfg, train, seq, train_layers=0):
         return 3 * fwd
     if train == "lora":
         return 2 * fwd
-    trained = train_layers * block
-    return fwd + 2 * trained + (fwd - L * block) + 0  # frozen prefix: forward only
+    # last N blocks: their backward is twice their forward; the frozen head passes activation
+    # gradients only (once its forward); the frozen prefix runs forward only
+    head = fwd - L * block
+    return fwd + 2 * train_layers * block + head
 
 
 def bench_train(args, device, dtype):
