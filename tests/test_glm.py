@@ -85,6 +85,11 @@ def test_tokenizer_conventions(tok):
     # typed special strings become their ids; whitespace pieces round-trip; skip_special drops them
     ids = tok.encode_text("x[gMASK]y<sop>")
     assert ids.count(tok.gmask_id) == 1 and ids[-1] == tok.sop_id
+    # the reference never splits its HF special tokens ([MASK] <sop> <eop> <pad> <unk>): the text
+    # on each side is encoded on its own, without the whitespace that touches the token
+    assert tok.encode_text("a  <eop>\n b") == tok.encode_text("a") + [tok.eop_id] + tok.encode_text("b")
+    assert tok.encode_text("a[MASK]b") == tok.encode_text("a") + [tok.mask_id] + tok.encode_text("b")
+    assert tok.encode_text("a[MASK]b") != tok.sp.encode("a[MASK]b")  # plain sentencepiece would differ
     text = "a\tb\n" + " " * 7 + "c" + " " * 85 + "d"
     assert tok.decode(tok.encode_text(text)) == text
     assert tok.decode(tok.encode("hi"), skip_special_tokens=True) == "hi"
