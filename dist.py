@@ -101,6 +101,8 @@ class CostModel:
     mem_budget: float | None = None  # bytes one GPU may allocate; None = unlimited
     checkpoint: bool = False        # may blocks be recomputed to fit the budget?
     flops_per_s: float = 400e12     # sustained bf16 rate assumed per GPU (H100: ~50 % of 790 peak)
+    trained_copies: int = 1         # models of this shape that train (PPO full mode: actor, critic)
+    frozen_copies: int = 0          # and frozen ones beside them (PPO full mode: reference, reward)
 
 
 @dataclass
@@ -192,7 +194,8 @@ class _Spans:
     def span(self, i, j):
         if (i, j) not in self.cache:
             ps, m = self.pieces[i:j], self.model
-            static = sum(p.params * m.param_bytes + p.trainable * (m.grad_bytes + m.optim_bytes)
+            static = sum(p.params * m.param_bytes * (m.trained_copies + m.frozen_copies)
+                         + p.trainable * (m.grad_bytes + m.optim_bytes) * m.trained_copies
                          + p.once_bytes for p in ps)
             # recompute the blocks that free the most bytes first (ties: earliest block)
             cands = sorted((p for p in ps if p.layer is not None and p.act_bytes > p.ckpt_bytes),
@@ -270,8 +273,10 @@ def _build(pieces, P, model, ends, limit, method, title=""):
         ps, m = pieces[i:j], model
         blocks = [p.layer for p in ps if p.layer is not None]
         trainable = sum(p.trainable for p in ps)
-        mem = dict(params=sum(p.params for p in ps) * m.param_bytes, grads=trainable * m.grad_bytes,
-                   optim=trainable * m.optim_bytes, act=0.0, logits=sum(p.once_bytes for p in ps))
+        copies = m.trained_copies + m.frozen_copies
+        mem = dict(params=sum(p.params for p in ps) * m.param_bytes * copies,
+                   grads=trainable * m.grad_bytes * m.trained_copies,
+                   optim=trainable * m.optim_bytes * m.trained_copies, act=0.0, logits=sum(p.once_bytes for p in ps))
         mem["act"] = mem_total - sum(mem.values())
         stages.append(Stage(index=s, layers=range(blocks[0], blocks[-1] + 1), first=s == 0,
                             last=s == P - 1, pieces=tuple(p.name for p in ps),
@@ -424,7 +429,7 @@ def plan_pipeline(cfg, P, micro_batch_size, seq_len, micro_batches, train="full"
                   lora_targets=("query_key_value",), train_layers=0, train_head=False,
                   param_bytes=2, grad_bytes=4, optim_bytes=None, checkpoint=False, mem_budget=None,
                   flops_per_s=400e12, loss_chunk=None, method="auto", mem_slack=0.05,
-                  mem_target=0.85, hints=True):
+                  mem_target=0.85, hints=True, copies=(1, 0)):
     """Plan ChatGLM over P pipeline stages; raises PlanError (saying what to change) if it will
     not fit mem_budget bytes per GPU. method "naive" gives equal layer counts instead."""
     for name, v in (("micro_batch_size", micro_batch_size), ("seq_len", seq_len),
@@ -439,7 +444,7 @@ def plan_pipeline(cfg, P, micro_batch_size, seq_len, micro_batches, train="full"
                 train_head=train_head, param_bytes=param_bytes, loss_chunk=loss_chunk)
     pieces = glm_pieces(cfg, micro_batch_size, seq_len, **args)
     model = CostModel(micro_batches, param_bytes, grad_bytes, optim_bytes, mem_budget, checkpoint,
-                      flops_per_s)
+                      flops_per_s, *copies)
     title = (f"{train}" + (f" r={lora_rank}" if train == "lora" else "")
              + (f" last {train_layers}" if train == "last_n" else "")
              + f", b={micro_batch_size}, s={seq_len}")
@@ -457,7 +462,7 @@ def plan_pipeline(cfg, P, micro_batch_size, seq_len, micro_batches, train="full"
     kw = dict(cfg=cfg, P=P, micro_batch_size=micro_batch_size, seq_len=seq_len,
               micro_batches=micro_batches, grad_bytes=grad_bytes, optim_bytes=optim_bytes,
               checkpoint=checkpoint, mem_budget=mem_budget, flops_per_s=flops_per_s,
-              method=method, mem_slack=mem_slack, mem_target=mem_target, hints=False, **args)
+              method=method, mem_slack=mem_slack, mem_target=mem_target, hints=False, copies=copies, **args)
 
     def attempt(**change):
         """(fits, peak bytes) of the same request with one thing changed."""
@@ -1006,17 +1011,18 @@ def report_memory_and_busy(plan_stage, d, wall_s):
 # building this rank's stage
 
 
-def plan_for_run(gcfg, d, cfg, mode):
+def plan_for_run(gcfg, d, cfg, mode, copies=(1, 0)):
     """The planner's split for this run (printed on rank 0) and this rank's stage of it.
     On GPUs the budget is the card's memory (or --gpu_mem_gib); recomputation is allowed where
-    a stage would not fit otherwise, and forced everywhere by --checkpoint."""
+    a stage would not fit otherwise, and forced everywhere by --checkpoint. copies: (trained,
+    frozen) models of this shape held side by side (PPO's full mode holds (2, 2))."""
     cuda = d.device.type == "cuda"
     budget = cfg.gpu_mem_gib * GiB or (0.95 * torch.cuda.get_device_properties(d.device).total_memory
                                        if cuda else None)
     plan = plan_pipeline(gcfg, d.P, cfg.micro_batch_size, cfg.max_len, cfg.grad_accum, train=mode,
                          lora_rank=cfg.lora_rank or 8, lora_targets=tuple(cfg.lora_targets.split(",")),
                          train_layers=cfg.train_layers, param_bytes=2 if cuda else 4,
-                         checkpoint=budget is not None, mem_budget=budget, method=cfg.plan)
+                         checkpoint=budget is not None, mem_budget=budget, method=cfg.plan, copies=copies)
     print0(plan.format_table())
     return plan, plan.stages[d.pp_rank]
 

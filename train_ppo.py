@@ -400,12 +400,13 @@ def main(argv=None):
 
     # ---- the plan (sized for the actor's training) and the four roles on this stage
     gcfg = glm.GLMConfig.from_json(os.path.join(base_dir, "config.json"))
-    plan_cfg = SimpleNamespace(  # the planner sees the actor's training shapes
+    plan_cfg = SimpleNamespace(  # the planner sees the actor's (and critic's) training shapes
         micro_batch_size=cfg.micro_batch_size, max_len=cfg.max_prompt_len + cfg.max_new_tokens,
         grad_accum=max(1, cfg.mini_batch_size // cfg.micro_batch_size), train_layers=0,
         lora_rank=cfg.lora_rank if cfg.mode == "lora" else 0, lora_targets=cfg.lora_targets,
         checkpoint=cfg.checkpoint, gpu_mem_gib=cfg.gpu_mem_gib, plan=cfg.plan)
-    plan, stage = dist.plan_for_run(gcfg, d, plan_cfg, "lora" if cfg.mode == "lora" else "full")
+    # full mode holds actor and critic (training) beside reference and reward (frozen) on every GPU
+    plan, stage = dist.plan_for_run(gcfg, d, plan_cfg, cfg.mode, copies=(1, 0) if cfg.mode == "lora" else (2, 2))
     roles = Roles(cfg, d, stage)
     actor_params, critic_params = roles.params("actor"), roles.params("critic")
     actor_opt = dist.adamw(actor_params, cfg.actor_lr, cfg.weight_decay)
