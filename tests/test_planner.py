@@ -348,3 +348,16 @@ def test_stage_params_match_the_built_modules():
             with torch.device("meta"):
                 stage = glm.ChatGLM(cfg, **st.model_kwargs())
             assert st.mem["params"] == 2 * sum(p.numel() for p in stage.parameters())
+
+
+def test_side_by_side_copies_are_priced():
+    """PPO's full mode holds two trained and two frozen models of the same shape on every GPU."""
+    cfg = glm.GLMConfig()
+    one = dist.plan_pipeline(cfg, 4, 4, 512, 8, method="naive")
+    four = dist.plan_pipeline(cfg, 4, 4, 512, 8, method="naive", copies=(2, 2))
+    for a, b in zip(one.stages, four.stages):
+        assert b.mem["params"] == 4 * a.mem["params"]
+        assert b.mem["grads"] == 2 * a.mem["grads"] and b.mem["optim"] == 2 * a.mem["optim"]
+        assert b.mem["act"] == a.mem["act"] and b.mem["logits"] == a.mem["logits"]
+        extra = 3 * a.mem["params"] + a.mem["grads"] + a.mem["optim"]
+        assert abs(b.mem_total - (a.mem_total + extra)) < 1.0
