@@ -217,7 +217,7 @@ def bench_train(args, device, dtype):
             n_pairs = torch.tensor(float(sum(len(mb["better"]) for mb in mbs) * d.D), device=d.device)
 
             def loss_fn(model, h, mb):  # the pairwise ranking loss, scores read at each answer's <eop>
-                r = head(h[torch.arange(h.shape[0], device=h.device), mb["end"]]).float()[:, 0]
+                r = head(h[torch.arange(h.shape[0], device=h.device), mb["end"]].float()).float()[:, 0]
                 return -F.logsigmoid(r[mb["better"]] - r[mb["worse"]]).sum() / n_pairs
         else:
             mbs = train_batches(cfg, args, M, d.device, seed=17 * d.dp_rank)
@@ -225,7 +225,7 @@ def bench_train(args, device, dtype):
                                                          .float(), "sum", d.dp_group))
 
         def step():
-            with dist.autocast(d):
+            with dist.autocast(d, model):
                 loss = dist.train_step(model, d, mbs, loss_fn, torch.float32, first_trainable)
             return dist.optimizer_step(opt, params, loss, 1e-5, 1.0, d, 0, 0)[0]
 

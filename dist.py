@@ -681,7 +681,8 @@ def train_step(model, d, microbatches, loss_fn, hidden_dtype, first_trainable=0)
         elif sends_grad:
             x.requires_grad_()
         rope, attend = model.inputs(mb["input_ids"])
-        h = model.transformer(x, rope, attend, checkpoint=model.checkpoint_activations)
+        inp = x if d.first else x.to(stage_dtype(model))  # x stays the leaf whose .grad goes back
+        h = model.transformer(inp, rope, attend, checkpoint=model.checkpoint_activations)
         if not d.last:
             return x, h
         loss = loss_fn(model, h, mb)
@@ -690,12 +691,12 @@ def train_step(model, d, microbatches, loss_fn, hidden_dtype, first_trainable=0)
 
     def backward(x, y, grad):
         if y.requires_grad:
-            torch.autograd.backward(y, grad_tensors=grad)
+            torch.autograd.backward(y, grad_tensors=None if grad is None else grad.to(y.dtype))
         return x.grad if sends_grad else None
 
     for i in range(warmup):
         x, y = forward(i, recv_forward(i))
-        _p2p(d, send=y.detach(), send_to=s + 1)
+        _p2p(d, send=y.detach().to(hidden_dtype), send_to=s + 1)
         inputs.append(x)
         outputs.append(y)
     x = recv_forward(warmup) if warmup < M else None
@@ -705,7 +706,7 @@ def train_step(model, d, microbatches, loss_fn, hidden_dtype, first_trainable=0)
         inputs.append(x)
         outputs.append(y)
         b = j + 1 - len(inputs)
-        grad = _p2p(d, send=None if d.last else y.detach(), send_to=s + 1,
+        grad = _p2p(d, send=None if d.last else y.detach().to(hidden_dtype), send_to=s + 1,
                     recv_shape=shape(b) if gets_grad else None, recv_from=s + 1, dtype=hidden_dtype)
         gx = backward(inputs.pop(0), outputs.pop(0), grad)
         more = j + 1 < M and not d.first
@@ -1043,8 +1044,11 @@ def cast_trainable_fp32(model):
             p.data = p.data.float()
 
 
-def autocast(d):
-    if d.device.type == "cuda":
+def autocast(d, model):
+    """bf16 autocast where a stage trains float32 master weights (full, last-N). A LoRA stage
+    needs none: its base is bf16 already and its layers cast their small adapters themselves."""
+    masters = any(p.dtype == torch.float32 and ".lora_" not in n for n, p in model.named_parameters())
+    if d.device.type == "cuda" and masters:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -107,9 +107,11 @@ class LoRALinear(nn.Linear):
         name = self.active
         if name is None or name == self.merged:  # merged: the delta is already inside `weight`
             return y
-        A, B = self.lora_A[name], self.lora_B[name]
-        h = F.dropout(x, self.dropout[name], self.training).to(A.dtype)
-        return y + (F.linear(F.linear(h, A), B) * self.scaling[name]).to(y.dtype)  # [.., r] -> [.., out]
+        # the low-rank path runs in the input's dtype (bf16 on GPUs, as autocast would); gradients
+        # still reach the float32 factors through the casts
+        A, B = self.lora_A[name].to(x.dtype), self.lora_B[name].to(x.dtype)
+        h = F.dropout(x, self.dropout[name], self.training)
+        return y + F.linear(F.linear(h, A), B) * self.scaling[name]  # [.., in] -> [.., r] -> [.., out]
 
     @torch.no_grad()
     def merge(self):

@@ -329,7 +329,7 @@ def value_loss(cfg, head, n_tok, stats):
     """Clipped value loss 0.5 max((V - R)^2, (V_clip - R)^2) over response actions, summed / n_tok."""
     def fn(model, h, mb):
         mask = mb["mask"]
-        v = head(h[:, :-1][mask]).float()[:, 0]  # [n]
+        v = head(h[:, :-1][mask].float()).float()[:, 0]  # [n]: the head is float32
         old, ret = mb["values"][mask], mb["returns"][mask]
         v_clip = old + (v - old).clamp(-cfg.value_clip, cfg.value_clip)
         loss = 0.5 * torch.maximum((v - ret) ** 2, (v_clip - ret) ** 2).sum()
@@ -363,13 +363,16 @@ def score_rollout(roles, d, ids, T, cfg):
     mbs = split({"input_ids": ids, "end": end}, torch.arange(ids.shape[0]), cfg.micro_batch_size)
     per_token = lambda mb: (mb["input_ids"].shape[0], mb["input_ids"].shape[1] - 1)
     per_row = lambda mb: (mb["input_ids"].shape[0],)
-    run = lambda role, fn, shape: torch.cat(dist.forward_collect(roles.use(role), d, mbs, fn, shape))
+    def run(role, fn, shape):
+        model = roles.use(role)
+        with dist.autocast(d, model):
+            return torch.cat(dist.forward_collect(model, d, mbs, fn, shape))
+
     logp_fn = lambda model, h, mb: token_logprobs(model, h, mb["input_ids"], cfg.temperature)
-    with dist.autocast(d):
-        logp = run("actor", logp_fn, per_token)
-        ref_logp = run("reference", logp_fn, per_token)
-        values = run("critic", lambda m, h, mb: roles.value_head(h[:, :-1]).float()[..., 0], per_token)
-        score = run("reward", lambda m, h, mb: train_rm.rewards_at_eop(roles.reward_head, h, mb["end"]), per_row)
+    logp = run("actor", logp_fn, per_token)
+    ref_logp = run("reference", logp_fn, per_token)
+    values = run("critic", lambda m, h, mb: roles.value_head(h[:, :-1].float())[..., 0], per_token)
+    score = run("reward", lambda m, h, mb: train_rm.rewards_at_eop(roles.reward_head, h, mb["end"]), per_row)
     return dict(mask=mask, end=end, has_eop=has_eop, logp=logp, ref_logp=ref_logp, values=values, score=score)
 
 
@@ -477,19 +480,21 @@ def main(argv=None):
                 rows = perm[m:m + cfg.mini_batch_size]
                 mbs = split(rollout, rows, cfg.micro_batch_size)
                 n_tok = dist.all_reduce(mask[rows].sum().float(), "sum", d.dp_group).clamp(min=1)
-                with dist.autocast(d):
-                    loss = dist.train_step(roles.use("actor"), d, mbs, policy_loss(cfg, n_tok, pstats), torch.float32)
+                actor = roles.use("actor")
+                with dist.autocast(d, actor):
+                    loss = dist.train_step(actor, d, mbs, policy_loss(cfg, n_tok, pstats), torch.float32)
                     if ptx:
                         pmbs = [{"input_ids": a.to(d.device), "labels": b.to(d.device)} for a, b in
                                 [data.collate([ptx[i] for i in next_ptx()], tok.pad_id)]]
                         p_tok = dist.all_reduce(sum((mb["labels"][:, 1:] != data.IGNORE).sum() for mb in pmbs).float(),
                                                 "sum", d.dp_group).clamp(min=1)
-                        loss = loss + dist.train_step(roles.use("actor"), d, pmbs, ptx_loss(cfg.ptx_coef, p_tok), torch.float32)
+                        loss = loss + dist.train_step(actor, d, pmbs, ptx_loss(cfg.ptx_coef, p_tok), torch.float32)
                 _, _, bad["actor"] = dist.optimizer_step(actor_opt, actor_params, loss, cfg.actor_lr, cfg.grad_clip,
                                                          d, bad["actor"], step)
-                with dist.autocast(d):
-                    vloss = dist.train_step(roles.use("critic"), d, mbs,
-                                            value_loss(cfg, roles.value_head, n_tok, vstats), torch.float32)
+                critic = roles.use("critic")
+                with dist.autocast(d, critic):
+                    vloss = dist.train_step(critic, d, mbs, value_loss(cfg, roles.value_head, n_tok, vstats),
+                                            torch.float32)
                 _, _, bad["critic"] = dist.optimizer_step(critic_opt, critic_params, vloss, cfg.critic_lr, cfg.grad_clip,
                                                           d, bad["critic"], step)
         t3 = time.perf_counter()

@@ -289,7 +289,7 @@ def evaluate(model, head, d, mbs):
     """Held-out metrics; every replica scores the whole set, so no cross-replica sums are needed."""
     was_training = model.training
     model.eval()
-    with dist.autocast(d):
+    with dist.autocast(d, model):
         rewards = dist.forward_collect(model, d, mbs, lambda m, h, mb: rewards_at_eop(head, h, mb["eop_idx"]),
                                        lambda mb: (mb["input_ids"].shape[0],))
     model.train(was_training)
@@ -401,7 +401,7 @@ def main(argv=None):
             mbs = microbatches(train_enc, idx, cfg.micro_batch_size, tok, d.device)
             n_pairs = count_pairs(mbs, d.dp_group)
             lr = dist.lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-            with dist.autocast(d):
+            with dist.autocast(d, model):
                 loss = dist.train_step(model, d, mbs, rm_loss(head, n_pairs), torch.float32, first_trainable)
             loss, norm, bad_steps = dist.optimizer_step(opt, params, loss, lr, cfg.grad_clip, d, bad_steps, step)
             step += 1

@@ -188,7 +188,7 @@ def main(argv=None):
 
     def evaluate():  # every replica scores the whole held-out set: no cross-replica sums needed
         mbs = microbatches(eval_enc, list(range(len(eval_enc))), cfg, tok.pad_id, d.device)
-        with dist.autocast(d):
+        with dist.autocast(d, model):
             loss = dist.forward_only(model, d, mbs, sft_loss(count_label_tokens(mbs)), torch.float32)
         return float(loss)
 
@@ -205,7 +205,7 @@ def main(argv=None):
             mbs = microbatches(train_enc, idx, cfg, tok.pad_id, d.device)
             n_tok = count_label_tokens(mbs, d.dp_group)
             lr = dist.lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-            with dist.autocast(d):
+            with dist.autocast(d, model):
                 loss = dist.train_step(model, d, mbs, sft_loss(n_tok), torch.float32, first_trainable)
             loss, norm, bad_steps = dist.optimizer_step(opt, params, loss, lr, cfg.grad_clip, d, bad_steps, step)
             step += 1
