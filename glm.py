@@ -689,6 +689,10 @@ def read_safetensors(model_dir, shapes, device="cpu"):
     for k in shapes:
         by_file.setdefault(where[k], []).append(k)
     for path, keys in by_file.items():
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing but the index maps '{keys[0]}' ({len(keys)} tensors) to it. "
+                                    "HINT: the checkpoint is incomplete (a stage's file was not written or "
+                                    "copied); use a complete folder or write it again")
         with safe_open(path, framework="pt", device=str(device)) as f:
             for k in keys:
                 got = tuple(f.get_slice(k).get_shape())

@@ -406,3 +406,11 @@ def test_prompt_too_long(golden_model):
         golden_model(ids)
     with pytest.raises(ValueError, match="max_new_tokens"):
         golden_model.generate(ids[:, :2040], max_new_tokens=20)
+
+
+def test_missing_shard_is_named(tmp_path, golden_model):
+    golden_model.save_pretrained(tmp_path / "m", max_shard_bytes=100_000)
+    shard = sorted(f for f in os.listdir(tmp_path / "m") if f.endswith(".safetensors"))[-1]
+    os.remove(tmp_path / "m" / shard)
+    with pytest.raises(FileNotFoundError, match=shard):
+        glm.ChatGLM.from_pretrained(tmp_path / "m")
