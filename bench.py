@@ -233,7 +233,7 @@ def bench_train(args, device, dtype):
             step()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(d.device)
-        dist.WAIT["s"] = 0.0
+        dist.wait_seconds(reset=True)
         dist.barrier()
         t0 = time.perf_counter()
         for _ in range(args.iters):

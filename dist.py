@@ -6,6 +6,7 @@ three training scripts share.
     torchrun --nproc_per_node=8 train_sft.py --pp 8 ...      # 8 stages
     torchrun --nproc_per_node=8 train_sft.py --pp 4 ...      # 4 stages x 2 replicas
 """
+import collections
 import contextlib
 import datetime
 import glob
@@ -622,20 +623,48 @@ def _p2p(d, send=None, send_to=None, recv_shape=None, recv_from=None, dtype=None
         buf = torch.empty(recv_shape, dtype=dtype, device=d.device)
         ops.append(tdist.P2POp(tdist.irecv, buf, d.stage_rank(recv_from)))
     if ops:
-        t0 = _clock(d)
+        start = _mark(d)
         for req in tdist.batch_isend_irecv(ops):
             req.wait()
-        WAIT["s"] += _clock(d) - t0
+        WAITS.append((start, _mark(d)))
+        if len(WAITS) > 256:  # fold what has finished, so a long run keeps few events alive
+            _fold(block=False)
     return buf
 
 
-WAIT = {"s": 0.0}  # seconds this rank spent blocked on its neighbours (the pipeline's idle time)
+# The pipeline's idle time: for every transfer, the span from "this stage's queued work is done"
+# to "the neighbour's data is here". On GPUs these are CUDA events on the compute stream, read
+# only when reported, so measuring never stalls the host; on CPUs they are wall-clock times.
+WAITS = collections.deque()
+WAITED = [0.0]  # seconds already folded out of WAITS
 
 
-def _clock(d):
-    if d.device.type == "cuda":  # finish queued work first, so waiting is not mistaken for compute
-        torch.cuda.synchronize(d.device)
+def _mark(d):
+    if d.device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
     return time.perf_counter()
+
+
+def _fold(block):
+    while WAITS:
+        start, end = WAITS[0]
+        if not isinstance(start, float):
+            if not block and not end.query():
+                return
+            end.synchronize()
+        WAITS.popleft()
+        WAITED[0] += (end - start) if isinstance(start, float) else start.elapsed_time(end) / 1000
+
+
+def wait_seconds(reset=False):
+    """Seconds this rank spent waiting on its neighbours since the last reset."""
+    _fold(block=True)
+    total = WAITED[0]
+    if reset:
+        WAITED[0] = 0.0
+    return total
 
 
 # -----------------------------------------------------------------------------
@@ -998,7 +1027,7 @@ def report_memory_and_busy(plan_stage, d, wall_s):
     """Each rank's measured peak memory and busy share beside the planner's prediction (rank 0 prints)."""
     peak = torch.cuda.max_memory_allocated(d.device) if d.device.type == "cuda" else float("nan")
     row = torch.tensor([d.rank, d.pp_rank, peak, plan_stage.mem_total if plan_stage else float("nan"),
-                        1 - WAIT["s"] / max(wall_s, 1e-9)], dtype=torch.float64)
+                        1 - wait_seconds() / max(wall_s, 1e-9)], dtype=torch.float64)
     rows = [torch.zeros_like(row) for _ in range(d.world)] if d.world > 1 else [row]
     if d.world > 1:
         tdist.all_gather_object(rows, row)
