@@ -241,7 +241,7 @@ def rotary_inv_freq(rotary_dim, device):
 
 
 def rotary_tables(position_ids, rotary_dim):
-    """cos, sin [B, T, 1, 1, 2 * rotary_dim] in float32, computed once per forward for all blocks.
+    """cos, sin [B, T, 1, 1, 2 * rotary_dim] from float32 angles, computed once per forward for all blocks.
 
     The last axis spans a whole head: its first half rotates by `position`, its second half by
     `block position`. rotate-half's minus sign is folded into sin (see apply_rotary_2d)."""
@@ -257,12 +257,16 @@ def rotary_tables(position_ids, rotary_dim):
 
 
 def apply_rotary_2d(x, cos, sin):
-    """GPT-NeoX rotary on each half of the head, x [..., hs]: x*cos + rotate_half(x)*sin per half."""
-    xf = x.float()
+    """GPT-NeoX rotary on each half of the head, x [..., hs]: x*cos + rotate_half(x)*sin per half.
+
+    Computed in x's dtype, as the released model does in half precision: the angles were formed
+    in float32, only the rotation runs in bf16 on GPUs (float32 copies of q and k would be kept
+    for backward and add ~12 s*b*h bytes of activations per block)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     rd = x.shape[-1] // 2
     # rotate_half within each half: swap its two quarters; the minus sign lives in `sin`
-    swapped = xf.unflatten(-1, (2, 2, rd // 2)).flip(-2).flatten(-3)
-    return torch.addcmul(xf * cos, swapped, sin).to(x.dtype)
+    swapped = x.unflatten(-1, (2, 2, rd // 2)).flip(-2).flatten(-3)
+    return torch.addcmul(x * cos, swapped, sin)
 
 
 # -----------------------------------------------------------------------------
