@@ -996,6 +996,18 @@ def parse_config(cls, argv=None):
     return cls(**vars(p.parse_args(argv)))
 
 
+def override_defaults(cfg, values):
+    """Set each field of `values` that the command line left at its default (the toy runs' presets)."""
+    import dataclasses
+    defaults = type(cfg)()
+    unknown = set(values) - {f.name for f in dataclasses.fields(cfg)}
+    assert not unknown, f"presets name fields the config lacks: {sorted(unknown)}"
+    for f in dataclasses.fields(cfg):
+        if f.name in values and getattr(cfg, f.name) == getattr(defaults, f.name):
+            setattr(cfg, f.name, values[f.name])
+    return cfg
+
+
 class MetricsLog:
     """metrics.jsonl (and TensorBoard events when the package is installed), on rank 0 only."""
 

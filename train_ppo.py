@@ -112,10 +112,7 @@ def apply_toy_defaults(cfg):
     if cfg.model or cfg.actor or cfg.rm_dir:
         return cfg
     import train_sft
-    defaults = Config()
-    for k, v in TOY.items():
-        if getattr(cfg, k) == getattr(defaults, k):
-            setattr(cfg, k, v)
+    dist.override_defaults(cfg, TOY)
     runs = os.path.dirname(cfg.out) or "."
     cfg.actor, cfg.rm_dir = os.path.join(runs, "toy_sft", "final"), os.path.join(runs, "toy_rm", "final")
     if dist.get().world == 1:  # the prerequisites are single-process toy runs

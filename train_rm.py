@@ -93,10 +93,7 @@ def apply_toy_defaults(cfg):
     toy SFT result next to --out when there is one, else a random toy model."""
     if cfg.model:
         return cfg
-    defaults = Config()
-    for k, v in TOY.items():
-        if getattr(cfg, k) == getattr(defaults, k):
-            setattr(cfg, k, v)
+    dist.override_defaults(cfg, TOY)
     runs = os.path.dirname(cfg.out) or "."
     sft = os.path.join(runs, "toy_sft", "final")
     if os.path.isfile(os.path.join(sft, "config.json")):

@@ -73,10 +73,7 @@ def apply_toy_defaults(cfg):
     """With no --model, fields still at their 6B default take the toy run's values."""
     if cfg.model:
         return cfg
-    defaults = Config()
-    for k, v in TOY.items():
-        if getattr(cfg, k) == getattr(defaults, k):
-            setattr(cfg, k, v)
+    dist.override_defaults(cfg, TOY)
     cfg.model = ensure_toy_model(os.path.join(os.path.dirname(cfg.out) or ".", "toy_base"))
     if not cfg.data:
         cfg.data = os.path.join(TOY_DIR, "toy_sft_train.jsonl")
