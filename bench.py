@@ -203,14 +203,13 @@ def bench_train(args, device, dtype):
         stage = plan.stages[d.pp_rank]
         model = random_stage(cfg, stage, d, dtype)
         model.checkpoint_activations = True if args.checkpoint else set(stage.checkpoint_layers)
-        params = dist.select_trainable(model, args.train, SimpleNamespace(
+        dist.select_trainable(model, args.train, SimpleNamespace(
             lora_targets="query_key_value", lora_rank=8, lora_alpha=16.0, lora_dropout=0.0,
             train_layers=args.train_layers))
         head = None
         if args.mode == "rm" and d.last:
             head = torch.nn.Linear(cfg.hidden_size, 1, device=d.device)
-            params = params + list(head.parameters())
-        opt = dist.adamw(params, 1e-5, 0.0)
+        opt = dist.adamw(dist.named_trainables(model, {"head": head} if head else None), 1e-5, 0.0, d, plan.hosts)
         first_trainable = dist.first_trainable_stage(model, d)
         if args.mode == "rm":
             mbs = rm_batches(cfg, args, M, d.device, seed=17 * d.dp_rank)
@@ -225,9 +224,8 @@ def bench_train(args, device, dtype):
                                                          .float(), "sum", d.dp_group))
 
         def step():
-            with dist.autocast(d, model):
-                loss = dist.train_step(model, d, mbs, loss_fn, torch.float32, first_trainable)
-            return dist.optimizer_step(opt, params, loss, 1e-5, 1.0, d, 0, 0)[0]
+            loss = dist.train_step(model, d, mbs, loss_fn, first_trainable)
+            return dist.optimizer_step(opt, loss, 1e-5, 1.0, d, 0, 0)[0]
 
         for _ in range(2):
             step()
@@ -257,7 +255,7 @@ def bench_train(args, device, dtype):
         res["bubble_predicted"] = round((d.P - 1) / (M + d.P - 1), 3)
         dist.print0(json.dumps(res))
         results.append(res)
-        del model, opt, params, mbs
+        del model, opt, mbs
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return results if dist.is_main() else []

@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as tdist
@@ -104,6 +104,7 @@ class CostModel:
     flops_per_s: float = 400e12     # sustained bf16 rate assumed per GPU (H100: ~50 % of 790 peak)
     trained_copies: int = 1         # models of this shape that train (PPO full mode: actor, critic)
     frozen_copies: int = 0          # and frozen ones beside them (PPO full mode: reference, reward)
+    level_optim: bool = False       # may a piece's master and moments live on another stage?
 
 
 @dataclass
@@ -115,7 +116,7 @@ class Stage:
     pieces: tuple                   # piece names, in order
     checkpoint_layers: tuple        # global ids of the blocks recomputed in backward
     in_flight: int                  # micro-batches whose activations 1F1B keeps here
-    mem: dict                       # bytes: params, grads, optim, act, logits
+    mem: dict                       # bytes: params, grads, optim, act, logits (optim: kept here)
     mem_total: float                # predicted peak bytes
     flops: float                    # per optimiser step, recomputation included
     time: float                     # predicted busy seconds per optimiser step
@@ -135,6 +136,7 @@ class Plan:
     method: str                     # "auto" or "naive"
     model: CostModel
     title: str = ""
+    hosts: dict = field(default_factory=dict)  # {piece: stage keeping its optimiser state} if not its own
 
     P = property(lambda self: len(self.stages))
     layer_counts = property(lambda self: [len(st.layers) for st in self.stages])
@@ -174,6 +176,9 @@ class Plan:
         lines.append(f"memory GiB: sum {sum(st.mem_total for st in self.stages) / GiB:.2f}, "
                      f"max {self.max_mem / GiB:.2f}, min {self.min_mem / GiB:.2f}, "
                      f"max/min {self.mem_imbalance:.3f}{'' if self.fits else '  DOES NOT FIT'}")
+        for piece, host in self.hosts.items():
+            home = next(st.index for st in self.stages if piece in st.pieces)
+            lines.append(f"optimiser state of {piece} (stage {home}) kept on stage {host}")
         lines.append(f"time: max/mean {self.time_imbalance:.3f}; predicted step "
                      f"{self.step_time * 1e3:.1f} ms (slowest stage x (M + P - 1) / M: the 1F1B bubble)")
         return "\n".join(lines)
@@ -298,8 +303,8 @@ def partition(pieces, P, model, mem_slack=0.05, mem_target=0.85, title=""):
     # pass 1: the least peak memory any plan reaches, recomputing every block if allowed
     least = -math.inf if recompute else None
     best_mem, ends = _search(spans, P, lambda s, i, j: spans.cost(s, P, i, j, least)[0])
-    if budget is not None and best_mem > budget:
-        return _build(pieces, P, model, ends, least, "auto", title)
+    if budget is not None and best_mem > budget:  # nothing fits: the least-memory plan, levelled
+        return _level(_build(pieces, P, model, ends, least, "auto", title), pieces)
     bound = best_mem * (1 + mem_slack)
     if budget is not None:
         bound = min(budget, max(bound, mem_target * budget))
@@ -327,7 +332,34 @@ def partition(pieces, P, model, mem_slack=0.05, mem_target=0.85, title=""):
         return (time / (best_time or 1.0)) ** 2 + (mem / (peak or 1.0)) ** 2
 
     _, ends = _search(spans, P, even_within, combine=lambda a, b: a + b)
-    return _build(pieces, P, model, ends, limit, "auto", title)
+    return _level(_build(pieces, P, model, ends, limit, "auto", title), pieces)
+
+
+def _level(plan, pieces):
+    """Even out memory after the cut: move the optimiser state (fp32 master + moments) of whole
+    pieces from the fullest stage to the emptiest, each move the piece nearest half their gap,
+    while one exists below the gap (so every move lowers the sum of squared stage memories and
+    the loop ends). Records plan.hosts and the stages' new optim/total bytes."""
+    if not plan.model.level_optim:
+        return plan
+    m = plan.model
+    size = {p.name: p.trainable * m.optim_bytes * m.trained_copies for p in pieces if p.trainable}
+    home = {name: st.index for st in plan.stages for name in st.pieces if name in size}
+    where, load = dict(home), [st.mem_total for st in plan.stages]
+    for _ in range(4 * len(size)):
+        f = max(range(plan.P), key=load.__getitem__)
+        e = min(range(plan.P), key=load.__getitem__)
+        gap = load[f] - load[e]
+        movable = [n for n, s in where.items() if s == f and size[n] < gap]
+        if not movable:
+            break
+        n = min(movable, key=lambda n: abs(gap / 2 - size[n]))
+        where[n], load[f], load[e] = e, load[f] - size[n], load[e] + size[n]
+    plan.hosts = {n: s for n, s in where.items() if s != home[n]}
+    for st in plan.stages:
+        st.mem["optim"] += load[st.index] - st.mem_total
+        st.mem_total = load[st.index]
+    return plan
 
 
 def equal_partition(pieces, P, model, title=""):
@@ -430,9 +462,11 @@ def plan_pipeline(cfg, P, micro_batch_size, seq_len, micro_batches, train="full"
                   lora_targets=("query_key_value",), train_layers=0, train_head=False,
                   param_bytes=2, grad_bytes=4, optim_bytes=None, checkpoint=False, mem_budget=None,
                   flops_per_s=400e12, loss_chunk=None, method="auto", mem_slack=0.05,
-                  mem_target=0.85, hints=True, copies=(1, 0)):
+                  mem_target=0.85, hints=True, copies=(1, 0), level_optim=True):
     """Plan ChatGLM over P pipeline stages; raises PlanError (saying what to change) if it will
-    not fit mem_budget bytes per GPU. method "naive" gives equal layer counts instead."""
+    not fit mem_budget bytes per GPU. method "naive" gives equal layer counts instead.
+    level_optim: let the balanced plan keep pieces' optimiser states on other stages (only for
+    bf16 weights with fp32 masters, where the master is a separate tensor that can move)."""
     for name, v in (("micro_batch_size", micro_batch_size), ("seq_len", seq_len),
                     ("micro_batches", micro_batches)):
         if v < 1:
@@ -445,7 +479,7 @@ def plan_pipeline(cfg, P, micro_batch_size, seq_len, micro_batches, train="full"
                 train_head=train_head, param_bytes=param_bytes, loss_chunk=loss_chunk)
     pieces = glm_pieces(cfg, micro_batch_size, seq_len, **args)
     model = CostModel(micro_batches, param_bytes, grad_bytes, optim_bytes, mem_budget, checkpoint,
-                      flops_per_s, *copies)
+                      flops_per_s, *copies, level_optim=level_optim and param_bytes < 4)
     title = (f"{train}" + (f" r={lora_rank}" if train == "lora" else "")
              + (f" last {train_layers}" if train == "last_n" else "")
              + f", b={micro_batch_size}, s={seq_len}")
@@ -463,7 +497,8 @@ def plan_pipeline(cfg, P, micro_batch_size, seq_len, micro_batches, train="full"
     kw = dict(cfg=cfg, P=P, micro_batch_size=micro_batch_size, seq_len=seq_len,
               micro_batches=micro_batches, grad_bytes=grad_bytes, optim_bytes=optim_bytes,
               checkpoint=checkpoint, mem_budget=mem_budget, flops_per_s=flops_per_s,
-              method=method, mem_slack=mem_slack, mem_target=mem_target, hints=False, copies=copies, **args)
+              method=method, mem_slack=mem_slack, mem_target=mem_target, hints=False, copies=copies,
+              level_optim=level_optim, **args)
 
     def attempt(**change):
         """(fits, peak bytes) of the same request with one thing changed."""
@@ -613,22 +648,27 @@ def broadcast_from_last_stage(t, d):
 # -----------------------------------------------------------------------------
 # point-to-point between neighbouring stages
 
+def _exchange(d, sends=(), recvs=()):
+    """Post sends [(tensor, stage)] and receives [(buffer, stage)] within this replica together
+    and wait for all of them: posted at once, two stages that both send and receive can never
+    deadlock. The wait counts as idle time."""
+    ops = ([tdist.P2POp(tdist.isend, t.contiguous(), d.stage_rank(s)) for t, s in sends]
+           + [tdist.P2POp(tdist.irecv, b, d.stage_rank(s)) for b, s in recvs])
+    if not ops:
+        return
+    start = _mark(d)
+    for req in tdist.batch_isend_irecv(ops):
+        req.wait()
+    WAITS.append((start, _mark(d)))
+    if len(WAITS) > 256:  # fold what has finished, so a long run keeps few events alive
+        _fold(block=False)
+
+
 def _p2p(d, send=None, send_to=None, recv_shape=None, recv_from=None, dtype=None):
-    """Post a send and/or a receive together, so that two neighbours that both send and both
-    receive in the same moment (1F1B's steady state) can never deadlock."""
-    ops, buf = [], None
-    if send is not None:
-        ops.append(tdist.P2POp(tdist.isend, send.contiguous(), d.stage_rank(send_to)))
-    if recv_shape is not None:
-        buf = torch.empty(recv_shape, dtype=dtype, device=d.device)
-        ops.append(tdist.P2POp(tdist.irecv, buf, d.stage_rank(recv_from)))
-    if ops:
-        start = _mark(d)
-        for req in tdist.batch_isend_irecv(ops):
-            req.wait()
-        WAITS.append((start, _mark(d)))
-        if len(WAITS) > 256:  # fold what has finished, so a long run keeps few events alive
-            _fold(block=False)
+    """One send and/or one receive between neighbours, posted together (see _exchange);
+    returns the received buffer."""
+    buf = None if recv_shape is None else torch.empty(recv_shape, dtype=dtype, device=d.device)
+    _exchange(d, [] if send is None else [(send, send_to)], [] if buf is None else [(buf, recv_from)])
     return buf
 
 
@@ -682,7 +722,7 @@ def wait_seconds(reset=False):
 # activations at once (the last stage one) instead of all M, and each stage idles only during
 # the fill and drain: the bubble is (P - 1) / (M + P - 1) of the step.
 
-def train_step(model, d, microbatches, loss_fn, hidden_dtype, first_trainable=0):
+def train_step(model, d, microbatches, loss_fn, first_trainable=0):
     """Forward and backward over `microbatches` with 1F1B; gradients accumulate in .grad.
 
     model: this stage (glm.ChatGLM built with layer_ids/first/last).
@@ -690,8 +730,10 @@ def train_step(model, d, microbatches, loss_fn, hidden_dtype, first_trainable=0)
     micro-batches and replicas is the step's loss; it runs on the last stage only.
     first_trainable: the first stage holding trainable parameters. Stages before it (a frozen
     prefix with --train_layers) run forward only: no graph, no gradients sent back to them.
+    Activations and their gradients cross stages in the stages' compute dtype (bf16 on GPUs).
     Returns the summed loss as a tensor on every stage of the replica."""
     M, P, s = len(microbatches), d.P, d.pp_rank
+    hidden_dtype = stage_dtype(model)
     C = model.config.hidden_size
     shape = lambda i: (*microbatches[i]["input_ids"].shape, C)  # [b, T, C] crosses each boundary
     sends_grad = s > first_trainable  # the stage before us trains: give it d loss / d input
@@ -710,8 +752,7 @@ def train_step(model, d, microbatches, loss_fn, hidden_dtype, first_trainable=0)
         elif sends_grad:
             x.requires_grad_()
         rope, attend = model.inputs(mb["input_ids"])
-        inp = x if d.first else x.to(stage_dtype(model))  # x stays the leaf whose .grad goes back
-        h = model.transformer(inp, rope, attend, checkpoint=model.checkpoint_activations)
+        h = model.transformer(x, rope, attend, checkpoint=model.checkpoint_activations)
         if not d.last:
             return x, h
         loss = loss_fn(model, h, mb)
@@ -772,14 +813,15 @@ def forward_collect(model, d, microbatches, out_fn, out_shape):
 
 
 def stage_dtype(model):
-    """The dtype this stage computes in (its first block's LayerNorm; fp32 where it trains)."""
+    """The dtype this stage computes in (its first block's LayerNorm): bf16 on GPUs, fp32 on CPUs."""
     return next(iter(model.transformer.layers.values())).input_layernorm.weight.dtype
 
 
-def forward_only(model, d, microbatches, loss_fn, hidden_dtype):
+def forward_only(model, d, microbatches, loss_fn):
     """Evaluation through the pipeline: every micro-batch flows forward; the summed loss_fn over
     them is returned on every stage. No graph is built."""
     total = torch.zeros((), device=d.device)
+    hidden_dtype = stage_dtype(model)
     s = d.pp_rank
     with torch.no_grad():
         for mb in microbatches:
@@ -803,36 +845,6 @@ def first_trainable_stage(model, d):
     mine = d.pp_rank if any(p.requires_grad for p in model.parameters()) else d.P
     t = torch.tensor(float(-mine), device=d.device)
     return int(-all_reduce(t, "max", d.pp_group).item())
-
-
-def sync_grads(params, d):
-    """Sum gradients over the data-parallel replicas (losses are already scaled by the global
-    token count), one flat buffer per call so it is a single all-reduce."""
-    if d.D == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    all_reduce(flat, "sum", d.dp_group)
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
-        offset += n
-
-
-def clip_grad_norm(params, max_norm, d):
-    """Global gradient norm over all stages (each holds different parameters); clip to max_norm."""
-    sq = torch.zeros((), device=d.device)
-    for p in params:
-        if p.grad is not None:
-            sq += p.grad.float().pow(2).sum()
-    norm = all_reduce(sq, "sum", d.pp_group).sqrt()
-    if max_norm > 0:
-        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(scale)
-    return norm
 
 
 def lr_at(step, lr, warmup_steps, total_steps, min_ratio=0.1):
@@ -918,38 +930,6 @@ def finish_weights(model, tmp, tokenizer_path, lora_name=None):
             json.dump(lora.adapter_config(model, lora_name), f, indent=2)
     if tokenizer_path and os.path.isfile(tokenizer_path):
         shutil.copy(tokenizer_path, os.path.join(tmp, "ice_text.model"))
-
-
-def named_trainables(model, heads=None):
-    """{name: parameter} of the stage model plus any extra head modules ({prefix: module}),
-    the names under which optimiser state is saved."""
-    named = dict(model.named_parameters())
-    for prefix, module in (heads or {}).items():
-        named.update({f"{prefix}.{n}": p for n, p in module.named_parameters()})
-    return named
-
-
-def optimizer_state_by_name(named, opt):
-    """AdamW state keyed by parameter name, so another pipeline split can find its share."""
-    names = {id(p): n for n, p in named.items()}
-    return {names[id(p)]: {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
-            for p, st in opt.state.items()}
-
-
-def load_optimizer_state(named, opt, ckpt_dir, prefix="optim"):
-    """Fill opt's state from every {prefix}-stage*.pt file of a checkpoint (written with any P)."""
-    merged = {}
-    for path in sorted(glob.glob(os.path.join(ckpt_dir, f"{prefix}-stage*.pt"))):
-        merged.update(torch.load(path, map_location="cpu", weights_only=True))
-    names = {id(p): n for n, p in named.items()}
-    for p in (p for g in opt.param_groups for p in g["params"]):
-        name = names[id(p)]
-        if name not in merged:
-            raise KeyError(f"{ckpt_dir}: no optimiser state for '{name}'. HINT: resume with the same "
-                           "training mode (--lora_rank / --train_layers) the checkpoint was written with")
-        # AdamW keeps its step counter on the CPU (foreach implementation); moments go with p
-        opt.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and k != "step" else v)
-                        for k, v in merged[name].items()}
 
 
 def save_heads(heads, tmp, d):
@@ -1078,22 +1058,6 @@ def build_stage(model_dir, stage, d, checkpoint_all=False):
     return model
 
 
-def cast_trainable_fp32(model):
-    """Trainable weights become float32 master copies; autocast runs the matmuls in bf16."""
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
-
-
-def autocast(d, model):
-    """bf16 autocast where a stage trains float32 master weights (full, last-N). A LoRA stage
-    needs none: its base is bf16 already and its layers cast their small adapters themselves."""
-    masters = any(p.dtype == torch.float32 and ".lora_" not in n for n, p in model.named_parameters())
-    if d.device.type == "cuda" and masters:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def write_result(tmp, model, d, lora_name=None, heads=None, extra_json=None):
     """Every rank's share of a result folder: its stage's weights (or adapter part), the heads
     it holds, and (rank 0) small JSON files ({filename: object})."""
@@ -1123,7 +1087,7 @@ def save_train_checkpoint(out_dir, model, opt, d, tokenizer_path, lora_name, tra
     def write(tmp):
         write_result(tmp, model, d, lora_name, heads, extra_json)
         if d.dp_rank == 0:
-            torch.save(optimizer_state_by_name(named_trainables(model, heads), opt),
+            torch.save(opt.state_by_name(),
                        os.path.join(tmp, f"optim-stage{d.pp_rank:03d}.pt"))
         rng = {"cpu": torch.get_rng_state()}
         if d.device.type == "cuda":
@@ -1171,8 +1135,9 @@ def train_mode(lora_rank, train_layers, num_layers):
 
 
 def select_trainable(model, mode, cfg, adapter_dir=None, adapter="default"):
-    """Mark what trains (LoRA adapters, the last cfg.train_layers blocks, or everything), make
-    those weights float32 masters, and return them. adapter_dir: resume the adapter from there."""
+    """Mark what trains (LoRA adapters, the last cfg.train_layers blocks, or everything) and
+    return those parameters (their fp32 masters are the optimiser's: see AdamW). adapter_dir:
+    resume the adapter from there."""
     import lora
     if mode == "lora":
         lora.inject_lora(model, targets=tuple(cfg.lora_targets.split(",")), r=cfg.lora_rank,
@@ -1185,35 +1150,242 @@ def select_trainable(model, mode, cfg, adapter_dir=None, adapter="default"):
         for name, p in model.named_parameters():
             m = glm.LAYER_KEY.fullmatch(name)
             p.requires_grad_(mode == "full" or (m is not None and int(m.group(1)) >= first_trained))
-    cast_trainable_fp32(model)
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def adamw(params, lr, weight_decay):
-    """AdamW over float32 master weights; decay on matrices only (not biases or LayerNorms)."""
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95))
+def named_trainables(model, heads=None):
+    """{name: parameter} of what trains on this stage: the model's trained tensors plus those of
+    extra head modules ({prefix: module}); the names under which optimiser state is saved."""
+    named = dict(model.named_parameters())
+    for prefix, module in (heads or {}).items():
+        named.update({f"{prefix}.{n}": p for n, p in module.named_parameters()})
+    return {n: p for n, p in named.items() if p.requires_grad}
 
 
-def optimizer_step(opt, params, loss, lr, grad_clip, d, bad_steps, step, max_bad=10):
+def piece_of(name):
+    """The planner's piece ("embedding", "layer i", "head") a parameter belongs to; None for
+    tensors outside the model (reward and value heads)."""
+    m = glm.LAYER_KEY.fullmatch(name)
+    if m:
+        return f"layer {m.group(1)}"
+    if name.startswith("transformer.word_embeddings."):
+        return "embedding"
+    if name.startswith(("transformer.final_layernorm.", "lm_head.")):
+        return "head"
+    return None
+
+
+# -----------------------------------------------------------------------------
+# the optimiser: fp32 masters of bf16 weights, kept on this stage or on another
+#
+# On GPUs a stage computes in bf16, trained weights included. (Under autocast every micro-batch
+# would cast each fp32 weight to bf16 again and keep that copy for its backward: one copy per
+# micro-batch in flight, most of them on stage 0.) Precision lives in fp32 tensors beside each
+# trained bf16 weight w:
+#   w.main_grad  the gradient accumulator: a hook adds each micro-batch's bf16 gradient into it
+#                and frees that gradient at once (bf16 sums of M terms would lose the late ones)
+#   master       the weight AdamW updates; w is refreshed from it, rounded to bf16, after a step
+#   m, v         AdamW's moments
+# A float32 weight (CPU runs, LoRA adapters, heads) is its own master and sums in .grad.
+#
+# Master and moments are 12 of the 18 bytes a trained weight costs, and only the optimiser step
+# touches them. So they can live on another stage of the replica (`hosts`, chosen by the
+# planner): at the step the owner sends the summed fp32 gradient to the host, which runs AdamW
+# and sends the new weight back, 6 bytes per weight over P2P once per step. That evens out the
+# memory the layer split cannot: stage 0 holds the 9 GiB embedding, which costs no compute to
+# balance it against, on top of the most micro-batches in flight.
+
+
+def _accumulate_fp32(p):
+    """Post-accumulate hook of a bf16 trained weight: fold its fresh gradient into main_grad."""
+    if p.main_grad is None:
+        p.main_grad = p.grad.float()
+    else:
+        p.main_grad.add_(p.grad)
+    p.grad = None
+
+
+class AdamW:
+    """AdamW (betas 0.9, 0.95; decay on matrices only) over this stage's trained tensors
+    {name: parameter}, through fp32 masters. hosts {piece: stage} keeps the masters and moments
+    of those pieces on another stage of the replica (every stage passes the same dict)."""
+
+    def __init__(self, named, lr, weight_decay, d=None, hosts=None):
+        self.d = d = d or get()
+        self.owned = dict(named)
+        hosts = hosts or {}
+        self.away = {n: hosts[piece_of(n)] for n in sorted(self.owned)
+                     if hosts.get(piece_of(n), d.pp_rank) != d.pp_rank}  # {name: host stage}
+        for p in self.owned.values():
+            if p.dtype != torch.float32:
+                p.main_grad = None
+                p.register_post_accumulate_grad_hook(_accumulate_fp32)
+        self.masters = {n: p if p.dtype == torch.float32 else p.detach().float()
+                        for n, p in self.owned.items() if n not in self.away}
+        self.guests = {}  # {name: (owner stage, owner dtype)} of the masters kept here for others
+        if hosts and d.P > 1:
+            self._adopt_guests()
+        matrices = [t for t in self.masters.values() if t.dim() >= 2]
+        vectors = [t for t in self.masters.values() if t.dim() < 2]
+        groups = [g for g in ({"params": matrices, "weight_decay": weight_decay},
+                              {"params": vectors, "weight_decay": 0.0}) if g["params"]]
+        # fused: one kernel over all tensors, and no temporaries the size of the stage's weights
+        self.fused = d.device.type == "cuda"
+        self.opt = torch.optim.AdamW(groups or [{"params": []}], lr=lr, betas=(0.9, 0.95),
+                                     fused=self.fused or None)
+
+    def _adopt_guests(self):
+        """Every stage learns which tensors it hosts (name, shape, dtype, owner); owners send
+        their starting values."""
+        mine = {n: (h, tuple(self.owned[n].shape), str(self.owned[n].dtype)) for n, h in self.away.items()}
+        everyone = [None] * self.d.P
+        tdist.all_gather_object(everyone, mine, group=self.d.pp_group)
+        recvs = []
+        for owner, table in enumerate(everyone):
+            for n, (h, shape, dtype) in sorted(table.items()):
+                if h == self.d.pp_rank:
+                    self.guests[n] = (owner, getattr(torch, dtype.split(".")[-1]))
+                    self.masters[n] = torch.empty(shape, device=self.d.device)
+                    recvs.append((self.masters[n], owner))
+        _exchange(self.d, [(self.owned[n].detach().float(), h) for n, h in self.away.items()], recvs)
+
+    def grads(self):
+        """This stage's summed fp32 gradients, one per trained tensor (zeros where none arrived)."""
+        out = []
+        for p in self.owned.values():
+            if p.dtype == torch.float32:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                out.append(p.grad)
+            else:
+                if p.main_grad is None:
+                    p.main_grad = torch.zeros_like(p, dtype=torch.float32)
+                out.append(p.main_grad)
+        return out
+
+    def step(self, lr):
+        grads = dict(zip(self.owned, self.grads()))
+        # gradients of tensors kept elsewhere go to their hosts; our guests' gradients come here
+        inbox = {n: torch.empty_like(self.masters[n]) for n in self.guests}
+        _exchange(self.d, [(grads[n], h) for n, h in self.away.items()],
+                  [(inbox[n], owner) for n, (owner, _) in self.guests.items()])
+        for n, t in self.masters.items():
+            t.grad = inbox[n] if n in inbox else grads[n]
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.step()
+        # the new weights: back to their owners, and into this stage's own bf16 copies
+        _exchange(self.d, [(self.masters[n].to(dtype), owner) for n, (owner, dtype) in self.guests.items()],
+                  [(self.owned[n].detach(), h) for n, h in self.away.items()])
+        self._refresh_working()
+
+    def _refresh_working(self):
+        with torch.no_grad():
+            for n, t in self.masters.items():
+                p = self.owned.get(n)
+                if p is not None and p is not t:
+                    p.copy_(t)
+
+    def zero_grad(self):
+        for p in self.owned.values():
+            p.grad = None
+            if p.dtype != torch.float32:
+                p.main_grad = None
+        for t in self.masters.values():
+            t.grad = None
+
+    def state_by_name(self):
+        """AdamW state of every master kept here (own or hosted), keyed by parameter name, so any
+        other pipeline split finds its share; with the master itself where the saved weight is
+        only its bf16 rounding."""
+        out = {}
+        for n, t in self.masters.items():
+            st = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in self.opt.state.get(t, {}).items()}
+            if self.owned.get(n) is not t:
+                st["master"] = t.detach().cpu()
+            out[n] = st
+        return out
+
+    def load(self, ckpt_dir, prefix="optim"):
+        """Fill the state from every {prefix}-stage*.pt file of a checkpoint (written with any P)."""
+        merged = {}
+        for path in sorted(glob.glob(os.path.join(ckpt_dir, f"{prefix}-stage*.pt"))):
+            merged.update(torch.load(path, map_location="cpu", weights_only=True))
+        for n, t in self.masters.items():
+            if n not in merged:
+                raise KeyError(f"{ckpt_dir}: no optimiser state for '{n}'. HINT: resume with the same "
+                               "training mode (--lora_rank / --train_layers) the checkpoint was written with")
+            st = dict(merged[n])
+            master = st.pop("master", None)
+            if master is not None:
+                with torch.no_grad():
+                    t.copy_(master)
+            # the step counter lives on the device for the fused kernel, on the CPU otherwise
+            self.opt.state[t] = {k: (v.to(t.device) if torch.is_tensor(v) and (k != "step" or self.fused) else v)
+                                 for k, v in st.items()}
+        self._refresh_working()
+
+
+def adamw(named, lr, weight_decay, d=None, hosts=None):
+    return AdamW(named, lr, weight_decay, d, hosts)
+
+
+def sync_grads(grads, d, bucket=1 << 26):
+    """Sum fp32 gradients over the data-parallel replicas in place (losses are already scaled by
+    the global token count), in all-reduces of up to `bucket` elements."""
+    if d.D == 1:
+        return
+    group, size = [], 0
+
+    def flush():
+        if len(group) == 1:
+            all_reduce(group[0], "sum", d.dp_group)
+        else:
+            flat = all_reduce(torch.cat([g.reshape(-1) for g in group]), "sum", d.dp_group)
+            for g, part in zip(group, flat.split([g.numel() for g in group])):
+                g.copy_(part.view_as(g))
+        group.clear()
+
+    for g in grads:
+        if group and size + g.numel() > bucket:
+            flush()
+            size = 0
+        group.append(g)
+        size += g.numel()
+    if group:
+        flush()
+
+
+def clip_grad_norm(grads, max_norm, d):
+    """Global gradient norm over all stages (each holds different tensors); clip to max_norm."""
+    sq = torch.zeros((), device=d.device)
+    for g in grads:
+        sq += g.float().pow(2).sum()
+    norm = all_reduce(sq, "sum", d.pp_group).sqrt()
+    if max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale)
+    return norm
+
+
+def optimizer_step(opt, loss, lr, grad_clip, d, bad_steps, step, max_bad=10):
     """After train_step: global loss, replica-summed and clipped gradients, then the update,
     skipped (and counted) when the loss or gradient is not finite. Returns (loss, grad norm,
     consecutive bad steps); stops the run after max_bad bad steps in a row."""
     loss = all_reduce(loss.detach().clone(), "sum", d.dp_group).item()
-    sync_grads(params, d)
-    norm = float(clip_grad_norm(params, grad_clip, d))
+    grads = opt.grads()
+    sync_grads(grads, d)
+    norm = float(clip_grad_norm(grads, grad_clip, d))
     if math.isfinite(loss) and math.isfinite(norm):
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.step()
+        opt.step(lr)
         bad_steps = 0
     else:
         bad_steps += 1
         print0(f"step {step}: non-finite loss/gradient ({loss}, {norm}); update skipped ({bad_steps} in a row)")
         if bad_steps >= max_bad:
             raise RuntimeError(f"{max_bad} non-finite steps in a row: lower --lr or check the data")
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad()
     return loss, norm, bad_steps
 
 

@@ -204,8 +204,6 @@ class Roles:
             m.requires_grad_(role in ("actor", "critic"))
             if role == "critic" and m.lm_head is not None:
                 m.lm_head.requires_grad_(False)  # the value comes from value_head; lm_head gets no gradient
-            if role in ("actor", "critic"):
-                dist.cast_trainable_fp32(m)
         self.adapters = {r: None for r in self.models}
 
     def use(self, role):
@@ -215,19 +213,14 @@ class Roles:
             lora.set_adapter(model, self.adapters[role])
         return model
 
-    def params(self, role):
-        model = self.models[role]
-        if self.mode == "lora":
-            name = self.adapters[role]
-            ps = [p for _, m in lora.lora_modules(model) for p in (m.lora_A[name], m.lora_B[name])]
-        else:
-            ps = [p for p in model.parameters() if p.requires_grad]
-        return ps + (list(self.value_head.parameters()) if role == "critic" and self.value_head else [])
-
-    def named(self, role):
-        """Parameter names for optimiser state: the role's model plus its head."""
+    def trainables(self, role):
+        """{name: parameter} that the role's optimiser updates: its model's (or adapter's) trained
+        tensors plus, for the critic, the value head; the names key the saved optimiser state."""
         heads = {"value_head": self.value_head} if role == "critic" and self.value_head else None
-        return dist.named_trainables(self.models[role], heads)
+        named = dist.named_trainables(self.models[role], heads)
+        if self.mode == "lora":  # one model holds both trained adapters: keep this role's own
+            named = {n: p for n, p in named.items() if ".lora_" not in n or n.endswith("." + self.adapters[role])}
+        return named
 
 
 # -----------------------------------------------------------------------------
@@ -362,8 +355,7 @@ def score_rollout(roles, d, ids, T, cfg):
     per_row = lambda mb: (mb["input_ids"].shape[0],)
     def run(role, fn, shape):
         model = roles.use(role)
-        with dist.autocast(d, model):
-            return torch.cat(dist.forward_collect(model, d, mbs, fn, shape))
+        return torch.cat(dist.forward_collect(model, d, mbs, fn, shape))
 
     logp_fn = lambda model, h, mb: token_logprobs(model, h, mb["input_ids"], cfg.temperature)
     logp = run("actor", logp_fn, per_token)
@@ -408,9 +400,8 @@ def main(argv=None):
     # full mode holds actor and critic (training) beside reference and reward (frozen) on every GPU
     plan, stage = dist.plan_for_run(gcfg, d, plan_cfg, cfg.mode, copies=(1, 0) if cfg.mode == "lora" else (2, 2))
     roles = Roles(cfg, d, stage)
-    actor_params, critic_params = roles.params("actor"), roles.params("critic")
-    actor_opt = dist.adamw(actor_params, cfg.actor_lr, cfg.weight_decay)
-    critic_opt = dist.adamw(critic_params, cfg.critic_lr, cfg.weight_decay)
+    actor_opt = dist.adamw(roles.trainables("actor"), cfg.actor_lr, cfg.weight_decay, d, plan.hosts)
+    critic_opt = dist.adamw(roles.trainables("critic"), cfg.critic_lr, cfg.weight_decay, d, plan.hosts)
     kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     ckpt_dir = os.path.join(cfg.out, "checkpoint")
     step, bad = 0, {"actor": 0, "critic": 0}
@@ -452,7 +443,6 @@ def main(argv=None):
         prompt_ids = glm.left_pad([prompts[i] for i in idx], tok.pad_id).to(d.device)
         T = prompt_ids.shape[1]
         gen.manual_seed(cfg.seed * 1_000_003 + step * 1009 + d.dp_rank)  # per step: a resumed run samples the same
-        # no autocast: LoRA layers mix dtypes themselves, and the decode steps are CUDA graphs
         ids, _ = dist.generate(roles.use("actor"), d, prompt_ids, cfg.max_new_tokens, do_sample=True,
                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, generator=gen)
         t1 = time.perf_counter()
@@ -478,21 +468,18 @@ def main(argv=None):
                 mbs = split(rollout, rows, cfg.micro_batch_size)
                 n_tok = dist.all_reduce(mask[rows].sum().float(), "sum", d.dp_group).clamp(min=1)
                 actor = roles.use("actor")
-                with dist.autocast(d, actor):
-                    loss = dist.train_step(actor, d, mbs, policy_loss(cfg, n_tok, pstats), torch.float32)
-                    if ptx:
-                        pmbs = [{"input_ids": a.to(d.device), "labels": b.to(d.device)} for a, b in
-                                [data.collate([ptx[i] for i in next_ptx()], tok.pad_id)]]
-                        p_tok = dist.all_reduce(sum((mb["labels"][:, 1:] != data.IGNORE).sum() for mb in pmbs).float(),
-                                                "sum", d.dp_group).clamp(min=1)
-                        loss = loss + dist.train_step(actor, d, pmbs, ptx_loss(cfg.ptx_coef, p_tok), torch.float32)
-                _, _, bad["actor"] = dist.optimizer_step(actor_opt, actor_params, loss, cfg.actor_lr, cfg.grad_clip,
+                loss = dist.train_step(actor, d, mbs, policy_loss(cfg, n_tok, pstats))
+                if ptx:
+                    pmbs = [{"input_ids": a.to(d.device), "labels": b.to(d.device)} for a, b in
+                            [data.collate([ptx[i] for i in next_ptx()], tok.pad_id)]]
+                    p_tok = dist.all_reduce(sum((mb["labels"][:, 1:] != data.IGNORE).sum() for mb in pmbs).float(),
+                                            "sum", d.dp_group).clamp(min=1)
+                    loss = loss + dist.train_step(actor, d, pmbs, ptx_loss(cfg.ptx_coef, p_tok))
+                _, _, bad["actor"] = dist.optimizer_step(actor_opt, loss, cfg.actor_lr, cfg.grad_clip,
                                                          d, bad["actor"], step)
                 critic = roles.use("critic")
-                with dist.autocast(d, critic):
-                    vloss = dist.train_step(critic, d, mbs, value_loss(cfg, roles.value_head, n_tok, vstats),
-                                            torch.float32)
-                _, _, bad["critic"] = dist.optimizer_step(critic_opt, critic_params, vloss, cfg.critic_lr, cfg.grad_clip,
+                vloss = dist.train_step(critic, d, mbs, value_loss(cfg, roles.value_head, n_tok, vstats))
+                _, _, bad["critic"] = dist.optimizer_step(critic_opt, vloss, cfg.critic_lr, cfg.grad_clip,
                                                           d, bad["critic"], step)
         t3 = time.perf_counter()
         step += 1
@@ -598,7 +585,7 @@ def save_ppo_checkpoint(out_dir, roles, actor_opt, critic_opt, d, tok_path, cfg,
         dist.save_heads({"value_head": roles.value_head} if roles.value_head else None, tmp, d)
         if d.dp_rank == 0:
             for role, opt in (("actor", actor_opt), ("critic", critic_opt)):
-                torch.save(dist.optimizer_state_by_name(roles.named(role), opt),
+                torch.save(opt.state_by_name(),
                            os.path.join(tmp, f"optim-{role}-stage{d.pp_rank:03d}.pt"))
         torch.save({"cpu": torch.get_rng_state()}, os.path.join(tmp, f"rng-rank{d.rank:03d}.pt"))
         dist.barrier()
@@ -618,12 +605,12 @@ def load_ppo_checkpoint(ckpt_dir, roles, actor_opt, critic_opt, d):
         model, path = roles.models[role], os.path.join(ckpt_dir, sub)
         if roles.mode == "lora":
             lora.load_adapter(model, path, name=name)
-        else:  # this stage's tensors, copied into the (float32 master) parameters
+        else:  # this stage's tensors (the optimisers' states below restore their fp32 masters)
             model.load_state_dict(glm.read_safetensors(path, glm.expected_shapes(model), d.device))
     if roles.value_head is not None:
         dist.load_head(roles.value_head, ckpt_dir, "value_head")
-    dist.load_optimizer_state(roles.named("actor"), actor_opt, ckpt_dir, prefix="optim-actor")
-    dist.load_optimizer_state(roles.named("critic"), critic_opt, ckpt_dir, prefix="optim-critic")
+    actor_opt.load(ckpt_dir, prefix="optim-actor")
+    critic_opt.load(ckpt_dir, prefix="optim-critic")
     return state
 
 

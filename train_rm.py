@@ -162,8 +162,7 @@ def eop_index(input_ids, eop_id):
 def rewards_at_eop(head, h, eop_idx):
     """Scores r [N] from final hidden states h [N, T, C] at each row's <eop>, in float32."""
     x = h[torch.arange(h.shape[0], device=h.device), eop_idx]  # [N, C]
-    with torch.autocast(h.device.type, enabled=False):  # the head stays float32 under bf16 autocast
-        return head(x.float())[:, 0]  # [N]
+    return head(x.float())[:, 0]  # [N]
 
 
 def pair_loss(r, better, worse, margin):
@@ -286,19 +285,17 @@ def evaluate(model, head, d, mbs):
     """Held-out metrics; every replica scores the whole set, so no cross-replica sums are needed."""
     was_training = model.training
     model.eval()
-    with dist.autocast(d, model):
-        rewards = dist.forward_collect(model, d, mbs, lambda m, h, mb: rewards_at_eop(head, h, mb["eop_idx"]),
-                                       lambda mb: (mb["input_ids"].shape[0],))
+    rewards = dist.forward_collect(model, d, mbs, lambda m, h, mb: rewards_at_eop(head, h, mb["eop_idx"]),
+                                   lambda mb: (mb["input_ids"].shape[0],))
     model.train(was_training)
     return ranking_metrics(rewards, mbs)
 
 
-def freeze_lm_head(model, dtype):
-    """The RM never computes logits: lm_head stays frozen in the build dtype (no gradient, no
-    optimiser state), and is still saved, so final/ remains a complete HF folder for PPO."""
+def freeze_lm_head(model):
+    """The RM never computes logits: lm_head stays frozen (no gradient, no optimiser state), and
+    is still saved, so final/ remains a complete HF folder for PPO."""
     if model.lm_head is not None:
         model.lm_head.requires_grad_(False)
-        model.lm_head.weight.data = model.lm_head.weight.data.to(dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -352,23 +349,20 @@ def main(argv=None):
         dist.print0(f"--resume: no checkpoint in {ckpt_dir}, starting afresh")
     model = dist.build_stage(ckpt_dir if resuming and mode != "lora" else cfg.model, stage, d,
                              checkpoint_all=cfg.checkpoint)
-    build_dtype = next(model.parameters()).dtype
     # LoRA: the adapter continues from the SFT adapter (same name, so final/ is the whole delta)
-    params = dist.select_trainable(model, mode, cfg, adapter_dir=ckpt_dir if resuming else (cfg.sft_adapter or None))
+    dist.select_trainable(model, mode, cfg, adapter_dir=ckpt_dir if resuming else (cfg.sft_adapter or None))
     if d.last:
-        freeze_lm_head(model, build_dtype)
-        params = [p for p in params if p.requires_grad]
+        freeze_lm_head(model)
     head = make_head(gcfg.hidden_size, cfg.seed, d.device) if d.last else None  # the last stage's alone
     heads = {HEAD: head} if d.last else {}
     if resuming and d.last:
         dist.load_head(head, ckpt_dir, HEAD)
-    params = params + (list(head.parameters()) if d.last else [])
     first_trainable = dist.first_trainable_stage(model, d)
-    opt = dist.adamw(params, cfg.lr, cfg.weight_decay)
+    opt = dist.adamw(dist.named_trainables(model, heads), cfg.lr, cfg.weight_decay, d, plan.hosts)
     step, bad_steps, reward_stats, ev = 0, 0, None, None
     if resuming:
         state = dist.load_train_state(ckpt_dir, d)
-        dist.load_optimizer_state(dist.named_trainables(model, heads), opt, ckpt_dir)
+        opt.load(ckpt_dir)
         batches.load_state_dict(state["data"])
         step, bad_steps, reward_stats = state["step"], state["bad_steps"], state.get("reward_stats")
         dist.print0(f"resumed from {ckpt_dir} at step {step}")
@@ -398,9 +392,8 @@ def main(argv=None):
             mbs = microbatches(train_enc, idx, cfg.micro_batch_size, tok, d.device)
             n_pairs = count_pairs(mbs, d.dp_group)
             lr = dist.lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-            with dist.autocast(d, model):
-                loss = dist.train_step(model, d, mbs, rm_loss(head, n_pairs), torch.float32, first_trainable)
-            loss, norm, bad_steps = dist.optimizer_step(opt, params, loss, lr, cfg.grad_clip, d, bad_steps, step)
+            loss = dist.train_step(model, d, mbs, rm_loss(head, n_pairs), first_trainable)
+            loss, norm, bad_steps = dist.optimizer_step(opt, loss, lr, cfg.grad_clip, d, bad_steps, step)
             step += 1
             tokens = sum(mb["input_ids"].numel() for mb in mbs) * d.D
             tokens_seen += tokens
@@ -435,7 +428,7 @@ def main(argv=None):
     dist.print0(f"wrote {final} ({'LoRA adapter' if mode == 'lora' else 'full HF weights'} + {HEAD}.safetensors "
                 f"+ {STATS_FILE}); {tokens_seen / max(wall, 1e-9):.0f} tokens/s over the run")
     report(ev, "toy, after training" if toy else "final")
-    dist.report_memory_and_busy(plan.stages[d.pp_rank] if plan else None, d, wall)
+    dist.report_memory_and_busy(stage, d, wall)
     dist.teardown()
     return ev
 

@@ -167,13 +167,13 @@ def main(argv=None):
         dist.print0(f"--resume: no checkpoint in {ckpt_dir}, starting afresh")
     model = dist.build_stage(ckpt_dir if resuming and mode != "lora" else cfg.model, stage, d,
                              checkpoint_all=cfg.checkpoint)
-    params = dist.select_trainable(model, mode, cfg, adapter_dir=ckpt_dir if resuming else None)
+    dist.select_trainable(model, mode, cfg, adapter_dir=ckpt_dir if resuming else None)
     first_trainable = dist.first_trainable_stage(model, d)
-    opt = dist.adamw(params, cfg.lr, cfg.weight_decay)
+    opt = dist.adamw(dist.named_trainables(model), cfg.lr, cfg.weight_decay, d, plan.hosts)
     step, bad_steps = 0, 0
     if resuming:
         state = dist.load_train_state(ckpt_dir, d)
-        dist.load_optimizer_state(dist.named_trainables(model), opt, ckpt_dir)
+        opt.load(ckpt_dir)
         batches.load_state_dict(state["data"])
         step, bad_steps = state["step"], state["bad_steps"]
         dist.print0(f"resumed from {ckpt_dir} at step {step}")
@@ -185,9 +185,7 @@ def main(argv=None):
 
     def evaluate():  # every replica scores the whole held-out set: no cross-replica sums needed
         mbs = microbatches(eval_enc, list(range(len(eval_enc))), cfg, tok.pad_id, d.device)
-        with dist.autocast(d, model):
-            loss = dist.forward_only(model, d, mbs, sft_loss(count_label_tokens(mbs)), torch.float32)
-        return float(loss)
+        return float(dist.forward_only(model, d, mbs, sft_loss(count_label_tokens(mbs))))
 
     # ---- loop
     log = dist.MetricsLog(cfg.out, resume=resuming)
@@ -202,9 +200,8 @@ def main(argv=None):
             mbs = microbatches(train_enc, idx, cfg, tok.pad_id, d.device)
             n_tok = count_label_tokens(mbs, d.dp_group)
             lr = dist.lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-            with dist.autocast(d, model):
-                loss = dist.train_step(model, d, mbs, sft_loss(n_tok), torch.float32, first_trainable)
-            loss, norm, bad_steps = dist.optimizer_step(opt, params, loss, lr, cfg.grad_clip, d, bad_steps, step)
+            loss = dist.train_step(model, d, mbs, sft_loss(n_tok), first_trainable)
+            loss, norm, bad_steps = dist.optimizer_step(opt, loss, lr, cfg.grad_clip, d, bad_steps, step)
             step += 1
             tokens = sum(mb["input_ids"].numel() for mb in mbs) * d.D
             tokens_seen += tokens
@@ -231,7 +228,7 @@ def main(argv=None):
                 f"{tokens_seen / max(wall, 1e-9):.0f} tokens/s over the run")
     if toy:
         dist.print0(f"toy held-out accuracy after training: {toy_accuracy(model, tok, eval_ex, cfg.max_len, d):.1%}")
-    dist.report_memory_and_busy(plan.stages[d.pp_rank] if plan else None, d, wall)
+    dist.report_memory_and_busy(stage, d, wall)
     dist.teardown()
 
 

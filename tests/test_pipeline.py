@@ -127,14 +127,36 @@ def grads_job(job, out):
         set_lora_values(model)
     n_tok = train_sft.count_label_tokens(mine, d.dp_group)
     first = dist.first_trainable_stage(model, d)
-    loss = dist.train_step(model, d, mine, train_sft.sft_loss(n_tok), torch.float32, first)
+    loss = dist.train_step(model, d, mine, train_sft.sft_loss(n_tok), first)
     loss = dist.all_reduce(loss.detach().clone(), "sum", d.dp_group)
-    dist.sync_grads(params, d)
+    dist.sync_grads([p.grad for p in params], d)
     torch.save({"rank": d.rank, "pp_rank": d.pp_rank, "dp_rank": d.dp_rank, "loss": loss.item(),
                 "n_tokens": n_tok.item(), "first_trainable": first,
                 "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
                 "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad)},
                os.path.join(out, f"{job['name']}-rank{d.rank}.pt"))
+
+
+HOSTED_LR, HOSTED_WD, HOSTED_CLIP, HOSTED_STEPS = 1e-3, 0.1, 0.5, 2
+
+
+def hosted_job(job, out):
+    """HOSTED_STEPS AdamW steps of full training, some pieces' masters and moments kept on other
+    stages (job["hosts"]); saves each rank's weights and the optimiser state it keeps."""
+    d = _setup(job["pp"])
+    mbs = global_microbatches()
+    gcfg = glm.GLMConfig.from_json(os.path.join(job["model"], "config.json"))
+    plan = dist.plan_from_counts(dist.glm_pieces(gcfg, 2, 48), [LAYERS // d.P] * d.P, dist.CostModel(len(mbs)))
+    model = dist.build_stage(job["model"], plan.stages[d.pp_rank], d)
+    dist.select_trainable(model, "full", LORA)
+    opt = dist.adamw(dist.named_trainables(model), HOSTED_LR, HOSTED_WD, d, job["hosts"])
+    n_tok = train_sft.count_label_tokens(mbs)
+    for step in range(HOSTED_STEPS):
+        loss = dist.train_step(model, d, mbs, train_sft.sft_loss(n_tok))
+        dist.optimizer_step(opt, loss, HOSTED_LR, HOSTED_CLIP, d, 0, step)
+    torch.save({"pp_rank": d.pp_rank, "guests": sorted(opt.guests), "away": sorted(opt.away),
+                "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+                "state": opt.state_by_name()}, os.path.join(out, f"{job['name']}-rank{d.rank}.pt"))
 
 
 def train_job(job, out):
@@ -155,7 +177,7 @@ def worker(jobs_path):
     rank, results = int(os.environ["RANK"]), {}
     for job in jobs:
         try:
-            {"grads": grads_job, "train": train_job}[job["kind"]](job, out)
+            {"grads": grads_job, "train": train_job, "hosted": hosted_job}[job["kind"]](job, out)
             results[job["name"]] = "ok"
         except Exception as e:  # recorded for the test; the jobs after it still run
             results[job["name"]] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
@@ -221,6 +243,50 @@ def reference_grads(base, mode, micro_batches=MICRO_BATCHES):
     return total, n, {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
 
 
+def reference_adamw(base):
+    """The whole model after HOSTED_STEPS steps of torch's own AdamW (decay on matrices only) on
+    the plain loop's gradients, clipped by torch's clip_grad_norm_: {name: weight}, {name: state}."""
+    model = glm.ChatGLM.from_pretrained(base)
+    mbs = global_microbatches()
+    n = sum(int((mb["labels"][:, 1:] != data.IGNORE).sum()) for mb in mbs)
+    named = dict(model.named_parameters())
+    opt = torch.optim.AdamW([{"params": [p for p in named.values() if p.dim() >= 2], "weight_decay": HOSTED_WD},
+                             {"params": [p for p in named.values() if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=HOSTED_LR, betas=(0.9, 0.95))
+    for _ in range(HOSTED_STEPS):
+        opt.zero_grad()
+        for mb in mbs:
+            logits = model(mb["input_ids"])
+            F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), mb["labels"][:, 1:].reshape(-1),
+                            ignore_index=data.IGNORE, reduction="sum").div(n).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), HOSTED_CLIP)
+        opt.step()
+    return ({k: p.detach() for k, p in named.items()}, {k: opt.state[p] for k, p in named.items()})
+
+
+def check_hosted(out, name, nproc, base, hosts):
+    """Weights and optimiser states equal torch's AdamW on one process; every hosted state sits on
+    its host and nowhere else."""
+    ranks = [torch.load(os.path.join(out, f"{name}-rank{r}.pt"), weights_only=True) for r in range(nproc)]
+    want_w, want_state = reference_adamw(base)
+    got_w, got_state = {}, {}
+    for r in ranks:
+        got_w.update(r["weights"])
+        assert not got_state.keys() & r["state"].keys(), "one state kept on two stages"
+        got_state.update(r["state"])
+        for n in r["state"]:
+            assert hosts.get(dist.piece_of(n), r["pp_rank"]) == r["pp_rank"] or n in r["guests"]
+        for n in r["guests"]:
+            assert hosts[dist.piece_of(n)] == r["pp_rank"] and n in r["state"]
+    assert sorted(n for r in ranks for n in r["guests"]) == sorted(n for r in ranks for n in r["away"])
+    assert {dist.piece_of(n) for r in ranks for n in r["guests"]} == set(hosts)
+    assert got_w.keys() == want_w.keys() == got_state.keys()
+    for k in want_w:
+        torch.testing.assert_close(got_w[k], want_w[k], atol=2e-6, rtol=1e-5, msg=k)
+        for m in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(got_state[k][m], want_state[k][m], atol=1e-7, rtol=1e-4, msg=f"{k} {m}")
+
+
 def merged_grads(out, name, nproc):
     """Every rank's saved step, and {param name: grad} over the pipeline (replica 0's stages)."""
     ranks = [torch.load(os.path.join(out, f"{name}-rank{r}.pt"), weights_only=True) for r in range(nproc)]
@@ -262,6 +328,11 @@ def one_thread():
 # the launches (module fixtures: each runs once, the tests read its results)
 
 
+# optimiser states kept away from their stage: P = 4 holds one block a stage, P = 2 two
+HOSTS_P4 = {"embedding": 3, "head": 0, "layer 1": 2}
+HOSTS_P2 = {"embedding": 1, "layer 3": 0, "head": 0}
+
+
 @pytest.fixture(scope="module")
 def setup_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
@@ -282,6 +353,7 @@ def four(setup_dir):
         dict(g, name="p4_last2", pp=4, mode="last_n"),
         dict(g, name="p4_lora", pp=4, mode="lora"),
         dict(g, name="p2d2", pp=2, mode="full"),
+        dict(kind="hosted", name="hosted_p4", pp=4, model=s.base, hosts=HOSTS_P4),
         # warmup 4 > 3 steps: the first three learning rates do not depend on max_steps, so this run
         # is the first half of a 6-step run and may be resumed as one
         dict(kind="train", name="sft_p4", argv=sft_argv(s.base, s.train, s.root / "sft_p4", "--pp", "4", max_steps=3)),
@@ -304,6 +376,7 @@ def two(setup_dir, four):
     g = dict(kind="grads", model=s.base)
     jobs = [
         dict(g, name="p2", pp=2, mode="full", counts=[1, 3], checkpoint=True),
+        dict(kind="hosted", name="hosted_p2", pp=2, model=s.base, hosts=HOSTS_P2),
         dict(kind="train", name="sft_p2", argv=sft_argv(s.base, s.train, s.root / "sft_p2", "--pp", "2")),
         dict(kind="train", name="sft_p2_lora",
              argv=sft_argv(s.base, s.train, s.root / "sft_p2_lora", "--pp", "2", "--lora_rank", "4", max_steps=4)),
@@ -350,13 +423,23 @@ def test_train_step_in_one_process_matches_the_plain_loop(setup_dir):
     params = dist.select_trainable(model, "full", LORA)
     mbs = global_microbatches()
     n_tok = train_sft.count_label_tokens(mbs)
-    loss = dist.train_step(model, d, mbs, train_sft.sft_loss(n_tok), torch.float32)
+    loss = dist.train_step(model, d, mbs, train_sft.sft_loss(n_tok))
     want_loss, n, want = reference_grads(setup_dir.base, "full")
     assert int(n_tok) == n and abs(loss.item() - want_loss) < 1e-5
     got = {name: p.grad for name, p in model.named_parameters()}
     assert len(params) == len(got) == len(want)
     for key in want:
         torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_torchrun_p4_optimizer_states_kept_on_other_stages_match_torch_adamw(setup_dir, four):
+    ok(four, "hosted_p4")
+    check_hosted(four.out, "hosted_p4", 4, setup_dir.base, HOSTS_P4)
+
+
+def test_torchrun_p2_optimizer_states_kept_on_other_stages_match_torch_adamw(setup_dir, two):
+    ok(two, "hosted_p2")
+    check_hosted(two.out, "hosted_p2", 2, setup_dir.base, HOSTS_P2)
 
 
 def test_torchrun_p2_gradients_match_one_process(setup_dir, two):
@@ -487,3 +570,56 @@ def test_torchrun_pp_that_does_not_divide_the_world_is_a_clear_error(two):
 
 if __name__ == "__main__":
     worker(sys.argv[1])
+
+
+def test_bf16_weights_train_through_fp32_masters(setup_dir, tmp_path):
+    """A bf16 stage: micro-batch gradients sum in fp32 (main_grad), AdamW updates fp32 masters and
+    the bf16 weights are their rounding; saved state carries the master, so a resume is exact."""
+    d = dist.setup(1)
+    mbs = global_microbatches()
+    n_tok = train_sft.count_label_tokens(mbs)
+    lr, wd = 1e-3, 0.1
+
+    def bf16_model():
+        model = glm.ChatGLM.from_pretrained(setup_dir.base, dtype=torch.bfloat16)
+        dist.select_trainable(model, "full", LORA)
+        return model
+
+    # reference gradients: each micro-batch's bf16 gradient on its own, summed in float64
+    ref, want = bf16_model(), {}
+    for mb in mbs:
+        ref.zero_grad()
+        dist.train_step(ref, d, [mb], train_sft.sft_loss(n_tok))
+        for k, p in ref.named_parameters():
+            want[k] = want.get(k, 0) + p.grad.double()
+    model = bf16_model()
+    opt = dist.adamw(dist.named_trainables(model), lr, wd, d)
+    loss = dist.train_step(model, d, mbs, train_sft.sft_loss(n_tok))
+    named = dict(model.named_parameters())
+    for k, p in named.items():
+        assert p.grad is None and p.main_grad.dtype == torch.float32
+        torch.testing.assert_close(p.main_grad.double(), want[k], atol=1e-7, rtol=1e-6, msg=k)
+    # reference update: torch's AdamW on float32 copies of the starting weights with those gradients
+    start = {k: p.detach().float().clone().requires_grad_() for k, p in named.items()}
+    ref_opt = torch.optim.AdamW([{"params": [t for t in start.values() if t.dim() >= 2], "weight_decay": wd},
+                                 {"params": [t for t in start.values() if t.dim() < 2], "weight_decay": 0.0}],
+                                lr=lr, betas=(0.9, 0.95))
+    for k, t in start.items():
+        t.grad = named[k].main_grad.clone()
+    ref_opt.step()
+    dist.optimizer_step(opt, loss, lr, 0.0, d, 0, 0)
+    for k, p in named.items():
+        torch.testing.assert_close(opt.masters[k], start[k].detach(), atol=1e-7, rtol=1e-6, msg=k)
+        assert torch.equal(p.detach(), opt.masters[k].to(torch.bfloat16)), k
+    assert (opt.masters["lm_head.weight"] != named["lm_head.weight"].float()).any()  # the master has more bits
+    # the saved state brings the fp32 master back into a model built from the bf16 weights
+    torch.save(opt.state_by_name(), tmp_path / "optim-stage000.pt")
+    again = bf16_model()
+    with torch.no_grad():
+        for k, p in again.named_parameters():
+            p.copy_(named[k])
+    opt2 = dist.adamw(dist.named_trainables(again), lr, wd, d)
+    opt2.load(str(tmp_path))
+    for k in named:
+        assert torch.equal(opt2.masters[k], opt.masters[k]), k
+        assert torch.equal(opt2.opt.state[opt2.masters[k]]["exp_avg_sq"], opt.opt.state[opt.masters[k]]["exp_avg_sq"])

@@ -296,10 +296,10 @@ class Stop(Exception):
 def stop_before_step(monkeypatch, k):
     real = dist.optimizer_step
 
-    def step_or_stop(opt, params, loss, lr, grad_clip, d, bad_steps, step, *a, **kw):
+    def step_or_stop(opt, loss, lr, grad_clip, d, bad_steps, step, *a, **kw):
         if step == k:
             raise Stop
-        return real(opt, params, loss, lr, grad_clip, d, bad_steps, step, *a, **kw)
+        return real(opt, loss, lr, grad_clip, d, bad_steps, step, *a, **kw)
     monkeypatch.setattr(dist, "optimizer_step", step_or_stop)
 
 
