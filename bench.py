@@ -242,17 +242,27 @@ def bench_train(args, device, dtype):
         tokens = seqs * args.seq
         mfu = model_flops_per_token(cfg, args.train, args.seq, args.train_layers) * tokens / dt / (d.world * H100_BF16_PEAK)
         rows = dist.report_memory_and_busy(stage, d, dt * args.iters)
+        params = sum(p.numel() for p in model.parameters()) if args.train != "lora" else None
+        if params is not None:  # the MFU: 6 x all parameters (embedding included) x tokens
+            params = int(dist.all_reduce(torch.tensor(float(params), device=d.device), "sum", d.pp_group).item())
         res = dict(mode=args.mode, train=args.train, plan=method, P=d.P, D=d.D, micro_batch=args.batch,
                    micro_batches=M, seq=args.seq, checkpoint=args.checkpoint, layer_counts=plan.layer_counts,
+                   optimizer_states_moved=plan.hosts,
                    step_s=round(dt, 4), tok_per_s=round(tokens / dt, 1), mfu=round(mfu, 4),
                    per_rank=[dict(rank=int(r[0]), stage=int(r[1]), peak_gib=round(r[2] / 2**30, 2),
                                   predicted_gib=round(r[3] / 2**30, 2), busy=round(r[4], 3)) for r in rows])
+        if params is not None:
+            res["mfu_6n"] = round(6 * params * tokens / dt / (d.world * H100_BF16_PEAK), 4)
         if args.mode == "rm":
             res["answers_per_s_per_gpu"] = round(seqs / dt / d.world, 1)
         if d.device.type == "cuda":
             peaks = [r[2] for r in rows]
             res["peak_max_over_min"] = round(max(peaks) / min(peaks), 3)
+        # the bubble is the idle share of the busiest (bottleneck) stage; faster stages idle more,
+        # which is imbalance, reported as the mean idle share beside it
         res["bubble_predicted"] = round((d.P - 1) / (M + d.P - 1), 3)
+        res["bubble_measured"] = round(1 - max(r[4] for r in rows), 3)
+        res["idle_mean"] = round(1 - sum(r[4] for r in rows) / len(rows), 3)
         dist.print0(json.dumps(res))
         results.append(res)
         del model, opt, mbs

@@ -632,16 +632,19 @@ def teardown():
 
 
 def all_reduce(t, op="sum", group=None):
-    """In-place all-reduce over `group` (a no-op in one process); returns t."""
+    """In-place all-reduce over `group` (a no-op in one process); returns t. The wait for the
+    other ranks counts as idle time (at a step's end the stages that finished first wait here)."""
     if tdist.is_initialized() and tdist.get_world_size(group) > 1:
-        tdist.all_reduce(t, op=tdist.ReduceOp.SUM if op == "sum" else tdist.ReduceOp.MAX, group=group)
+        with _waiting(get()):
+            tdist.all_reduce(t, op=tdist.ReduceOp.SUM if op == "sum" else tdist.ReduceOp.MAX, group=group)
     return t
 
 
 def broadcast_from_last_stage(t, d):
     """Share a value computed on the last stage (the loss) with every stage of the replica."""
     if d.P > 1:
-        tdist.broadcast(t, src=d.stage_rank(d.P - 1), group=d.pp_group)
+        with _waiting(d):
+            tdist.broadcast(t, src=d.stage_rank(d.P - 1), group=d.pp_group)
     return t
 
 
@@ -656,12 +659,9 @@ def _exchange(d, sends=(), recvs=()):
            + [tdist.P2POp(tdist.irecv, b, d.stage_rank(s)) for b, s in recvs])
     if not ops:
         return
-    start = _mark(d)
-    for req in tdist.batch_isend_irecv(ops):
-        req.wait()
-    WAITS.append((start, _mark(d)))
-    if len(WAITS) > 256:  # fold what has finished, so a long run keeps few events alive
-        _fold(block=False)
+    with _waiting(d):
+        for req in tdist.batch_isend_irecv(ops):
+            req.wait()
 
 
 def _p2p(d, send=None, send_to=None, recv_shape=None, recv_from=None, dtype=None):
@@ -672,11 +672,21 @@ def _p2p(d, send=None, send_to=None, recv_shape=None, recv_from=None, dtype=None
     return buf
 
 
-# The pipeline's idle time: for every transfer, the span from "this stage's queued work is done"
-# to "the neighbour's data is here". On GPUs these are CUDA events on the compute stream, read
+# The pipeline's idle time: for every transfer or collective, the span from "this stage's queued
+# work is done" to "the other ranks' data is here". On GPUs these are CUDA events on the compute stream, read
 # only when reported, so measuring never stalls the host; on CPUs they are wall-clock times.
 WAITS = collections.deque()
 WAITED = [0.0]  # seconds already folded out of WAITS
+
+
+@contextlib.contextmanager
+def _waiting(d):
+    """Count what runs inside as waiting on other ranks."""
+    start = _mark(d)
+    yield
+    WAITS.append((start, _mark(d)))
+    if len(WAITS) > 256:  # fold what has finished, so a long run keeps few events alive
+        _fold(block=False)
 
 
 def _mark(d):
@@ -1360,7 +1370,7 @@ def clip_grad_norm(grads, max_norm, d):
     """Global gradient norm over all stages (each holds different tensors); clip to max_norm."""
     sq = torch.zeros((), device=d.device)
     for g in grads:
-        sq += g.float().pow(2).sum()
+        sq += torch.linalg.vector_norm(g).square()
     norm = all_reduce(sq, "sum", d.pp_group).sqrt()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
