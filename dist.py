@@ -197,6 +197,11 @@ class _Spans:
     def nblocks(self, i, j):
         return self.blocks[j] - self.blocks[i]
 
+    def movable(self, i, j):
+        """Bytes of optimiser state (master + moments) pieces [i, j) could keep on other stages."""
+        m = self.model
+        return sum(p.trainable for p in self.pieces[i:j]) * m.optim_bytes * m.trained_copies if m.level_optim else 0.0
+
     def span(self, i, j):
         if (i, j) not in self.cache:
             ps, m = self.pieces[i:j], self.model
@@ -310,29 +315,45 @@ def partition(pieces, P, model, mem_slack=0.05, mem_target=0.85, title=""):
         bound = min(budget, max(bound, mem_target * budget))
     bound *= 1 + 1e-12  # the pass-1 plan itself must pass
     limit = bound if recompute else None  # each stage recomputes the fewest blocks to meet it
+    if model.level_optim:
+        # optimiser states can leave a stage, so only what stays must meet the bound: time decides
+        # the cut and _level evens out memory after it; if that does not fit, cut for memory
+        plan = _level(_build(pieces, P, model, _fastest(spans, P, bound, None, movable=True), None, "auto",
+                             title), pieces)
+        if plan.fits:
+            return plan
+    return _level(_build(pieces, P, model, _fastest(spans, P, bound, limit), limit, "auto", title), pieces)
+
+
+def _fastest(spans, P, bound, limit, movable=False):
+    """Passes 2-4 of the objective: the cut whose slowest stage is fastest with every stage's
+    memory within bound (less its movable optimiser state if `movable`), then the least memory at
+    that speed, then the most even stages."""
+    def cost(s, i, j):
+        mem, time, _ = spans.cost(s, P, i, j, limit)
+        return mem - (spans.movable(i, j) if movable else 0.0), time
 
     def time_within(s, i, j):  # pass 2: the fastest slowest stage within the memory bound
-        mem, time, _ = spans.cost(s, P, i, j, limit)
+        mem, time = cost(s, i, j)
         return time if mem <= bound else math.inf
 
     best_time, _ = _search(spans, P, time_within)
     tbound = best_time * (1 + 1e-9)
 
     def mem_within(s, i, j):  # pass 3: the least memory at that speed
-        mem, time, _ = spans.cost(s, P, i, j, limit)
+        mem, time = cost(s, i, j)
         return mem if mem <= bound and time <= tbound else math.inf
 
     peak, _ = _search(spans, P, mem_within)
     mbound = peak * (1 + 1e-9)
 
     def even_within(s, i, j):  # pass 4: the most even stages among those (least sum of squares)
-        mem, time, _ = spans.cost(s, P, i, j, limit)
+        mem, time = cost(s, i, j)
         if mem > mbound or time > tbound:
             return math.inf
         return (time / (best_time or 1.0)) ** 2 + (mem / (peak or 1.0)) ** 2
 
-    _, ends = _search(spans, P, even_within, combine=lambda a, b: a + b)
-    return _level(_build(pieces, P, model, ends, limit, "auto", title), pieces)
+    return _search(spans, P, even_within, combine=lambda a, b: a + b)[1]
 
 
 def _level(plan, pieces):
