@@ -1046,6 +1046,12 @@ class MetricsLog:
                     self.tb.add_scalar(k, v, step)
 
 
+def start_clock():
+    """Start of the span report_memory_and_busy covers: forget earlier waits, return the time."""
+    wait_seconds(reset=True)
+    return time.perf_counter()
+
+
 def report_memory_and_busy(plan_stage, d, wall_s):
     """Each rank's measured peak memory and busy share beside the planner's prediction (rank 0 prints)."""
     peak = torch.cuda.max_memory_allocated(d.device) if d.device.type == "cuda" else float("nan")

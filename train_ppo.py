@@ -435,7 +435,7 @@ def main(argv=None):
     before = toy_report(roles, tok, d, cfg) if toy else None
     history = []
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
-    t_run = time.perf_counter()
+    t_run = dist.start_clock()
     while step < cfg.max_steps:
         # ---- rollout: generate with the policy, then score with all four roles
         t0 = time.perf_counter()

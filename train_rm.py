@@ -385,7 +385,7 @@ def main(argv=None):
         report(evaluate(model, head, d, eval_mbs), "toy, before training")
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
-    t_start, tokens_seen = time.perf_counter(), 0
+    t_start, tokens_seen = dist.start_clock(), 0
     while step < total_steps:
         for idx in batches:
             t0 = time.perf_counter()

@@ -117,15 +117,13 @@ def count_label_tokens(mbs, group=None):
 
 
 def toy_accuracy(model, tok, examples, max_len, d):
-    """Exact-match accuracy of greedy answers on the toy task (single-stage runs)."""
-    if d.P > 1:
-        return float("nan")
+    """Exact-match accuracy of greedy answers on the toy task (through the pipeline if P > 1)."""
     model.eval()
     ok = 0
     for i in range(0, len(examples), 128):
         chunk = examples[i:i + 128]
         ids = glm.left_pad([data.encode_prompt(tok, e, max_len) for e in chunk], tok.pad_id).to(d.device)
-        out = model.generate(ids, max_new_tokens=6)
+        out, _ = dist.generate(model, d, ids, max_new_tokens=6)
         for e, row in zip(chunk, out[:, ids.shape[1]:]):
             ok += data.toy_answer_correct(e["prompt"], tok.decode(row, skip_special_tokens=True))
     model.train()
@@ -193,7 +191,7 @@ def main(argv=None):
         dist.print0(f"toy held-out accuracy before training: {toy_accuracy(model, tok, eval_ex, cfg.max_len, d):.1%}")
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
-    t_start, tokens_seen = time.perf_counter(), 0
+    t_start, tokens_seen = dist.start_clock(), 0
     while step < total_steps:
         for idx in batches:
             t0 = time.perf_counter()
