@@ -5,7 +5,7 @@
     python bench.py forward  [--batch 4 --seq 512]
     python bench.py sft --train lora [--checkpoint]           # LoRA r=8 on query_key_value, 4 x 512
     python bench.py sft --train last_n --train_layers 4
-    torchrun --nproc_per_node=4 bench.py pipeline --pp 4 --train full --plans auto,naive
+    torchrun --nproc_per_node=4 bench.py pipeline --pp 4 --train full --micro_batches 16 --plans auto,naive
     torchrun --nproc_per_node=4 bench.py sft --pp 1 --train lora        # D = 4 data-parallel replicas
     torchrun --nproc_per_node=4 bench.py rm --pp 4 --train full         # ranked groups of 4 answers
     python bench.py make_model --dir /tmp/glm6b [--adapter]             # random 6B folder for train_ppo.py

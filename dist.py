@@ -35,7 +35,8 @@ import glm
 #   grads   = trainable parameters * grad_bytes   (fp32 accumulators by default: M micro-batches
 #             are summed into them, and bf16 sums lose the small late terms)
 #   optim   = trainable parameters * optim_bytes  (AdamW: two fp32 moments = 8, plus an fp32
-#             master copy = 12 when the parameters themselves are bf16)
+#             master copy = 12 when the parameters themselves are bf16), counted on the stage
+#             that keeps them, which need not be the parameters' own (see _level)
 #   act     = in_flight * activations kept per micro-batch, where 1F1B keeps
 #             in_flight = min(P - s, M) micro-batches alive on stage s (its warm-up depth);
 #             a recomputed (checkpointed) block keeps only its input, and while one is being
@@ -60,6 +61,12 @@ import glm
 # good, and time decides. (Without that rule a LoRA run using 6 of 80 GiB would be planned
 # slower than equal layer counts, to even out memory nobody needs; 15 % stays free for what the
 # model leaves out: allocator fragmentation, NCCL buffers, transient workspaces.)
+# With bf16 weights the 12 bytes of master and moments can live on another stage (AdamW below),
+# which decouples memory from the cut: passes 2-4 then only require what cannot move to meet
+# the bound, so time alone decides the cut, and _level moves whole pieces' states from the
+# fullest stage to the emptiest until no move helps. (If that plan does not fit, the cut is made
+# for memory as above and levelled after.) This is what evens out the first stage, whose 9 GiB
+# embedding has no compute to balance against and which keeps the most micro-batches in flight.
 # Activation checkpointing (where allowed) is not a free choice of the search: pass 1 prices
 # every stage fully recomputed (the least memory reachable); passes 2-3 let each stage recompute
 # the fewest blocks that bring it under the bound, since more would trade time for memory
