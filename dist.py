@@ -97,6 +97,14 @@ class PieceCost:
     act_bytes: float = 0.0     # kept for backward, per micro-batch in flight
     ckpt_bytes: float = 0.0    # kept instead when the block is recomputed (its input)
     once_bytes: float = 0.0    # held once per stage, e.g. one micro-batch's logits and their gradient
+    parts: tuple = ()          # ((part, trainable), ...): units whose optimiser state may move on its
+                               # own, named "piece/part"; () = the whole piece is one unit
+
+    def units(self):
+        """{unit name: trainable parameters} of this piece's optimiser state."""
+        if not self.parts:
+            return {self.name: self.trainable} if self.trainable else {}
+        return {f"{self.name}/{part}": t for part, t in self.parts if t}
 
 
 @dataclass(frozen=True)
@@ -143,7 +151,7 @@ class Plan:
     method: str                     # "auto" or "naive"
     model: CostModel
     title: str = ""
-    hosts: dict = field(default_factory=dict)  # {piece: stage keeping its optimiser state} if not its own
+    hosts: dict = field(default_factory=dict)  # {unit: stage keeping its optimiser state} if not its own
 
     P = property(lambda self: len(self.stages))
     layer_counts = property(lambda self: [len(st.layers) for st in self.stages])
@@ -183,9 +191,9 @@ class Plan:
         lines.append(f"memory GiB: sum {sum(st.mem_total for st in self.stages) / GiB:.2f}, "
                      f"max {self.max_mem / GiB:.2f}, min {self.min_mem / GiB:.2f}, "
                      f"max/min {self.mem_imbalance:.3f}{'' if self.fits else '  DOES NOT FIT'}")
-        for piece, host in self.hosts.items():
-            home = next(st.index for st in self.stages if piece in st.pieces)
-            lines.append(f"optimiser state of {piece} (stage {home}) kept on stage {host}")
+        for unit, host in self.hosts.items():
+            home = next(st.index for st in self.stages if unit.split("/")[0] in st.pieces)
+            lines.append(f"optimiser state of {unit} (stage {home}) kept on stage {host}")
         lines.append(f"time: max/mean {self.time_imbalance:.3f}; predicted step "
                      f"{self.step_time * 1e3:.1f} ms (slowest stage x (M + P - 1) / M: the 1F1B bubble)")
         return "\n".join(lines)
@@ -365,14 +373,18 @@ def _fastest(spans, P, bound, limit, movable=False):
 
 def _level(plan, pieces):
     """Even out memory after the cut: move the optimiser state (fp32 master + moments) of whole
-    pieces from the fullest stage to the emptiest, each move the piece nearest half their gap,
-    while one exists below the gap (so every move lowers the sum of squared stage memories and
-    the loop ends). Records plan.hosts and the stages' new optim/total bytes."""
+    units (a block's attention or MLP half, the embedding, the head) from the fullest stage to
+    the emptiest, each move the unit nearest half their gap, while one exists below the gap (so
+    every move lowers the sum of squared stage memories and the loop ends). Records plan.hosts
+    and the stages' new optim/total bytes."""
     if not plan.model.level_optim:
         return plan
     m = plan.model
-    size = {p.name: p.trainable * m.optim_bytes * m.trained_copies for p in pieces if p.trainable}
-    home = {name: st.index for st in plan.stages for name in st.pieces if name in size}
+    stage_of = {name: st.index for st in plan.stages for name in st.pieces}
+    size, home = {}, {}
+    for p in pieces:
+        for unit, t in p.units().items():
+            size[unit], home[unit] = t * m.optim_bytes * m.trained_copies, stage_of[p.name]
     where, load = dict(home), [st.mem_total for st in plan.stages]
     for _ in range(4 * len(size)):
         f = max(range(plan.P), key=load.__getitem__)
@@ -448,9 +460,12 @@ def glm_pieces(cfg, micro_batch_size, seq_len, train="full", lora_rank=8,
         if t not in shapes:
             raise ValueError(f"LoRA target {t!r} is not a block linear; choose from {sorted(shapes)}")
     lora = sum(lora_rank * (shapes[t][0] + shapes[t][1]) for t in lora_targets) if train == "lora" else 0
+    lora_attn = sum(lora_rank * (shapes[t][0] + shapes[t][1]) for t in lora_targets
+                    if t in ("query_key_value", "dense")) if train == "lora" else 0
 
     # block: QKV 3h*h+3h, dense h*h+h, h->4h f*h+f, 4h->h h*f+h, two LayerNorms 4h
     block = 3 * h * h + 3 * h + h * h + h + 2 * h * f + f + h + 4 * h
+    attn = 3 * h * h + 3 * h + h * h + h + 2 * h  # QKV, dense, input LayerNorm
     scale = param_bytes / 2  # activations are stored in the parameter dtype
     # activations a block keeps, in bytes per token per hidden unit at bf16 (Korthikanti et al.
     # 2022, attention without the s^2 score term as in flash / memory-efficient kernels):
@@ -475,8 +490,10 @@ def glm_pieces(cfg, micro_batch_size, seq_len, train="full", lora_rank=8,
         # 2 per trainable weight per token. Full training 3x forward, frozen base + LoRA ~2x.
         fwd = 2 * n * T + 4 * seq_len * h * T
         bwd = (2 * n * T + 8 * seq_len * h * T + 2 * trains * T) if graph else 0.0
-        pieces.append(PieceCost(f"layer {i}", i, n, trains, fwd, bwd,
-                                act if graph else 0.0, ckpt if graph else 0.0))
+        # the block's optimiser state in two units: input LN + attention, post LN + MLP
+        att = {"full": attn, "lora": lora_attn, "last_n": attn if trains else 0}[train]
+        pieces.append(PieceCost(f"layer {i}", i, n, trains, fwd, bwd, act if graph else 0.0,
+                                ckpt if graph else 0.0, parts=(("attention", att), ("mlp", trains - att))))
     head_train = (2 * h + V * h) if train == "full" or (train == "last_n" and train_head) else 0
     graph = graph or head_train > 0
     # head: final LN (2h) and lm_head (V*h); keeps the LN input and output (4 T h bytes)
@@ -1206,12 +1223,14 @@ def named_trainables(model, heads=None):
     return {n: p for n, p in named.items() if p.requires_grad}
 
 
-def piece_of(name):
-    """The planner's piece ("embedding", "layer i", "head") a parameter belongs to; None for
-    tensors outside the model (reward and value heads)."""
+def unit_of(name):
+    """The planner's unit of optimiser state a parameter belongs to ("embedding", "head",
+    "layer i/attention" with the input LayerNorm, "layer i/mlp" with the post-attention one);
+    None for tensors outside the model (reward and value heads)."""
     m = glm.LAYER_KEY.fullmatch(name)
     if m:
-        return f"layer {m.group(1)}"
+        mlp = m.group(2).startswith(("mlp.", "post_attention_layernorm."))
+        return f"layer {m.group(1)}/{'mlp' if mlp else 'attention'}"
     if name.startswith("transformer.word_embeddings."):
         return "embedding"
     if name.startswith(("transformer.final_layernorm.", "lm_head.")):
@@ -1251,15 +1270,16 @@ def _accumulate_fp32(p):
 
 class AdamW:
     """AdamW (betas 0.9, 0.95; decay on matrices only) over this stage's trained tensors
-    {name: parameter}, through fp32 masters. hosts {piece: stage} keeps the masters and moments
-    of those pieces on another stage of the replica (every stage passes the same dict)."""
+    {name: parameter}, through fp32 masters. hosts {unit: stage} keeps the masters and moments
+    of those units (see unit_of) on another stage of the replica (every stage passes the same
+    dict)."""
 
     def __init__(self, named, lr, weight_decay, d=None, hosts=None):
         self.d = d = d or get()
         self.owned = dict(named)
         hosts = hosts or {}
-        self.away = {n: hosts[piece_of(n)] for n in sorted(self.owned)
-                     if hosts.get(piece_of(n), d.pp_rank) != d.pp_rank}  # {name: host stage}
+        self.away = {n: hosts[unit_of(n)] for n in sorted(self.owned)
+                     if hosts.get(unit_of(n), d.pp_rank) != d.pp_rank}  # {name: host stage}
         for p in self.owned.values():
             if p.dtype != torch.float32:
                 p.main_grad = None

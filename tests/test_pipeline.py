@@ -275,11 +275,11 @@ def check_hosted(out, name, nproc, base, hosts):
         assert not got_state.keys() & r["state"].keys(), "one state kept on two stages"
         got_state.update(r["state"])
         for n in r["state"]:
-            assert hosts.get(dist.piece_of(n), r["pp_rank"]) == r["pp_rank"] or n in r["guests"]
+            assert hosts.get(dist.unit_of(n), r["pp_rank"]) == r["pp_rank"] or n in r["guests"]
         for n in r["guests"]:
-            assert hosts[dist.piece_of(n)] == r["pp_rank"] and n in r["state"]
+            assert hosts[dist.unit_of(n)] == r["pp_rank"] and n in r["state"]
     assert sorted(n for r in ranks for n in r["guests"]) == sorted(n for r in ranks for n in r["away"])
-    assert {dist.piece_of(n) for r in ranks for n in r["guests"]} == set(hosts)
+    assert {dist.unit_of(n) for r in ranks for n in r["guests"]} == set(hosts)
     assert got_w.keys() == want_w.keys() == got_state.keys()
     for k in want_w:
         torch.testing.assert_close(got_w[k], want_w[k], atol=2e-6, rtol=1e-5, msg=k)
@@ -329,8 +329,8 @@ def one_thread():
 
 
 # optimiser states kept away from their stage: P = 4 holds one block a stage, P = 2 two
-HOSTS_P4 = {"embedding": 3, "head": 0, "layer 1": 2}
-HOSTS_P2 = {"embedding": 1, "layer 3": 0, "head": 0}
+HOSTS_P4 = {"embedding": 3, "head": 0, "layer 1/attention": 2, "layer 1/mlp": 3, "layer 2/mlp": 0}
+HOSTS_P2 = {"embedding": 1, "layer 3/mlp": 0, "head": 0}
 
 
 @pytest.fixture(scope="module")
