@@ -63,8 +63,8 @@ import glm
 # model leaves out: allocator fragmentation, NCCL buffers, transient workspaces.)
 # With bf16 weights the 12 bytes of master and moments can live on another stage (AdamW below),
 # which decouples memory from the cut: passes 2-4 then only require what cannot move to meet
-# the bound, so time alone decides the cut, and _level moves whole pieces' states from the
-# fullest stage to the emptiest until no move helps. (If that plan does not fit, the cut is made
+# the bound, so time alone decides the cut, and _level moves the states of half-blocks, the
+# embedding or the head from the fullest stage to the emptiest until no move helps. (If that plan does not fit, the cut is made
 # for memory as above and levelled after.) This is what evens out the first stage, whose 9 GiB
 # embedding has no compute to balance against and which keeps the most micro-batches in flight.
 # Activation checkpointing (where allowed) is not a free choice of the search: pass 1 prices
@@ -717,9 +717,10 @@ def _p2p(d, send=None, send_to=None, recv_shape=None, recv_from=None, dtype=None
     return buf
 
 
-# The pipeline's idle time: for every transfer or collective, the span from "this stage's queued
-# work is done" to "the other ranks' data is here". On GPUs these are CUDA events on the compute stream, read
-# only when reported, so measuring never stalls the host; on CPUs they are wall-clock times.
+# The pipeline's idle time: for every transfer or collective, the span from "this stage's
+# queued work is done" to "the other ranks' data is here". On GPUs these are CUDA events on the
+# compute stream, read only when reported, so measuring never stalls the host; on CPUs they are
+# wall-clock times.
 WAITS = collections.deque()
 WAITED = [0.0]  # seconds already folded out of WAITS
 
@@ -778,7 +779,8 @@ def wait_seconds(reset=False):
 # the fill and drain: the bubble is (P - 1) / (M + P - 1) of the step.
 
 def train_step(model, d, microbatches, loss_fn, first_trainable=0):
-    """Forward and backward over `microbatches` with 1F1B; gradients accumulate in .grad.
+    """Forward and backward over `microbatches` with 1F1B; gradients accumulate in .grad of
+    float32 weights and in .main_grad of bf16 ones (see AdamW).
 
     model: this stage (glm.ChatGLM built with layer_ids/first/last).
     loss_fn(model, hidden [b, T, C], mb) -> one micro-batch's loss, scaled so that the sum over
@@ -853,15 +855,13 @@ def forward_collect(model, d, microbatches, out_fn, out_shape):
     with torch.no_grad():
         for mb in microbatches:
             ids = mb["input_ids"]
-            x = ids if d.first else _p2p(d, recv_shape=(*ids.shape, C), recv_from=s - 1, dtype=torch.float32)
-            if not d.first:
-                x = x.to(stage_dtype(model))
+            x = ids if d.first else _p2p(d, recv_shape=(*ids.shape, C), recv_from=s - 1, dtype=stage_dtype(model))
             rope, attend = model.inputs(ids)
             h = model.transformer(x, rope, attend)
             if d.last:
                 y = out_fn(model, h, mb).float()
             else:
-                _p2p(d, send=h.float(), send_to=s + 1)
+                _p2p(d, send=h, send_to=s + 1)
                 y = torch.empty(out_shape(mb), device=d.device)
             outs.append(broadcast_from_last_stage(y, d))
     return outs
