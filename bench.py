@@ -253,6 +253,8 @@ def bench_train(args, device, dtype):
                                   predicted_gib=round(r[3] / 2**30, 2), busy=round(r[4], 3)) for r in rows])
         if params is not None:
             res["mfu_6n"] = round(6 * params * tokens / dt / (d.world * H100_BF16_PEAK), 4)
+        if device.type == "cuda":  # do weight-gradient GEMMs add into the fp32 accumulators themselves?
+            res["wgrad_gemm_into_fp32"] = glm._fp32_accumulating_gemm(d.device)
         if args.mode == "rm":
             res["answers_per_s_per_gpu"] = round(seqs / dt / d.world, 1)
         if d.device.type == "cuda":

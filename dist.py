@@ -1245,8 +1245,9 @@ def unit_of(name):
 # would cast each fp32 weight to bf16 again and keep that copy for its backward: one copy per
 # micro-batch in flight, most of them on stage 0.) Precision lives in fp32 tensors beside each
 # trained bf16 weight w:
-#   w.main_grad  the gradient accumulator: a hook adds each micro-batch's bf16 gradient into it
-#                and frees that gradient at once (bf16 sums of M terms would lose the late ones)
+#   w.main_grad  the gradient accumulator (bf16 sums of M terms would lose the late ones): the
+#                weight-gradient GEMM of a glm.Linear adds into it directly; for other tensors
+#                a hook adds each micro-batch's bf16 gradient and frees it at once
 #   master       the weight AdamW updates; w is refreshed from it, rounded to bf16, after a step
 #   m, v         AdamW's moments
 # A float32 weight (CPU runs, LoRA adapters, heads) is its own master and sums in .grad.
@@ -1261,6 +1262,8 @@ def unit_of(name):
 
 def _accumulate_fp32(p):
     """Post-accumulate hook of a bf16 trained weight: fold its fresh gradient into main_grad."""
+    if p.grad is None:  # a glm.Linear weight, whose GEMM already added into main_grad
+        return
     if p.main_grad is None:
         p.main_grad = p.grad.float()
     else:
@@ -1283,7 +1286,8 @@ class AdamW:
         for p in self.owned.values():
             if p.dtype != torch.float32:
                 p.main_grad = None
-                p.register_post_accumulate_grad_hook(_accumulate_fp32)
+                p.register_post_accumulate_grad_hook(_accumulate_fp32)  # embedding, LayerNorms, biases
+                p.fuse_main_grad = p.dim() == 2  # glm.Linear weights: the GEMM adds into main_grad
         self.masters = {n: p if p.dtype == torch.float32 else p.detach().float()
                         for n, p in self.owned.items() if n not in self.away}
         self.guests = {}  # {name: (owner stage, owner dtype)} of the masters kept here for others

@@ -366,12 +366,70 @@ class Decoder:
         return graph, out
 
 
+def add_weight_grad(main_grad, g, x):
+    """main_grad [out, in] (fp32) += g^T x, with g [N, out] and x [N, in] in bf16: on GPUs one
+    GEMM that reads and writes the fp32 accumulator itself (no bf16 gradient tensor, no second
+    pass to add it), elsewhere an fp32 matmul."""
+    if main_grad.is_cuda and _fp32_accumulating_gemm(main_grad.device):
+        torch.addmm(main_grad, g.t(), x, out_dtype=torch.float32, out=main_grad)
+    else:
+        main_grad.addmm_(g.t().float(), x.float())
+
+
+_GEMM_OK = {}
+
+
+def _fp32_accumulating_gemm(device):
+    """Does this torch build sum a bf16 GEMM into an fp32 output in place? Checked once per device
+    against a float64 product, so a build without it (or with other semantics) takes the fallback."""
+    if device not in _GEMM_OK:
+        try:
+            a, b = (torch.randn(64, 32, device=device).bfloat16(), torch.randn(32, 48, device=device).bfloat16())
+            c = torch.randn(64, 48, device=device)
+            want = c.double() + a.double() @ b.double()
+            torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+            _GEMM_OK[device] = torch.allclose(c.double(), want, rtol=1e-3, atol=1e-3)
+        except (RuntimeError, TypeError):
+            _GEMM_OK[device] = False
+    return _GEMM_OK[device]
+
+
+class _LinearIntoMainGrad(torch.autograd.Function):
+    """y = x W^T + b whose backward adds dL/dW straight into W.main_grad."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])  # [N, out]
+        if weight.main_grad is None:
+            weight.main_grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        add_weight_grad(weight.main_grad, g2, x.reshape(-1, x.shape[-1]))
+        gx = g @ weight if ctx.needs_input_grad[0] else None  # [..., in]
+        return gx, None, g2.sum(0) if ctx.has_bias else None
+
+
+class Linear(nn.Linear):
+    """nn.Linear, except that a trained bf16 weight with an fp32 accumulator (`main_grad`, set
+    up by dist.AdamW, which also sets `fuse_main_grad`) receives its gradient straight into it."""
+
+    def forward(self, x):
+        if getattr(self.weight, "fuse_main_grad", False) and torch.is_grad_enabled():
+            return _LinearIntoMainGrad.apply(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.nh, self.hs, self.rd = cfg.num_attention_heads, cfg.head_dim, cfg.rotary_dim
-        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.query_key_value = Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.dense = Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x, rope, attn_bias, cache=None, pos=0):
         B, T, C = x.shape
@@ -390,8 +448,8 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.inner_hidden_size)
-        self.dense_4h_to_h = nn.Linear(cfg.inner_hidden_size, cfg.hidden_size)
+        self.dense_h_to_4h = Linear(cfg.hidden_size, cfg.inner_hidden_size)
+        self.dense_4h_to_h = Linear(cfg.inner_hidden_size, cfg.hidden_size)
 
     def forward(self, x):
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
@@ -456,7 +514,7 @@ class ChatGLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.transformer = GLMTransformer(cfg, layer_ids, embed=first, final_norm=last)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if last else None
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if last else None
         self.checkpoint_activations = False
 
     @torch.no_grad()
