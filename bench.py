@@ -186,6 +186,7 @@ def bench_train(args, device, dtype):
     """Training steps through dist.train_step (1F1B) + the optimiser, per rank: measured and
     predicted peak memory, busy share; overall tokens/s (or answers/s) and MFU."""
     from types import SimpleNamespace
+    import train_rm
     import train_sft
     d = dist.setup(args.pp)
     cfg = glm.GLMConfig.toy() if args.toy else glm.GLMConfig()
@@ -198,7 +199,7 @@ def bench_train(args, device, dtype):
         plan = dist.plan_pipeline(cfg, d.P, args.batch * (4 if args.mode == "rm" else 1), args.seq, M,
                                   train=args.train, lora_rank=8, train_layers=args.train_layers,
                                   param_bytes=2 if device.type == "cuda" else 4, checkpoint=budget is not None,
-                                  mem_budget=budget, method=method)
+                                  mem_budget=budget, method=method, lm_head=args.mode != "rm")
         dist.print0(plan.format_table())
         stage = plan.stages[d.pp_rank]
         model = random_stage(cfg, stage, d, dtype)
@@ -207,8 +208,10 @@ def bench_train(args, device, dtype):
             lora_targets="query_key_value", lora_rank=8, lora_alpha=16.0, lora_dropout=0.0,
             train_layers=args.train_layers))
         head = None
-        if args.mode == "rm" and d.last:
-            head = torch.nn.Linear(cfg.hidden_size, 1, device=d.device)
+        if args.mode == "rm":
+            train_rm.freeze_lm_head(model)  # as train_rm.py: an RM never computes logits
+            if d.last:
+                head = torch.nn.Linear(cfg.hidden_size, 1, device=d.device)
         opt = dist.adamw(dist.named_trainables(model, {"head": head} if head else None), 1e-5, 0.0, d, plan.hosts)
         first_trainable = dist.first_trainable_stage(model, d)
         if args.mode == "rm":

@@ -443,12 +443,14 @@ def _lora_shapes(cfg):
 
 def glm_pieces(cfg, micro_batch_size, seq_len, train="full", lora_rank=8,
                lora_targets=("query_key_value",), train_layers=0, train_head=False,
-               param_bytes=2, loss_chunk=None):
+               param_bytes=2, loss_chunk=None, lm_head=True):
     """ChatGLM's pieces [embedding, blocks, final LN + lm_head] priced for one micro-batch.
 
     train: "full" (everything), "lora" (adapters of rank lora_rank on lora_targets in every
     block, base frozen) or "last_n" (the last train_layers blocks; the final LN and lm_head too
-    if train_head). FLOP and activation formulas are in the comments below."""
+    if train_head). lm_head=False: the run never computes logits (a reward model reads hidden
+    states), so lm_head is held frozen and costs no FLOPs, gradients or logit buffers. FLOP and
+    activation formulas are in the comments below."""
     h, f, V, L = cfg.hidden_size, cfg.inner_hidden_size, cfg.vocab_size, cfg.num_layers
     T = micro_batch_size * seq_len  # tokens per micro-batch
     if train not in ("full", "lora", "last_n"):
@@ -494,12 +496,13 @@ def glm_pieces(cfg, micro_batch_size, seq_len, train="full", lora_rank=8,
         att = {"full": attn, "lora": lora_attn, "last_n": attn if trains else 0}[train]
         pieces.append(PieceCost(f"layer {i}", i, n, trains, fwd, bwd, act if graph else 0.0,
                                 ckpt if graph else 0.0, parts=(("attention", att), ("mlp", trains - att))))
-    head_train = (2 * h + V * h) if train == "full" or (train == "last_n" and train_head) else 0
+    lm = V * h if lm_head else 0  # lm_head weights that compute (and train with the head)
+    head_train = (2 * h + lm) if train == "full" or (train == "last_n" and train_head) else 0
     graph = graph or head_train > 0
     # head: final LN (2h) and lm_head (V*h); keeps the LN input and output (4 T h bytes)
-    pieces.append(PieceCost("head", None, 2 * h + V * h, head_train, 2 * V * h * T,
-                            (2 * V * h * T + 2 * head_train * T) if graph else 0.0,
-                            2 * T * h * param_bytes if graph else 0.0, 0.0, logits if graph else 0.0))
+    pieces.append(PieceCost("head", None, 2 * h + V * h, head_train, 2 * lm * T,
+                            (2 * lm * T + 2 * head_train * T) if graph else 0.0,
+                            2 * T * h * param_bytes if graph else 0.0, 0.0, logits if graph and lm else 0.0))
     return pieces
 
 
@@ -507,7 +510,7 @@ def plan_pipeline(cfg, P, micro_batch_size, seq_len, micro_batches, train="full"
                   lora_targets=("query_key_value",), train_layers=0, train_head=False,
                   param_bytes=2, grad_bytes=4, optim_bytes=None, checkpoint=False, mem_budget=None,
                   flops_per_s=400e12, loss_chunk=None, method="auto", mem_slack=0.05,
-                  mem_target=0.85, hints=True, copies=(1, 0), level_optim=True):
+                  mem_target=0.85, hints=True, copies=(1, 0), level_optim=True, lm_head=True):
     """Plan ChatGLM over P pipeline stages; raises PlanError (saying what to change) if it will
     not fit mem_budget bytes per GPU. method "naive" gives equal layer counts instead.
     level_optim: let the balanced plan keep pieces' optimiser states on other stages (only for
@@ -521,7 +524,7 @@ def plan_pipeline(cfg, P, micro_batch_size, seq_len, micro_batches, train="full"
     if optim_bytes is None:  # AdamW's two fp32 moments, plus an fp32 master copy of bf16/fp16 weights
         optim_bytes = 8 + (4 if param_bytes < 4 else 0)
     args = dict(train=train, lora_rank=lora_rank, lora_targets=lora_targets, train_layers=train_layers,
-                train_head=train_head, param_bytes=param_bytes, loss_chunk=loss_chunk)
+                train_head=train_head, param_bytes=param_bytes, loss_chunk=loss_chunk, lm_head=lm_head)
     pieces = glm_pieces(cfg, micro_batch_size, seq_len, **args)
     model = CostModel(micro_batches, param_bytes, grad_bytes, optim_bytes, mem_budget, checkpoint,
                       flops_per_s, *copies, level_optim=level_optim and param_bytes < 4)
@@ -1094,18 +1097,20 @@ def report_memory_and_busy(plan_stage, d, wall_s):
 # building this rank's stage
 
 
-def plan_for_run(gcfg, d, cfg, mode, copies=(1, 0)):
+def plan_for_run(gcfg, d, cfg, mode, copies=(1, 0), lm_head=True):
     """The planner's split for this run (printed on rank 0) and this rank's stage of it.
     On GPUs the budget is the card's memory (or --gpu_mem_gib); recomputation is allowed where
     a stage would not fit otherwise, and forced everywhere by --checkpoint. copies: (trained,
-    frozen) models of this shape held side by side (PPO's full mode holds (2, 2))."""
+    frozen) models of this shape held side by side (PPO's full mode holds (2, 2)); lm_head:
+    does the run compute logits (not a reward model)?"""
     cuda = d.device.type == "cuda"
     budget = cfg.gpu_mem_gib * GiB or (0.95 * torch.cuda.get_device_properties(d.device).total_memory
                                        if cuda else None)
     plan = plan_pipeline(gcfg, d.P, cfg.micro_batch_size, cfg.max_len, cfg.grad_accum, train=mode,
                          lora_rank=cfg.lora_rank or 8, lora_targets=tuple(cfg.lora_targets.split(",")),
                          train_layers=cfg.train_layers, param_bytes=2 if cuda else 4,
-                         checkpoint=budget is not None, mem_budget=budget, method=cfg.plan, copies=copies)
+                         checkpoint=budget is not None, mem_budget=budget, method=cfg.plan, copies=copies,
+                         lm_head=lm_head)
     print0(plan.format_table())
     return plan, plan.stages[d.pp_rank]
 

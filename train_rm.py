@@ -342,7 +342,7 @@ def main(argv=None):
     mode = dist.train_mode(cfg.lora_rank, cfg.train_layers, gcfg.num_layers)
     k_max = max(len(e["ids"]) for e in train_enc)
     plan, stage = dist.plan_for_run(gcfg, d, dataclasses.replace(cfg, micro_batch_size=cfg.micro_batch_size * k_max),
-                                    mode)
+                                    mode, lm_head=False)
     ckpt_dir = os.path.join(cfg.out, "checkpoint")
     resuming = cfg.resume and os.path.isdir(ckpt_dir)
     if cfg.resume and not resuming:

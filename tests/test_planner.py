@@ -393,3 +393,17 @@ def test_side_by_side_copies_are_priced():
         assert b.mem["act"] == a.mem["act"] and b.mem["logits"] == a.mem["logits"]
         extra = 3 * a.mem["params"] + a.mem["grads"] + a.mem["optim"]
         assert abs(b.mem_total - (a.mem_total + extra)) < 1.0
+
+
+def test_reward_model_plans_no_logits_and_a_frozen_lm_head():
+    # a reward model reads hidden states: lm_head is held (bf16, frozen) but never computes
+    P, M, b, seq = 4, 8, 4, 512
+    rm = dist.plan_pipeline(SIX_B, P, b, seq, M, lm_head=False, method="naive")
+    lm = dist.plan_pipeline(SIX_B, P, b, seq, M, method="naive")
+    last_rm, last_lm = rm.stages[-1], lm.stages[-1]
+    assert last_rm.mem["logits"] == 0 and last_lm.mem["logits"] == b * seq * 130528 * 8
+    assert last_rm.mem["params"] == last_lm.mem["params"]  # still held
+    # 16 bytes (fp32 gradient + master + moments) less for each of its 130528 x 4096 weights
+    assert last_lm.mem["grads"] + last_lm.mem["optim"] - last_rm.mem["grads"] - last_rm.mem["optim"] == LM_HEAD * 16
+    assert last_lm.flops - last_rm.flops == pytest.approx(M * 6 * LM_HEAD * b * seq, rel=1e-9)
+    assert [st.mem_total for st in rm.stages[:-1]] == [st.mem_total for st in lm.stages[:-1]]
