@@ -212,7 +212,7 @@ def bench_train(args, device, dtype):
             train_rm.freeze_lm_head(model)  # as train_rm.py: an RM never computes logits
             if d.last:
                 head = torch.nn.Linear(cfg.hidden_size, 1, device=d.device)
-        opt = dist.adamw(dist.named_trainables(model, {"head": head} if head else None), 1e-5, 0.0, d, plan.hosts)
+        opt = dist.AdamW(dist.named_trainables(model, {"head": head} if head else None), 1e-5, 0.0, d, plan.hosts)
         first_trainable = dist.first_trainable_stage(model, d)
         if args.mode == "rm":
             mbs = rm_batches(cfg, args, M, d.device, seed=17 * d.dp_rank)
@@ -257,7 +257,7 @@ def bench_train(args, device, dtype):
         if params is not None:
             res["mfu_6n"] = round(6 * params * tokens / dt / (d.world * H100_BF16_PEAK), 4)
         if device.type == "cuda":  # do weight-gradient GEMMs add into the fp32 accumulators themselves?
-            res["wgrad_gemm_into_fp32"] = glm._fp32_accumulating_gemm(d.device)
+            res["wgrad_gemm_into_fp32"] = glm.fp32_accumulating_gemm(d.device)
         if args.mode == "rm":
             res["answers_per_s_per_gpu"] = round(seqs / dt / d.world, 1)
         if d.device.type == "cuda":

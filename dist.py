@@ -1399,10 +1399,6 @@ class AdamW:
         self._refresh_working()
 
 
-def adamw(named, lr, weight_decay, d=None, hosts=None):
-    return AdamW(named, lr, weight_decay, d, hosts)
-
-
 def sync_grads(grads, d, bucket=1 << 26):
     """Sum fp32 gradients over the data-parallel replicas in place (losses are already scaled by
     the global token count), in all-reduces of up to `bucket` elements."""

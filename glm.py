@@ -370,7 +370,7 @@ def add_weight_grad(main_grad, g, x):
     """main_grad [out, in] (fp32) += g^T x, with g [N, out] and x [N, in] in bf16: on GPUs one
     GEMM that reads and writes the fp32 accumulator itself (no bf16 gradient tensor, no second
     pass to add it), elsewhere an fp32 matmul."""
-    if main_grad.is_cuda and _fp32_accumulating_gemm(main_grad.device):
+    if main_grad.is_cuda and fp32_accumulating_gemm(main_grad.device):
         torch.addmm(main_grad, g.t(), x, out_dtype=torch.float32, out=main_grad)
     else:
         main_grad.addmm_(g.t().float(), x.float())
@@ -379,7 +379,7 @@ def add_weight_grad(main_grad, g, x):
 _GEMM_OK = {}
 
 
-def _fp32_accumulating_gemm(device):
+def fp32_accumulating_gemm(device):
     """Does this torch build sum a bf16 GEMM into an fp32 output in place? Checked once per device
     against a float64 product, so a build without it (or with other semantics) takes the fallback."""
     if device not in _GEMM_OK:

@@ -400,8 +400,8 @@ def main(argv=None):
     # full mode holds actor and critic (training) beside reference and reward (frozen) on every GPU
     plan, stage = dist.plan_for_run(gcfg, d, plan_cfg, cfg.mode, copies=(1, 0) if cfg.mode == "lora" else (2, 2))
     roles = Roles(cfg, d, stage)
-    actor_opt = dist.adamw(roles.trainables("actor"), cfg.actor_lr, cfg.weight_decay, d, plan.hosts)
-    critic_opt = dist.adamw(roles.trainables("critic"), cfg.critic_lr, cfg.weight_decay, d, plan.hosts)
+    actor_opt = dist.AdamW(roles.trainables("actor"), cfg.actor_lr, cfg.weight_decay, d, plan.hosts)
+    critic_opt = dist.AdamW(roles.trainables("critic"), cfg.critic_lr, cfg.weight_decay, d, plan.hosts)
     kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     ckpt_dir = os.path.join(cfg.out, "checkpoint")
     step, bad = 0, {"actor": 0, "critic": 0}

@@ -358,7 +358,7 @@ def main(argv=None):
     if resuming and d.last:
         dist.load_head(head, ckpt_dir, HEAD)
     first_trainable = dist.first_trainable_stage(model, d)
-    opt = dist.adamw(dist.named_trainables(model, heads), cfg.lr, cfg.weight_decay, d, plan.hosts)
+    opt = dist.AdamW(dist.named_trainables(model, heads), cfg.lr, cfg.weight_decay, d, plan.hosts)
     step, bad_steps, reward_stats, ev = 0, 0, None, None
     if resuming:
         state = dist.load_train_state(ckpt_dir, d)

@@ -167,7 +167,7 @@ def main(argv=None):
                              checkpoint_all=cfg.checkpoint)
     dist.select_trainable(model, mode, cfg, adapter_dir=ckpt_dir if resuming else None)
     first_trainable = dist.first_trainable_stage(model, d)
-    opt = dist.adamw(dist.named_trainables(model), cfg.lr, cfg.weight_decay, d, plan.hosts)
+    opt = dist.AdamW(dist.named_trainables(model), cfg.lr, cfg.weight_decay, d, plan.hosts)
     step, bad_steps = 0, 0
     if resuming:
         state = dist.load_train_state(ckpt_dir, d)

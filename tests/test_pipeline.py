@@ -149,7 +149,7 @@ def hosted_job(job, out):
     plan = dist.plan_from_counts(dist.glm_pieces(gcfg, 2, 48), [LAYERS // d.P] * d.P, dist.CostModel(len(mbs)))
     model = dist.build_stage(job["model"], plan.stages[d.pp_rank], d)
     dist.select_trainable(model, "full", LORA)
-    opt = dist.adamw(dist.named_trainables(model), HOSTED_LR, HOSTED_WD, d, job["hosts"])
+    opt = dist.AdamW(dist.named_trainables(model), HOSTED_LR, HOSTED_WD, d, job["hosts"])
     n_tok = train_sft.count_label_tokens(mbs)
     for step in range(HOSTED_STEPS):
         loss = dist.train_step(model, d, mbs, train_sft.sft_loss(n_tok))
@@ -595,7 +595,7 @@ def test_bf16_weights_train_through_fp32_masters(setup_dir, tmp_path):
             want[k] = want.get(k, 0) + p.grad.double()
             size[k] = size.get(k, 0) + p.grad.double().abs()
     model = bf16_model()
-    opt = dist.adamw(dist.named_trainables(model), lr, wd, d)
+    opt = dist.AdamW(dist.named_trainables(model), lr, wd, d)
     loss = dist.train_step(model, d, mbs, train_sft.sft_loss(n_tok))
     named = dict(model.named_parameters())
     for k, p in named.items():
@@ -621,7 +621,7 @@ def test_bf16_weights_train_through_fp32_masters(setup_dir, tmp_path):
     with torch.no_grad():
         for k, p in again.named_parameters():
             p.copy_(named[k])
-    opt2 = dist.adamw(dist.named_trainables(again), lr, wd, d)
+    opt2 = dist.AdamW(dist.named_trainables(again), lr, wd, d)
     opt2.load(str(tmp_path))
     for k in named:
         assert torch.equal(opt2.masters[k], opt.masters[k]), k
