@@ -1303,7 +1303,7 @@ class AdamW:
         groups = [g for g in ({"params": matrices, "weight_decay": weight_decay},
                               {"params": vectors, "weight_decay": 0.0}) if g["params"]]
         # fused: one kernel over all tensors, and no temporaries the size of the stage's weights
-        self.fused = d.device.type == "cuda"
+        self.fused = d.device.type == "cuda" and bool(self.masters)
         self.opt = torch.optim.AdamW(groups or [{"params": []}], lr=lr, betas=(0.9, 0.95),
                                      fused=self.fused or None)
 
