@@ -374,9 +374,9 @@ def _fastest(spans, P, bound, limit, movable=False):
 def _level(plan, pieces):
     """Even out memory after the cut: move the optimiser state (fp32 master + moments) of whole
     units (a block's attention or MLP half, the embedding, the head) from the fullest stage to
-    the emptiest, each move the unit nearest half their gap, while one exists below the gap (so
-    every move lowers the sum of squared stage memories and the loop ends). Records plan.hosts
-    and the stages' new optim/total bytes."""
+    the emptiest, each move the unit nearest half their gap, while one of 1/32 to 1 times the gap
+    exists (so every move lowers the sum of squared stage memories and the loop ends). Records
+    plan.hosts and the stages' new optim/total bytes."""
     if not plan.model.level_optim:
         return plan
     m = plan.model
@@ -390,7 +390,9 @@ def _level(plan, pieces):
         f = max(range(plan.P), key=load.__getitem__)
         e = min(range(plan.P), key=load.__getitem__)
         gap = load[f] - load[e]
-        movable = [n for n, s in where.items() if s == f and size[n] < gap]
+        # a unit under 1/32 of the gap barely helps and costs a transfer every step (LoRA's
+        # adapters: activations make that gap, and megabytes of state cannot close it)
+        movable = [n for n, s in where.items() if s == f and gap / 32 <= size[n] < gap]
         if not movable:
             break
         n = min(movable, key=lambda n: abs(gap / 2 - size[n]))

@@ -496,8 +496,7 @@ def main(argv=None):
             log.log(step, **m)
         if dist.is_main() and cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == 1):
             print(f"\nstep {step}: reward {m['reward_mean']:.3f} kl {m['kl']:.4f} | sample: "
-                  f"{tok.decode(ids[0, :T], skip_special_tokens=True)!r} -> "
-                  f"{tok.decode(ids[0, T:], skip_special_tokens=True)!r}", flush=True)
+                  f"{sample_text(tok, ids[0, :T])!r} -> {sample_text(tok, ids[0, T:])!r}", flush=True)
         if cfg.save_every > 0 and (step % cfg.save_every == 0 or step == cfg.max_steps):
             save(ckpt_dir)
     bar.close()
@@ -574,6 +573,15 @@ def print_toy_table(before, after, history):
 
 # -----------------------------------------------------------------------------
 # checkpoints: policy and critic (adapters or weights), value head, both optimisers, loop state
+
+
+def sample_text(tok, ids):
+    """A log line's text of ids [N]. The model's vocabulary may be larger than the tokenizer's
+    (ChatGLM-6B pads its embedding), and a sampling policy can emit those ids: they are counted,
+    not decoded, so a log line never stops a run."""
+    known = (ids >= 0) & (ids < tok.vocab_size)
+    text = tok.decode(ids[known], skip_special_tokens=True)
+    return text if known.all() else f"{text} [+{int((~known).sum())} ids outside the tokenizer]"
 
 
 def save_ppo_checkpoint(out_dir, roles, actor_opt, critic_opt, d, tok_path, cfg, state):
