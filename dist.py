@@ -64,9 +64,10 @@ import glm
 # With bf16 weights the 12 bytes of master and moments can live on another stage (AdamW below),
 # which decouples memory from the cut: passes 2-4 then only require what cannot move to meet
 # the bound, so time alone decides the cut, and _level moves the states of half-blocks, the
-# embedding or the head from the fullest stage to the emptiest until no move helps. (If that plan does not fit, the cut is made
-# for memory as above and levelled after.) This is what evens out the first stage, whose 9 GiB
-# embedding has no compute to balance against and which keeps the most micro-batches in flight.
+# embedding or the head from the fullest stage to the emptiest until no move helps. (If that
+# plan does not fit, the cut is made for memory as above and levelled after.) This is what
+# evens out the first stage, whose 9 GiB embedding has no compute to balance against and which
+# keeps the most micro-batches in flight.
 # Activation checkpointing (where allowed) is not a free choice of the search: pass 1 prices
 # every stage fully recomputed (the least memory reachable); passes 2-3 let each stage recompute
 # the fewest blocks that bring it under the bound, since more would trade time for memory
@@ -215,7 +216,9 @@ class _Spans:
     def movable(self, i, j):
         """Bytes of optimiser state (master + moments) pieces [i, j) could keep on other stages."""
         m = self.model
-        return sum(p.trainable for p in self.pieces[i:j]) * m.optim_bytes * m.trained_copies if m.level_optim else 0.0
+        if not m.level_optim:
+            return 0.0
+        return sum(p.trainable for p in self.pieces[i:j]) * m.optim_bytes * m.trained_copies
 
     def span(self, i, j):
         if (i, j) not in self.cache:

@@ -512,7 +512,8 @@ def test_unknown_mode_is_a_clear_error(tmp_path, toy_dir):
 
 
 def test_sample_text_counts_ids_the_tokenizer_lacks():
-    tok = glm.Tokenizer(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "ice_text.model"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tok = glm.Tokenizer(os.path.join(root, "data", "ice_text.model"))
     ids = torch.tensor(tok.encode_text("12 加 3") + [tok.vocab_size + 5, tok.vocab_size])
     assert train_ppo.sample_text(tok, ids) == "12 加 3 [+2 ids outside the tokenizer]"
     assert train_ppo.sample_text(tok, ids[:-2]) == "12 加 3"
