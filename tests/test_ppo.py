@@ -10,9 +10,6 @@ import argparse
 import glob
 import json
 import os
-import socket
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -392,28 +389,6 @@ def test_ppo_raises_the_reward_and_a_flipped_advantage_does_not(tmp_path, monkey
 # -----------------------------------------------------------------------------
 # a 2-stage pipeline (gloo) gives the single-process steps
 
-WORKER = r'''
-import json, sys
-import torch.distributed as tdist
-import dist, train_ppo
-
-# several runs in one process group: dist.setup reuses it, and the runs' teardowns keep it
-init = tdist.init_process_group
-tdist.init_process_group = lambda *a, **kw: None if tdist.is_initialized() else init(*a, **kw)
-dist.teardown = dist.barrier
-for flags in json.load(open(sys.argv[1])):
-    train_ppo.main(flags)
-tdist.barrier()
-tdist.destroy_process_group()
-'''
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def pipeline_runs(toy, out):
     """{mode: flags} of the compared runs: two steps, two PPO epochs, 1F1B over two micro-batches a
     mini-batch; the full run adds the PPO-ptx term and an adaptive beta."""
@@ -423,20 +398,14 @@ def pipeline_runs(toy, out):
             "lora": argv(toy, os.path.join(out, "lora"), "lora", actor_lr=1e-2, critic_lr=1e-2)}
 
 
-def test_torchrun_p2_ppo_steps_equal_one_process(tmp_path, toy_dir):
+def test_torchrun_p2_ppo_steps_equal_one_process(tmp_path, toy_dir, torchrun_mains):
     one, two = tmp_path / "p1", tmp_path / "p2"
     os.makedirs(one)
     os.makedirs(two)
     single, piped = pipeline_runs(toy_dir, str(one)), pipeline_runs(toy_dir, str(two))
     for flags in single.values():
         train_ppo.main(flags)
-    (tmp_path / "jobs.json").write_text(json.dumps([flags + ["--pp", "2"] for flags in piped.values()]))
-    (tmp_path / "worker.py").write_text(WORKER)
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", str(tmp_path / "worker.py"), str(tmp_path / "jobs.json")],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    torchrun_mains("train_ppo", [flags + ["--pp", "2"] for flags in piped.values()])
     for mode in ("full", "lora"):
         a, b = read_metrics(one / mode), read_metrics(two / mode)
         assert sorted(a) == sorted(b) == [1, 2]
@@ -512,8 +481,7 @@ def test_unknown_mode_is_a_clear_error(tmp_path, toy_dir):
 
 
 def test_sample_text_counts_ids_the_tokenizer_lacks():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    tok = glm.Tokenizer(os.path.join(root, "data", "ice_text.model"))
+    tok = glm.Tokenizer(os.path.join(ROOT, "data", "ice_text.model"))
     ids = torch.tensor(tok.encode_text("12 加 3") + [tok.vocab_size + 5, tok.vocab_size])
     assert train_ppo.sample_text(tok, ids) == "12 加 3 [+2 ids outside the tokenizer]"
     assert train_ppo.sample_text(tok, ids[:-2]) == "12 加 3"

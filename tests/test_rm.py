@@ -7,9 +7,6 @@ import math
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -223,28 +220,7 @@ def test_toy_ranking_held_out_accuracy_rises_above_90_percent(tmp_path, base):
 # -----------------------------------------------------------------------------
 # the pipeline and data parallelism against one process
 
-WORKER = '''
-import json, sys
-import torch.distributed as tdist
-import dist, train_rm
-# several runs in one process group: dist.setup reuses it, and the runs' teardowns keep it
-init = tdist.init_process_group
-tdist.init_process_group = lambda *a, **kw: None if tdist.is_initialized() else init(*a, **kw)
-dist.teardown = dist.barrier
-for flags in json.load(open(sys.argv[1])):
-    train_rm.main(flags)
-tdist.barrier()
-tdist.destroy_process_group()
-'''
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_torchrun_p2_and_d2_give_the_single_process_losses(tmp_path, base, data12):
+def test_torchrun_p2_and_d2_give_the_single_process_losses(tmp_path, base, data12, torchrun_mains):
     """One step = 4 prompts: 2 micro-batches of 2 (one process, or P = 2), or 1 micro-batch of 2 on
     each of D = 2 replicas; the global pair count makes the step's loss the same mean."""
     eval_file = write_jsonl(tmp_path / "eval.jsonl", head_lines(TOY_RM_EVAL, 6))
@@ -253,13 +229,7 @@ def test_torchrun_p2_and_d2_give_the_single_process_losses(tmp_path, base, data1
     runs = {"p2": argv(base, data12, tmp_path / "p2", "--pp", "2", **common),
             "d2": argv(base, data12, tmp_path / "d2", **{**common, "grad_accum": 1})}
     train_rm.main(one)
-    (tmp_path / "jobs.json").write_text(json.dumps(list(runs.values())))
-    (tmp_path / "worker.py").write_text(WORKER)
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", str(tmp_path / "worker.py"), str(tmp_path / "jobs.json")],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    torchrun_mains("train_rm", list(runs.values()))
 
     def metrics(out):
         with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
@@ -289,27 +259,13 @@ def test_torchrun_p2_and_d2_give_the_single_process_losses(tmp_path, base, data1
 # resuming
 
 
-class Stop(Exception):
-    """Raised inside the loop to simulate a run killed mid-way."""
-
-
-def stop_before_step(monkeypatch, k):
-    real = dist.optimizer_step
-
-    def step_or_stop(opt, loss, lr, grad_clip, d, bad_steps, step, *a, **kw):
-        if step == k:
-            raise Stop
-        return real(opt, loss, lr, grad_clip, d, bad_steps, step, *a, **kw)
-    monkeypatch.setattr(dist, "optimizer_step", step_or_stop)
-
-
 @pytest.mark.parametrize("mode", [
     [],
     # dropout draws random numbers every step: the resumed run must restore the RNG to match
     ["--lora_rank", "4", "--lora_targets", "query_key_value,dense_4h_to_h", "--lora_dropout", "0.1"],
     ["--train_layers", "1"],
 ], ids=["full", "lora", "last1"])
-def test_resumed_run_continues_the_same_loss_curve(tmp_path, monkeypatch, base, data12, mode):
+def test_resumed_run_continues_the_same_loss_curve(tmp_path, killed_after_step, base, data12, mode):
     N, k = 7, 4  # 3 steps an epoch: the resumed run starts in the second epoch and crosses into the third
     whole = tmp_path / "whole"
     train_rm.main(argv(base, data12, whole, *mode, max_steps=N, save_every=k))
@@ -317,10 +273,8 @@ def test_resumed_run_continues_the_same_loss_curve(tmp_path, monkeypatch, base, 
     assert sorted(want) == list(range(1, N + 1))
 
     cut = tmp_path / "cut"
-    with monkeypatch.context() as m:
-        stop_before_step(m, k)
-        with pytest.raises(Stop):
-            train_rm.main(argv(base, data12, cut, *mode, max_steps=N, save_every=k))
+    with killed_after_step(k):
+        train_rm.main(argv(base, data12, cut, *mode, max_steps=N, save_every=k))
     assert json.loads((cut / "checkpoint" / "train_state.json").read_text())["step"] == k
     assert os.path.isfile(cut / "checkpoint" / "reward_head.safetensors")
     train_rm.main(argv(base, data12, cut, *mode, "--resume", max_steps=N, save_every=k))

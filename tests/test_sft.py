@@ -126,29 +126,13 @@ def test_single_batch_overfits(tmp_path, base):
     assert [r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r][-1] < 0.01
 
 
-class Stop(Exception):
-    """Raised inside the loop to simulate a run killed mid-way."""
-
-
-def stop_before_step(monkeypatch, k):
-    """Make the (k+1)-th optimiser step raise: the run dies after step k (and its checkpoint)."""
-    real, calls = dist.optimizer_step, [0]
-
-    def step_or_stop(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] > k:
-            raise Stop
-        return real(*args, **kwargs)
-    monkeypatch.setattr(dist, "optimizer_step", step_or_stop)
-
-
 @pytest.mark.parametrize("mode", [
     [],
     # dropout draws random numbers every step: the resumed run must restore the RNG to match
     ["--lora_rank", "4", "--lora_targets", "query_key_value,dense_4h_to_h", "--lora_dropout", "0.1"],
     ["--train_layers", "2"],
 ], ids=["full", "lora", "last2"])
-def test_resumed_run_continues_the_same_loss_curve(tmp_path, monkeypatch, base, data16, mode):
+def test_resumed_run_continues_the_same_loss_curve(tmp_path, killed_after_step, base, data16, mode):
     N, k = 8, 3  # 4 steps an epoch: the resumed run starts mid-epoch and crosses into the next
     whole = tmp_path / "whole"
     train_sft.main(argv(base, data16, whole, *mode, max_steps=N, save_every=k))
@@ -156,10 +140,8 @@ def test_resumed_run_continues_the_same_loss_curve(tmp_path, monkeypatch, base, 
     assert sorted(want) == list(range(1, N + 1))
 
     cut = tmp_path / "cut"
-    with monkeypatch.context() as m:
-        stop_before_step(m, k)
-        with pytest.raises(Stop):
-            train_sft.main(argv(base, data16, cut, *mode, max_steps=N, save_every=k))
+    with killed_after_step(k):
+        train_sft.main(argv(base, data16, cut, *mode, max_steps=N, save_every=k))
     with open(cut / "checkpoint" / "train_state.json", encoding="utf-8") as f:
         assert json.load(f)["step"] == k
     assert sorted(losses(cut)) == list(range(1, k + 1))
