@@ -24,8 +24,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+import data
 import dist
 import glm
+import optim
+import plan
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s per H100 (datasheet), the MFU denominator
 
@@ -89,7 +92,7 @@ def decode_step_ms(model, ids, N, use_graph, device):
     layout = glm.derive_layout(ids, cfg)
     logits = dec.prefill(ids, layout)
     tok = logits.argmax(-1)
-    pos = lambda s: torch.stack([layout.mask_pos, s - layout.ctx + 1], dim=1)[:, :, None]
+    pos = lambda s: glm.new_token_positions(layout, s)
     for s in range(T, T + N - 1, dec.bucket if use_graph else N):  # capture every window first
         dec.step(tok, pos(s), s)
     sync(device)
@@ -103,7 +106,7 @@ def decode_step_ms(model, ids, N, use_graph, device):
 def bench_forward(args, device, dtype):
     """Forward + backward of full fine-tuning (all weights get gradients), no optimiser step."""
     model = build_model(args.toy, dtype, device).train()
-    model.checkpoint_activations = args.checkpoint
+    model.checkpoint_activations = frozenset(range(model.config.num_layers) if args.checkpoint else ())
     cfg = model.config
     ids = random_prompts(cfg, args.batch, args.seq, device)
     ids[:, args.seq // 2] = cfg.bos_token_id  # prefix of half the sequence, causal after it
@@ -182,98 +185,104 @@ def model_flops_per_token(cfg, train, seq, train_layers=0):
     return fwd + 2 * train_layers * block + head
 
 
+def training_setup(args, cfg, d, method, dtype):
+    """This rank's stage of the plan with random weights, what trains, the optimiser and the fixed
+    micro-batches and loss of the step to time (an SFT step, or an RM step over ranked answers)."""
+    M = args.micro_batches
+    budget = 0.95 * torch.cuda.get_device_properties(d.device).total_memory if d.device.type == "cuda" else None
+    the_plan = plan.plan_pipeline(cfg, d.P, args.batch * (4 if args.mode == "rm" else 1), args.seq, M,
+                                  train=args.train, lora_rank=8, train_layers=args.train_layers,
+                                  param_bytes=2 if d.device.type == "cuda" else 4, checkpoint=budget is not None,
+                                  mem_budget=budget, method=method, lm_head=args.mode != "rm")
+    dist.print0(the_plan.format_table())
+    stage = the_plan.stages[d.pp_rank]
+    model = random_stage(cfg, stage, d, dtype)
+    model.checkpoint_activations = frozenset(stage.layers if args.checkpoint else stage.checkpoint_layers)
+    optim.select_trainable(model, args.train, train_layers=args.train_layers)
+    head = None
+    if args.mode == "rm":
+        if d.last:  # as train_rm.py: an RM never computes logits
+            model.lm_head.requires_grad_(False)
+            head = glm.reward_head(cfg.hidden_size, device=d.device)
+        mbs = rm_batches(cfg, args, M, d.device, seed=17 * d.dp_rank)
+        n_pairs = torch.tensor(float(sum(len(mb["better"]) for mb in mbs) * d.D), device=d.device)
+
+        def loss_fn(model, h, mb):  # the pairwise ranking loss, scores read at each answer's <eop>
+            r = glm.rewards_at(head, h, mb["end"])
+            return -F.logsigmoid(r[mb["better"]] - r[mb["worse"]]).sum() / n_pairs
+    else:
+        mbs = train_batches(cfg, args, M, d.device, seed=17 * d.dp_rank)
+        n_tok = dist.all_reduce(sum(data.count_labels(mb["labels"]) for mb in mbs).float(), "sum", d.dp_group)
+        loss_fn = lambda model, h, mb: data.lm_loss(model.lm_head, h, mb["labels"]) / n_tok
+    opt = optim.AdamW(optim.named_trainables(model, {"head": head} if head else None), 1e-5, 0.0, d, the_plan.hosts)
+    first_trainable = dist.first_trainable_stage(model, d)
+
+    def step():
+        loss = dist.train_step(model, d, mbs, loss_fn, first_trainable)
+        return optim.optimizer_step(opt, loss, 1e-5, 1.0, d, 0, 0)[0]
+    return the_plan, model, step
+
+
 def bench_train(args, device, dtype):
     """Training steps through dist.train_step (1F1B) + the optimiser, per rank: measured and
     predicted peak memory, busy share; overall tokens/s (or answers/s) and MFU."""
-    from types import SimpleNamespace
-    import train_rm
-    import train_sft
     d = dist.setup(args.pp)
     cfg = glm.GLMConfig.toy() if args.toy else glm.GLMConfig()
     if args.toy:
         cfg.num_layers = 4
-    M = args.micro_batches
-    budget = 0.95 * torch.cuda.get_device_properties(d.device).total_memory if device.type == "cuda" else None
     results = []
     for method in args.plans.split(","):
-        plan = dist.plan_pipeline(cfg, d.P, args.batch * (4 if args.mode == "rm" else 1), args.seq, M,
-                                  train=args.train, lora_rank=8, train_layers=args.train_layers,
-                                  param_bytes=2 if device.type == "cuda" else 4, checkpoint=budget is not None,
-                                  mem_budget=budget, method=method, lm_head=args.mode != "rm")
-        dist.print0(plan.format_table())
-        stage = plan.stages[d.pp_rank]
-        model = random_stage(cfg, stage, d, dtype)
-        model.checkpoint_activations = True if args.checkpoint else set(stage.checkpoint_layers)
-        dist.select_trainable(model, args.train, SimpleNamespace(
-            lora_targets="query_key_value", lora_rank=8, lora_alpha=16.0, lora_dropout=0.0,
-            train_layers=args.train_layers))
-        head = None
-        if args.mode == "rm":
-            train_rm.freeze_lm_head(model)  # as train_rm.py: an RM never computes logits
-            if d.last:
-                head = torch.nn.Linear(cfg.hidden_size, 1, device=d.device)
-        opt = dist.AdamW(dist.named_trainables(model, {"head": head} if head else None), 1e-5, 0.0, d, plan.hosts)
-        first_trainable = dist.first_trainable_stage(model, d)
-        if args.mode == "rm":
-            mbs = rm_batches(cfg, args, M, d.device, seed=17 * d.dp_rank)
-            n_pairs = torch.tensor(float(sum(len(mb["better"]) for mb in mbs) * d.D), device=d.device)
-
-            def loss_fn(model, h, mb):  # the pairwise ranking loss, scores read at each answer's <eop>
-                r = head(h[torch.arange(h.shape[0], device=h.device), mb["end"]].float()).float()[:, 0]
-                return -F.logsigmoid(r[mb["better"]] - r[mb["worse"]]).sum() / n_pairs
-        else:
-            mbs = train_batches(cfg, args, M, d.device, seed=17 * d.dp_rank)
-            loss_fn = train_sft.sft_loss(dist.all_reduce(sum((mb["labels"][:, 1:] != -100).sum() for mb in mbs)
-                                                         .float(), "sum", d.dp_group))
-
-        def step():
-            loss = dist.train_step(model, d, mbs, loss_fn, first_trainable)
-            return dist.optimizer_step(opt, loss, 1e-5, 1.0, d, 0, 0)[0]
-
+        the_plan, model, step = training_setup(args, cfg, d, method, dtype)
         for _ in range(2):
             step()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(d.device)
-        dist.wait_seconds(reset=True)
+        d.idle.seconds(reset=True)
         dist.barrier()
         t0 = time.perf_counter()
         for _ in range(args.iters):
             step()
         sync(device)
         dt = (time.perf_counter() - t0) / args.iters
-        seqs = args.batch * M * d.D * (4 if args.mode == "rm" else 1)
-        tokens = seqs * args.seq
-        mfu = model_flops_per_token(cfg, args.train, args.seq, args.train_layers) * tokens / dt / (d.world * H100_BF16_PEAK)
-        rows = dist.report_memory_and_busy(stage, d, dt * args.iters)
+        rows = dist.report_memory_and_busy(the_plan.stages[d.pp_rank], d, dt * args.iters)
         params = sum(p.numel() for p in model.parameters()) if args.train != "lora" else None
         if params is not None:  # the issue's MFU: 6 x all parameters (embedding included) x tokens
             params = int(dist.all_reduce(torch.tensor(float(params), device=d.device), "sum", d.pp_group).item())
-        res = dict(mode=args.mode, train=args.train, plan=method, P=d.P, D=d.D, micro_batch=args.batch,
-                   micro_batches=M, seq=args.seq, checkpoint=args.checkpoint, layer_counts=plan.layer_counts,
-                   optimizer_states_moved=plan.hosts,
-                   step_s=round(dt, 4), tok_per_s=round(tokens / dt, 1), mfu=round(mfu, 4),
-                   per_rank=[dict(rank=int(r[0]), stage=int(r[1]), peak_gib=round(r[2] / 2**30, 2),
-                                  predicted_gib=round(r[3] / 2**30, 2), busy=round(r[4], 3)) for r in rows])
-        if params is not None:
-            res["mfu_6n"] = round(6 * params * tokens / dt / (d.world * H100_BF16_PEAK), 4)
-        if device.type == "cuda":  # do weight-gradient GEMMs add into the fp32 accumulators themselves?
-            res["wgrad_gemm_into_fp32"] = glm.fp32_accumulating_gemm(d.device)
-        if args.mode == "rm":
-            res["answers_per_s_per_gpu"] = round(seqs / dt / d.world, 1)
-        if d.device.type == "cuda":
-            peaks = [r[2] for r in rows]
-            res["peak_max_over_min"] = round(max(peaks) / min(peaks), 3)
-        # the bubble is the idle share of the busiest (bottleneck) stage; faster stages idle more,
-        # which is imbalance, reported as the mean idle share beside it
-        res["bubble_predicted"] = round((d.P - 1) / (M + d.P - 1), 3)
-        res["bubble_measured"] = round(1 - max(r[4] for r in rows), 3)
-        res["idle_mean"] = round(1 - sum(r[4] for r in rows) / len(rows), 3)
+        res = training_record(args, cfg, d, method, the_plan, dt, rows, params)
         dist.print0(json.dumps(res))
         results.append(res)
-        del model, opt, mbs
+        del model, step
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return results if dist.is_main() else []
+
+
+def training_record(args, cfg, d, method, the_plan, dt, rows, params):
+    """One JSON record of a timed training configuration."""
+    M = args.micro_batches
+    seqs = args.batch * M * d.D * (4 if args.mode == "rm" else 1)
+    tokens = seqs * args.seq
+    mfu = model_flops_per_token(cfg, args.train, args.seq, args.train_layers) * tokens / dt / (d.world * H100_BF16_PEAK)
+    res = dict(mode=args.mode, train=args.train, plan=method, P=d.P, D=d.D, micro_batch=args.batch,
+               micro_batches=M, seq=args.seq, checkpoint=args.checkpoint, layer_counts=the_plan.layer_counts,
+               optimizer_states_moved=the_plan.hosts,
+               step_s=round(dt, 4), tok_per_s=round(tokens / dt, 1), mfu=round(mfu, 4),
+               per_rank=[dict(rank=int(r[0]), stage=int(r[1]), peak_gib=round(r[2] / 2**30, 2),
+                              predicted_gib=round(r[3] / 2**30, 2), busy=round(r[4], 3)) for r in rows])
+    if params is not None:
+        res["mfu_6n"] = round(6 * params * tokens / dt / (d.world * H100_BF16_PEAK), 4)
+    if d.device.type == "cuda":  # do weight-gradient GEMMs add into the fp32 accumulators themselves?
+        res["wgrad_gemm_into_fp32"] = optim.fp32_accumulating_gemm(d.device)
+        peaks = [r[2] for r in rows]
+        res["peak_max_over_min"] = round(max(peaks) / min(peaks), 3)
+    if args.mode == "rm":
+        res["answers_per_s_per_gpu"] = round(seqs / dt / d.world, 1)
+    # the bubble is the idle share of the busiest (bottleneck) stage; faster stages idle more,
+    # which is imbalance, reported as the mean idle share beside it
+    res["bubble_predicted"] = round((d.P - 1) / (M + d.P - 1), 3)
+    res["bubble_measured"] = round(1 - max(r[4] for r in rows), 3)
+    res["idle_mean"] = round(1 - sum(r[4] for r in rows) / len(rows), 3)
+    return res
 
 
 def make_model(args, device, dtype):

@@ -20,7 +20,7 @@ Token layout of one SFT example, and the label convention used by every trainer 
     labels -100 ...  -100  -100   -100  a0   a1  ... <eop>
 
 labels[t] is what the token AT position t should be (aligned with ids, -100 = no loss), so the
-loss shifts: logits[:, t] predicts labels[:, t + 1] (`lm_loss`). The prompt goes through
+loss shifts: the logits at t predict labels[:, t + 1] (`lm_loss`). The prompt goes through
 `glm.chat_prompt` first; answers of earlier rounds are part of the prompt and take no loss. Over-long examples are truncated, the prompt from the left (its end and
 [gMASK] <sop> always stay), and counted in a `TruncationStats` for the caller to print.
 
@@ -349,19 +349,20 @@ def ranked_pairs(sizes):
     return torch.tensor(better), torch.tensor(worse), torch.tensor(example)
 
 
-def lm_loss(logits, labels, reduction="mean"):
-    """Next-token cross-entropy in float32: logits[:, t] against labels[:, t + 1], -100 ignored.
-
-    "mean" averages over the label tokens of this batch; "sum" lets a trainer that accumulates
-    micro-batches or data-parallel replicas divide by the global count of (labels[:, 1:] != -100)."""
+def lm_loss(lm_head, h, labels):
+    """Summed next-token cross-entropy in float32: lm_head(h[:, t]) against labels[:, t + 1],
+    -100 ignored. The head runs only where a label exists (at V = 130k most positions are prompt,
+    and [tokens, V] float32 logits are the largest tensor of a step). Divide by the label count
+    of the whole batch (`count_labels`, summed over micro-batches and replicas) for the mean."""
     targets = labels[:, 1:]                    # [B, T-1]: what position t should predict
     keep = targets != IGNORE                   # [B, T-1]
-    # pick the labelled positions before the float32 cast: at V = 130k most positions are prompt
-    logits = logits[:, :-1][keep].float()      # [N, V]
-    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
-    if reduction == "sum":
-        return loss
-    return loss / keep.sum().clamp(min=1)
+    logits = lm_head(h[:, :-1][keep])          # [N, V]
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+def count_labels(labels):
+    """Positions that take a loss in labels [B, T] (the lm_loss sum's terms)."""
+    return (labels[:, 1:] != IGNORE).sum()
 
 
 class Batches:
@@ -420,6 +421,12 @@ class Batches:
             # advance before yielding: a checkpoint saved after this batch's step resumes after it
             self.epoch, self.step = (epoch + 1, 0) if step + 1 == len(self) else (epoch, step + 1)
             yield g[self.rank * k:(self.rank + 1) * k]
+
+    def next(self):
+        """The next batch, starting a new epoch when this one is used up."""
+        for idx in self:
+            return idx
+        return next(iter(self))
 
     def state_dict(self):
         return dict(epoch=self.epoch, step=self.step, n_examples=self.n, global_batch=self.global_bs,
@@ -488,6 +495,11 @@ def toy_answer_correct(prompt, response):
     return response.strip() == want
 
 
+def toy_accuracy(examples, answers):
+    """Share of toy questions whose answer text is exactly right."""
+    return sum(toy_answer_correct(e["prompt"], a) for e, a in zip(examples, answers)) / max(len(examples), 1)
+
+
 def _toy_text(rng, template, a, b):
     names = TOY_NAMES["zh" if re.search(r"[\u4e00-\u9fff]", template) else "en"]
     x, y = rng.sample(names, 2)
@@ -548,6 +560,40 @@ def write_toy(out_dir, seed=0):
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         paths.append(path)
     return paths
+
+
+# The toy runs: a 2-block ChatGLM trained from scratch on the bundled task, a few CPU minutes.
+# `python train_sft.py` (no --model) takes these values for every flag it was not given.
+TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+TOY_SFT = dict(max_len=64, micro_batch_size=32, grad_accum=1, lr=1e-2, warmup_steps=30, max_steps=2000,
+               weight_decay=0.1, eval_every=200, save_every=400, out="runs/toy_sft")
+TOY_RM = dict(max_len=64, micro_batch_size=16, grad_accum=1, lr=1e-3, warmup_steps=20, max_steps=300,
+              weight_decay=0.01, eval_every=100, save_every=150, out="runs/toy_rm")
+# PPO's toy prompts are the held-out questions without their answers: neither the SFT model nor
+# the RM trained on them, and RL sees only the RM's scores. All 76 go into every step, so the
+# reward curve shows the policy's progress rather than which prompts came up.
+TOY_PPO = dict(mode="full", max_prompt_len=48, rollout_batch_size=76, max_new_tokens=6, max_steps=60,
+               mini_batch_size=38, micro_batch_size=38, actor_lr=3e-4, critic_lr=1e-3, kl_coef=0.1,
+               ppo_epochs=2, temperature=1.0, save_every=20, sample_every=20, out="runs/toy_ppo")
+
+
+def toy_file(name):
+    """A bundled toy file: sft_train, sft_eval, rm_train, rm_eval or prompts."""
+    return os.path.join(TOY_DIR, f"toy_{name}.jsonl")
+
+
+def toy_runs(out):
+    """The folder holding the toy runs (runs/ by default): where each toy stage finds the others."""
+    return os.path.dirname(out) or "."
+
+
+def write_toy_model(path, seed=0):
+    """A randomly initialised toy ChatGLM (2 blocks, width 64) with the bundled tokenizer, unless
+    `path` holds one already; returns path."""
+    if not os.path.isdir(path):
+        model = glm.ChatGLM(glm.GLMConfig.toy()).init_weights(seed)
+        model.save_pretrained(path, tokenizer=glm.Tokenizer(os.path.join(TOY_DIR, "ice_text.model")))
+    return path
 
 
 # -----------------------------------------------------------------------------

@@ -281,18 +281,13 @@ class KVCache:
         self.v = torch.zeros(B, S, nh, hs, dtype=dtype, device=device)
 
     def update(self, pos, k, v):
-        """Write k, v [B, t, nh, hs] at slots pos..pos+t-1; return all keys/values up to there.
+        """Write k, v [B, t, nh, hs] at pos = (slots [t], end); return keys/values [B, end, nh, hs].
 
-        pos may also be (slot, end): a one-element slot tensor and a fixed window end, so that
-        the step's shapes never change and it can be captured in a CUDA graph."""
-        if isinstance(pos, tuple):
-            slot, end = pos
-            self.k.index_copy_(1, slot, k)
-            self.v.index_copy_(1, slot, v)
-        else:
-            end = pos + k.shape[1]
-            self.k[:, pos:end] = k
-            self.v[:, pos:end] = v
+        The slots are a tensor and `end` a window that may run past them (masked there), so a
+        decode step's shapes never change and it can be captured in a CUDA graph."""
+        slots, end = pos
+        self.k.index_copy_(1, slots, k)
+        self.v.index_copy_(1, slots, v)
         return self.k[:, :end], self.v[:, :end]
 
 
@@ -319,6 +314,7 @@ class Decoder:
         self.graphs, self.pool = {}, None
 
     def run(self, x, rope, attend, pos):
+        """Logits [B, V] at the last position (hidden states [B, T, C] on a stage without the head)."""
         h = self.model.transformer(x, rope, attend, self.caches, pos)
         return self.model.lm_head(h[:, -1]) if self.model.lm_head is not None else h
 
@@ -327,14 +323,15 @@ class Decoder:
         T = layout.position_ids.shape[-1]
         self.key_valid[:, :T] = layout.key_valid
         rope = rotary_tables(layout.position_ids, self.model.config.rotary_dim)
-        return self.run(x, rope, layout.attend, pos=0)
+        return self.run(x, rope, layout.attend, pos=(torch.arange(T, device=x.device), T))
 
     def step(self, x, pos_ids, slot):
         """One new token per row (ids [B] or hidden [B, 1, C]) at cache slot `slot`."""
         self.key_valid[:, slot] = True
         if not self.use_graph:
             rope = rotary_tables(pos_ids, self.model.config.rotary_dim)
-            return self.run(x.view_as(self.x), rope, self.key_valid[:, None, None, :slot + 1], pos=slot)
+            return self.run(x.view_as(self.x), rope, self.key_valid[:, None, None, :slot + 1],
+                            pos=(self.slot.fill_(slot), slot + 1))
         self.x.copy_(x.view_as(self.x))
         self.pos_ids.copy_(pos_ids)
         self.slot.fill_(slot)
@@ -366,79 +363,21 @@ class Decoder:
         return graph, out
 
 
-def add_weight_grad(main_grad, g, x):
-    """main_grad [out, in] (fp32) += g^T x, with g [N, out] and x [N, in] in bf16: on GPUs one
-    GEMM that reads and writes the fp32 accumulator itself (no bf16 gradient tensor, no second
-    pass to add it), elsewhere an fp32 matmul."""
-    if main_grad.is_cuda and fp32_accumulating_gemm(main_grad.device):
-        torch.addmm(main_grad, g.t(), x, out_dtype=torch.float32, out=main_grad)
-    else:
-        main_grad.addmm_(g.t().float(), x.float())
-
-
-_GEMM_OK = {}
-
-
-def fp32_accumulating_gemm(device):
-    """Does this torch build sum a bf16 GEMM into an fp32 output in place? Checked once per device
-    against a float64 product, so a build without it (or with other semantics) takes the fallback."""
-    if device not in _GEMM_OK:
-        try:
-            a, b = (torch.randn(64, 32, device=device).bfloat16(), torch.randn(32, 48, device=device).bfloat16())
-            c = torch.randn(64, 48, device=device)
-            want = c.double() + a.double() @ b.double()
-            torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
-            _GEMM_OK[device] = torch.allclose(c.double(), want, rtol=1e-3, atol=1e-3)
-        except (RuntimeError, TypeError):
-            _GEMM_OK[device] = False
-    return _GEMM_OK[device]
-
-
-class _LinearIntoMainGrad(torch.autograd.Function):
-    """y = x W^T + b whose backward adds dL/dW straight into W.main_grad."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, weight = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])  # [N, out]
-        if weight.main_grad is None:
-            weight.main_grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        add_weight_grad(weight.main_grad, g2, x.reshape(-1, x.shape[-1]))
-        gx = g @ weight if ctx.needs_input_grad[0] else None  # [..., in]
-        return gx, None, g2.sum(0) if ctx.has_bias else None
-
-
-class Linear(nn.Linear):
-    """nn.Linear, except that a trained bf16 weight with an fp32 accumulator (`main_grad`, set
-    up by dist.AdamW, which also sets `fuse_main_grad`) receives its gradient straight into it."""
-
-    def forward(self, x):
-        if getattr(self.weight, "fuse_main_grad", False) and torch.is_grad_enabled():
-            return _LinearIntoMainGrad.apply(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
-
-
 class SelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.nh, self.hs, self.rd = cfg.num_attention_heads, cfg.head_dim, cfg.rotary_dim
-        self.query_key_value = Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.dense = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x, rope, attn_bias, cache=None, pos=0):
+    def forward(self, x, rope, attn_bias, cache=None, pos=None):
         B, T, C = x.shape
         # fused QKV is interleaved per head: [q_h k_h v_h] for each head h, not [Q K V]
         qkv = self.query_key_value(x).view(B, T, self.nh, 3, self.hs)  # [B, T, nh, 3, hs]
         qk = apply_rotary_2d(qkv[:, :, :, :2], *rope)  # q and k rotated together: [B, T, nh, 2, hs]
         q, k, v = qk[:, :, :, 0], qk[:, :, :, 1], qkv[:, :, :, 2]  # [B, T, nh, hs]
         if cache is not None:
-            k, v = cache.update(pos, k, v)  # [B, S, nh, hs], S = pos + T
+            k, v = cache.update(pos, k, v)  # [B, S, nh, hs]: S = the window's end
         # scores q.k / sqrt(hs); the release's extra scaling by layer_id+1 cancels in softmax
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=attn_bias)  # [B, nh, T, hs]
@@ -448,8 +387,8 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.dense_h_to_4h = Linear(cfg.hidden_size, cfg.inner_hidden_size)
-        self.dense_4h_to_h = Linear(cfg.inner_hidden_size, cfg.hidden_size)
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.inner_hidden_size)
+        self.dense_4h_to_h = nn.Linear(cfg.inner_hidden_size, cfg.hidden_size)
 
     def forward(self, x):
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
@@ -467,7 +406,7 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, h, rope, attn_bias, cache=None, pos=0):
+    def forward(self, h, rope, attn_bias, cache=None, pos=None):
         # pre-LN with a scaled residual: the *normalised* input is what is carried forward
         x = self.input_layernorm(h)
         h = torch.add(self.attention(x, rope, attn_bias, cache, pos), x, alpha=self.alpha)  # x*alpha + attn(x)
@@ -487,17 +426,17 @@ class GLMTransformer(nn.Module):
         self.final_layernorm = (nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
                                 if final_norm else None)
 
-    def forward(self, x, rope, attend, caches=None, pos=0, checkpoint=False):
+    def forward(self, x, rope, attend, caches=None, pos=None, checkpoint=()):
         """x: ids [B, T] on the first stage, hidden states [B, T, C] after it; attend: bool
-        [B, 1, T, S], True = may attend. checkpoint: True, or the set of global block ids whose
-        activations are recomputed in backward instead of kept."""
+        [B, 1, T, S], True = may attend; caches {block id: KVCache} written at pos = (slots,
+        end). checkpoint: the global ids of the blocks whose activations are recomputed in
+        backward instead of kept."""
         h = self.word_embeddings(x) if self.word_embeddings is not None else x
         # one additive mask for all blocks (0 or -inf), so attention never re-converts the bool one
         attn_bias = torch.zeros(attend.shape, dtype=h.dtype, device=h.device).masked_fill_(~attend, float("-inf"))
         for name, block in self.layers.items():
             cache = caches[int(name)] if caches is not None else None
-            recompute = checkpoint is True or (not isinstance(checkpoint, bool) and int(name) in checkpoint)
-            if recompute and torch.is_grad_enabled():
+            if int(name) in checkpoint and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(block, h, rope, attn_bias, use_reentrant=False)
             else:
                 h = block(h, rope, attn_bias, cache, pos)
@@ -514,8 +453,8 @@ class ChatGLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.transformer = GLMTransformer(cfg, layer_ids, embed=first, final_norm=last)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if last else None
-        self.checkpoint_activations = False
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if last else None
+        self.checkpoint_activations = frozenset()  # global ids of blocks recomputed in backward
 
     @torch.no_grad()
     def init_weights(self, seed=0, std=0.02):
@@ -587,24 +526,16 @@ class ChatGLM(nn.Module):
         out = torch.full((B, max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(B, max_new_tokens, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
+        sampling = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
         for i in range(max_new_tokens):
-            tok, lp = sample_next(logits.float(), do_sample, temperature, top_p, top_k, generator)
-            tok = tok.masked_fill(done, cfg.pad_token_id)
-            out[:, i], logprobs[:, i] = tok, lp.masked_fill(done, 0.0)
+            tok = next_token(logits, done if stop_at_eop else None, cfg, out[:, i], logprobs[:, i], **sampling)
             if streamer is not None:
                 streamer(tok)
-            if stop_at_eop:
-                done |= tok == cfg.eos_token_id
-                # checking costs a GPU sync: do it every few steps (finished rows only emit pad)
-                if (i % 8 == 7 or streamer is not None) and bool(done.all()):
-                    break
-            if i == max_new_tokens - 1:
+            # checking costs a GPU sync: do it every few steps (finished rows only emit pad)
+            if stop_at_eop and (i % 8 == 7 or streamer is not None) and bool(done.all()):
                 break
-            # the new token sits at slot T+i; its position stays at the mask token's, its
-            # block position counts on from <sop>
-            slot = T + i
-            pos_ids = torch.stack([layout.mask_pos, slot - layout.ctx + 1], dim=1)[:, :, None]  # [B, 2, 1]
-            logits = decoder.step(tok, pos_ids, slot)
+            if i < max_new_tokens - 1:
+                logits = decoder.step(tok, new_token_positions(layout, T + i), T + i)
         if stop_at_eop:
             out, logprobs = trim_finished(out, logprobs, cfg.eos_token_id)
         ids = torch.cat([input_ids, out], dim=1)
@@ -638,6 +569,44 @@ class ChatGLM(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# reward head: a scalar score of a whole answer, read at its final <eop>
+
+
+def reward_head(hidden_size, seed=0, device="cpu"):
+    """Linear hidden -> 1 in float32, weight ~ N(0, 1/(C+1)), bias 0.
+
+    Not zeros: a zero head scores every answer 0, so the backbone gets no gradient until the head
+    has moved; with this scale the first rewards are about unit size and differ between answers
+    (the scale of lm-human-preferences' reward head). The bias gets no gradient from a ranking
+    loss, but PPO's critic starts from this head and needs one for its values. The seed makes the
+    head the same whatever the number of pipeline stages."""
+    head = nn.Linear(hidden_size, 1, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g) / math.sqrt(hidden_size + 1))
+        head.bias.zero_()
+    return head.to(device)
+
+
+def eop_index(input_ids, eop_id):
+    """Column of each row's last <eop> [N]: where its score is read (the last column under left
+    padding; computed, so right-padded rows work too). A row without one is an error."""
+    T = input_ids.shape[1]
+    hit = input_ids == eop_id  # [N, T]
+    if not bool(hit.any(dim=1).all()):
+        row = int((~hit.any(dim=1)).nonzero()[0])
+        raise ValueError(f"answer row {row} has no <eop> token: its score has nowhere to be read. HINT: encode "
+                         "answers with data.encode_ranked, which keeps <eop> and cuts the prompt first")
+    return torch.where(hit, torch.arange(T, device=input_ids.device), -1).max(dim=1).values  # [N]
+
+
+def rewards_at(head, h, idx):
+    """Scores r [N] from final hidden states h [N, T, C] at column idx [N] of each row, in float32."""
+    x = h[torch.arange(h.shape[0], device=h.device), idx]  # [N, C]
+    return head(x.float())[:, 0]  # [N]
+
+
+# -----------------------------------------------------------------------------
 # sampling
 
 
@@ -649,6 +618,26 @@ def trim_finished(out, logprobs, eos_id):
     ended = torch.where(out == eos_id, t, N).min(dim=1).values  # [B]: first <eop>, N if none
     keep = int(ended.max().clamp(max=N - 1)) + 1 if N else 0
     return out[:, :keep], logprobs[:, :keep]
+
+
+def new_token_positions(layout, slot):
+    """Position ids [B, 2, 1] of a generated token at cache slot `slot`: its position stays at the
+    mask token's, its block position counts on from <sop> (which has block position 1)."""
+    return torch.stack([layout.mask_pos, slot - layout.ctx + 1], dim=1)[:, :, None]
+
+
+def next_token(logits, done, cfg, out, logprobs, **sampling):
+    """Pick the next token [B] from logits [B, V] (see sample_next) and write it and its
+    log-probability into out [B] and logprobs [B]. Rows already done (done [B] bool, or None
+    to never stop) emit padding with log-probability 0; rows that emit <eop> become done."""
+    tok, lp = sample_next(logits.float(), **sampling)
+    if done is not None:
+        tok = tok.masked_fill(done, cfg.pad_token_id)
+        lp = lp.masked_fill(done, 0.0)
+        done |= tok == cfg.eos_token_id
+    out.copy_(tok)
+    logprobs.copy_(lp)
+    return tok
 
 
 def sample_next(logits, do_sample, temperature, top_p, top_k, generator=None):

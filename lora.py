@@ -245,7 +245,7 @@ def remove_lora(model):
         del m.lora_A, m.lora_B
         for attr in ("r", "alpha", "scaling", "dropout", "active", "merged"):
             delattr(m, attr)
-        m.__class__ = glm.Linear
+        m.__class__ = nn.Linear
     return model
 
 

@@ -23,22 +23,24 @@ whitened advantages; ppo_epochs over mini-batches of the clipped policy loss (+ 
 + ptx_coef * LM loss on SFT data) and the clipped value loss.
 """
 import json
-import math
 import os
+import subprocess
+import sys
 import time
-from types import SimpleNamespace
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
+import ckpt
 import data
 import dist
+import flags
 import glm
 import lora
-import train_rm
+import optim
+import plan
 
 
 @dataclass
@@ -99,28 +101,18 @@ class Config:
     resume: bool = False
 
 
-# The toy PPO prompts are the toy task's held-out questions, without their answers: neither the
-# SFT model nor the RM was trained on them, and RL sees only the RM's scores. All 76 go into
-# every step, so the reward curve shows the policy's progress rather than which prompts came up.
-TOY = dict(mode="full", max_prompt_len=48, rollout_batch_size=76, max_new_tokens=6, max_steps=60,
-           mini_batch_size=38, micro_batch_size=38, actor_lr=3e-4, critic_lr=1e-3, kl_coef=0.1,
-           ppo_epochs=2, temperature=1.0, save_every=20, sample_every=20, out="runs/toy_ppo")
-
-
-def apply_toy_defaults(cfg):
-    """With no models given: the toy SFT policy and toy RM (trained first if missing), toy prompts."""
-    if cfg.model or cfg.actor or cfg.rm_dir:
-        return cfg
-    import train_sft
-    dist.override_defaults(cfg, TOY)
-    runs = os.path.dirname(cfg.out) or "."
+def toy_models_and_data(cfg, d):
+    """The toy run (no models given): the toy SFT policy and toy RM next to --out, trained first by
+    their own scripts if missing (the quickstart chain), and the toy prompts."""
+    runs = data.toy_runs(cfg.out)
     cfg.actor, cfg.rm_dir = os.path.join(runs, "toy_sft", "final"), os.path.join(runs, "toy_rm", "final")
-    if dist.get().world == 1:  # the prerequisites are single-process toy runs
-        if not os.path.isdir(cfg.actor):
-            train_sft.main(["--out", os.path.join(runs, "toy_sft")])
-        if not os.path.isdir(cfg.rm_dir):
-            train_rm.main(["--out", os.path.join(runs, "toy_rm")])
-    cfg.data = cfg.data or os.path.join(train_sft.TOY_DIR, "toy_sft_eval.jsonl")
+    for script, result in (("train_sft.py", cfg.actor), ("train_rm.py", cfg.rm_dir)):
+        if d.world == 1 and not os.path.isdir(result):  # the prerequisites are single-process toy runs
+            cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script),
+                   "--out", os.path.dirname(result)]
+            print(f"$ {' '.join(cmd)}", flush=True)
+            subprocess.run(cmd, check=True)
+    cfg.data = cfg.data or data.toy_file("sft_eval")
     return cfg
 
 
@@ -156,7 +148,7 @@ class Roles:
         self.value_head = self.reward_head = None
         if d.last:  # the critic starts from the reward model, head included
             self.reward_head = nn.Linear(C, 1).to(d.device)
-            dist.load_head(self.reward_head, cfg.rm_dir, "reward_head")
+            ckpt.load_head(self.reward_head, cfg.rm_dir, "reward_head")
             self.reward_head.requires_grad_(False)
             self.value_head = nn.Linear(C, 1).to(d.device)
             self.value_head.load_state_dict(self.reward_head.state_dict())
@@ -165,7 +157,7 @@ class Roles:
     def _build_lora(self, cfg, d, stage):
         if not cfg.model:
             raise ValueError("--mode lora needs --model BASE (the frozen base all roles share)")
-        model = dist.build_stage(cfg.model, stage, d, checkpoint_all=cfg.checkpoint)
+        model = dist.build_stage(cfg.model, stage, d, cfg.checkpoint)
         targets = tuple(cfg.lora_targets.split(","))
         sft = cfg.sft_adapter
         # trainable adapters in float32; frozen ones may stay in the base's dtype
@@ -197,11 +189,12 @@ class Roles:
     def _build_full(self, cfg, d, stage):
         if not cfg.actor or not cfg.rm_dir:
             raise ValueError("--mode full needs --actor SFT_DIR and --rm_dir RM_DIR (HF weight folders)")
-        build = lambda path: dist.build_stage(path, stage, d, checkpoint_all=cfg.checkpoint)
+        build = lambda path: dist.build_stage(path, stage, d, cfg.checkpoint)
         self.models = {"actor": build(cfg.actor), "reference": build(cfg.actor),
                        "critic": build(cfg.rm_dir), "reward": build(cfg.rm_dir)}
         for role, m in self.models.items():
             m.requires_grad_(role in ("actor", "critic"))
+            optim.fuse_weight_grads(m)
             if role == "critic" and m.lm_head is not None:
                 m.lm_head.requires_grad_(False)  # the value comes from value_head; lm_head gets no gradient
         self.adapters = {r: None for r in self.models}
@@ -217,10 +210,17 @@ class Roles:
         """{name: parameter} that the role's optimiser updates: its model's (or adapter's) trained
         tensors plus, for the critic, the value head; the names key the saved optimiser state."""
         heads = {"value_head": self.value_head} if role == "critic" and self.value_head else None
-        named = dist.named_trainables(self.models[role], heads)
+        named = optim.named_trainables(self.models[role], heads)
         if self.mode == "lora":  # one model holds both trained adapters: keep this role's own
             named = {n: p for n, p in named.items() if ".lora_" not in n or n.endswith("." + self.adapters[role])}
         return named
+
+
+    def checkpointed(self):
+        """{subfolder: (model, adapter name)} of the trained roles, as ckpt.save writes them."""
+        lora_mode = self.mode == "lora"
+        return {"policy": (self.models["actor"], "policy" if lora_mode else None),
+                "critic": (self.models["critic"], "critic" if lora_mode else None)}
 
 
 # -----------------------------------------------------------------------------
@@ -331,14 +331,11 @@ def value_loss(cfg, head, n_tok, stats):
 
 def ptx_loss(coef, n_tok):
     """ptx_coef times the SFT language-model loss (mean over its response tokens)."""
-    def fn(model, h, mb):
-        targets = mb["labels"][:, 1:]
-        keep = targets != data.IGNORE
-        return coef * F.cross_entropy(model.lm_head(h[:, :-1][keep]).float(), targets[keep], reduction="sum") / n_tok
-    return fn
+    return lambda model, h, mb: coef * data.lm_loss(model.lm_head, h, mb["labels"]) / n_tok
 
 
 # -----------------------------------------------------------------------------
+# one PPO step: rollout, scores, advantages, then the updates
 
 
 def split(batch, idx, size):
@@ -353,23 +350,67 @@ def score_rollout(roles, d, ids, T, cfg):
     mbs = split({"input_ids": ids, "end": end}, torch.arange(ids.shape[0]), cfg.micro_batch_size)
     per_token = lambda mb: (mb["input_ids"].shape[0], mb["input_ids"].shape[1] - 1)
     per_row = lambda mb: (mb["input_ids"].shape[0],)
-    def run(role, fn, shape):
-        model = roles.use(role)
-        return torch.cat(dist.forward_collect(model, d, mbs, fn, shape))
-
+    run = lambda role, fn, shape: torch.cat(dist.forward(roles.use(role), d, mbs, fn, shape))
     logp_fn = lambda model, h, mb: token_logprobs(model, h, mb["input_ids"], cfg.temperature)
     logp = run("actor", logp_fn, per_token)
     ref_logp = run("reference", logp_fn, per_token)
     values = run("critic", lambda m, h, mb: roles.value_head(h[:, :-1].float())[..., 0], per_token)
-    score = run("reward", lambda m, h, mb: train_rm.rewards_at_eop(roles.reward_head, h, mb["end"]), per_row)
+    score = run("reward", lambda m, h, mb: glm.rewards_at(roles.reward_head, h, mb["end"]), per_row)
     return dict(mask=mask, end=end, has_eop=has_eop, logp=logp, ref_logp=ref_logp, values=values, score=score)
 
 
+def rollout(roles, d, prompt_ids, cfg, rm_stats, beta, gen):
+    """Sample responses, score them with all four roles, and turn the scores into per-token
+    rewards, advantages and returns; the training batch, and the scores with their timings."""
+    T, t0 = prompt_ids.shape[1], time.perf_counter()
+    ids, _ = dist.generate(roles.use("actor"), d, prompt_ids, cfg.max_new_tokens, do_sample=True,
+                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, generator=gen)
+    t1 = time.perf_counter()
+    r = score_rollout(roles, d, ids, T, cfg)
+    r["raw_score"] = r["score"] + cfg.no_eop_penalty * (~r["has_eop"]).float()
+    norm = ((r["raw_score"] - rm_stats["mean"]) / max(rm_stats["std"], 1e-6)).clamp(-cfg.reward_clip, cfg.reward_clip)
+    rewards = kl_rewards(r["logp"], r["ref_logp"], norm, r["mask"], r["end"], beta)
+    adv, r["returns"] = gae(rewards, r["values"], r["mask"], cfg.gamma, cfg.lam)
+    adv = masked_whiten(adv, r["mask"], d.dp_group)
+    r["t_generate"], r["t_score"] = t1 - t0, time.perf_counter() - t1
+    batch = {"input_ids": ids, "mask": r["mask"], "logp": r["logp"], "adv": adv, "returns": r["returns"],
+             "values": r["values"]}
+    return batch, r
+
+
+def ppo_update(roles, opts, bad, batch, d, cfg, step, next_ptx):
+    """ppo_epochs over shuffled mini-batches: one actor step (clipped policy loss, + ptx) and one
+    critic step (clipped value loss) each. Returns the summed policy and value statistics."""
+    pstats, vstats = torch.zeros(4, device=d.device), torch.zeros(2, device=d.device)
+    order_gen = torch.Generator().manual_seed(cfg.seed + 31 * step)
+    B = batch["input_ids"].shape[0]
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(B, generator=order_gen).to(d.device)
+        for m in range(0, B, cfg.mini_batch_size):
+            rows = perm[m:m + cfg.mini_batch_size]
+            mbs = split(batch, rows, cfg.micro_batch_size)
+            n_tok = dist.all_reduce(batch["mask"][rows].sum().float(), "sum", d.dp_group).clamp(min=1)
+            actor = roles.use("actor")
+            loss = dist.train_step(actor, d, mbs, policy_loss(cfg, n_tok, pstats))
+            if next_ptx is not None:
+                ids, labels = next_ptx()
+                pmbs = [{"input_ids": ids.to(d.device), "labels": labels.to(d.device)}]
+                p_tok = dist.all_reduce(data.count_labels(labels).float().to(d.device), "sum", d.dp_group).clamp(min=1)
+                loss = loss + dist.train_step(actor, d, pmbs, ptx_loss(cfg.ptx_coef, p_tok))
+            _, _, bad["actor"] = optim.optimizer_step(opts["actor"], loss, cfg.actor_lr, cfg.grad_clip, d,
+                                                      bad["actor"], step)
+            critic = roles.use("critic")
+            vloss = dist.train_step(critic, d, mbs, value_loss(cfg, roles.value_head, n_tok, vstats))
+            _, _, bad["critic"] = optim.optimizer_step(opts["critic"], vloss, cfg.critic_lr, cfg.grad_clip, d,
+                                                       bad["critic"], step)
+    return pstats, vstats
+
+
 def main(argv=None):
-    cfg = dist.parse_config(Config, argv)
+    cfg = flags.parse(Config, argv, preset=lambda c: {} if c.model or c.actor or c.rm_dir else data.TOY_PPO)
     d = dist.setup(cfg.pp)
     toy = not (cfg.model or cfg.actor or cfg.rm_dir)
-    cfg = apply_toy_defaults(cfg)
+    cfg = toy_models_and_data(cfg, d) if toy else cfg
     check_models(cfg)
     torch.manual_seed(cfg.seed + d.rank)
     dist.print0(f"config: {asdict(cfg)}")
@@ -380,135 +421,80 @@ def main(argv=None):
     stats = data.TruncationStats()
     prompts = [data.encode_prompt(tok, e, cfg.max_prompt_len, stats) for e in data.load_prompts(cfg.data)]
     dist.print0(f"prompts: {len(prompts)}; {stats}")
-    ptx = []
-    if cfg.ptx_coef > 0:
-        if not cfg.ptx_data:
-            raise ValueError("--ptx_coef > 0 needs --ptx_data (an SFT jsonl)")
-        ptx = [data.encode_sft(tok, e, cfg.max_prompt_len + cfg.max_new_tokens) for e in data.load_sft(cfg.ptx_data)]
+    if cfg.ptx_coef > 0 and not cfg.ptx_data:
+        raise ValueError("--ptx_coef > 0 needs --ptx_data (an SFT jsonl)")
+    ptx = [data.encode_sft(tok, e, cfg.max_prompt_len + cfg.max_new_tokens) for e in data.load_sft(cfg.ptx_data)] \
+        if cfg.ptx_coef > 0 else []
     batches = data.Batches(len(prompts), cfg.rollout_batch_size, cfg.seed, rank=d.dp_rank, world=d.D)
     ptx_batches = data.Batches(len(ptx), cfg.ptx_batch_size, cfg.seed + 1, rank=d.dp_rank, world=d.D) if ptx else None
+    next_ptx = (lambda: data.collate([ptx[i] for i in ptx_batches.next()], tok.pad_id)) if ptx else None
     with open(os.path.join(cfg.rm_dir, "reward_stats.json"), encoding="utf-8") as f:
         rm_stats = json.load(f)  # the RM's held-out reward mean/std: scores are normalised by them
 
-    # ---- the plan (sized for the actor's training) and the four roles on this stage
+    # ---- the plan (sized for the actor's training; full mode holds actor and critic training beside
+    # frozen reference and reward copies), the four roles on this stage, their optimisers, resume
     gcfg = glm.GLMConfig.from_json(os.path.join(base_dir, "config.json"))
-    plan_cfg = SimpleNamespace(  # the planner sees the actor's (and critic's) training shapes
-        micro_batch_size=cfg.micro_batch_size, max_len=cfg.max_prompt_len + cfg.max_new_tokens,
-        grad_accum=max(1, cfg.mini_batch_size // cfg.micro_batch_size), train_layers=0,
-        lora_rank=cfg.lora_rank if cfg.mode == "lora" else 0, lora_targets=cfg.lora_targets,
-        checkpoint=cfg.checkpoint, gpu_mem_gib=cfg.gpu_mem_gib, plan=cfg.plan)
-    # full mode holds actor and critic (training) beside reference and reward (frozen) on every GPU
-    plan, stage = dist.plan_for_run(gcfg, d, plan_cfg, cfg.mode, copies=(1, 0) if cfg.mode == "lora" else (2, 2))
-    roles = Roles(cfg, d, stage)
-    actor_opt = dist.AdamW(roles.trainables("actor"), cfg.actor_lr, cfg.weight_decay, d, plan.hosts)
-    critic_opt = dist.AdamW(roles.trainables("critic"), cfg.critic_lr, cfg.weight_decay, d, plan.hosts)
-    kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
-    ckpt_dir = os.path.join(cfg.out, "checkpoint")
-    step, bad = 0, {"actor": 0, "critic": 0}
-    if cfg.resume and os.path.isdir(ckpt_dir):
-        state = load_ppo_checkpoint(ckpt_dir, roles, actor_opt, critic_opt, d)
-        step, bad, kl_ctl.beta = state["step"], state["bad"], state["beta"]
-        batches.load_state_dict(state["data"])
-        if ptx_batches:
-            ptx_batches.load_state_dict(state["ptx_data"])
-        dist.print0(f"resumed from {ckpt_dir} at step {step}")
-
-    def save(path):
-        save_ppo_checkpoint(path, roles, actor_opt, critic_opt, d, tok.path, cfg, dict(
-            step=step, bad=bad, beta=kl_ctl.beta, data=batches.state_dict(),
-            ptx_data=ptx_batches.state_dict() if ptx_batches else None, config=asdict(cfg),
-            rm_stats=rm_stats))
-
-    def next_prompts():
-        for idx in batches:
-            return idx
-        return next(iter(batches))  # a new epoch
-
-    def next_ptx():
-        for idx in ptx_batches:
-            return idx
-        return next(iter(ptx_batches))
+    the_plan = plan.plan_for_run(gcfg, d.P, d.device, cfg.micro_batch_size, cfg.max_prompt_len + cfg.max_new_tokens,
+                                 max(1, cfg.mini_batch_size // cfg.micro_batch_size), cfg.mode,
+                                 cfg.lora_rank if cfg.mode == "lora" else 0, cfg.lora_targets.split(","),
+                                 gpu_mem_gib=cfg.gpu_mem_gib, method=cfg.plan,
+                                 copies=(1, 0) if cfg.mode == "lora" else (2, 2))
+    dist.print0(the_plan.format_table())
+    roles = Roles(cfg, d, the_plan.stages[d.pp_rank])
+    opts = {role: optim.AdamW(roles.trainables(role), lr, cfg.weight_decay, d, the_plan.hosts)
+            for role, lr in (("actor", cfg.actor_lr), ("critic", cfg.critic_lr))}
+    saved_opts = {f"optim-{role}": opt for role, opt in opts.items()}
+    resume_dir = ckpt.checkpoint_dir(cfg.out, cfg.resume)
+    for sub, (model, name) in roles.checkpointed().items() if resume_dir else ():
+        ckpt.load_weights(model, os.path.join(resume_dir, sub), d, name)
+    if resume_dir and roles.value_head is not None:
+        ckpt.load_head(roles.value_head, resume_dir, "value_head")
+    state = ckpt.resume(resume_dir, d, saved_opts, {"data": batches, "ptx_data": ptx_batches}) if resume_dir else {}
+    step, bad = state.get("step", 0), state.get("bad", {"actor": 0, "critic": 0})
+    kl_ctl = KLController(state.get("beta", cfg.kl_coef), cfg.target_kl, cfg.kl_horizon)
 
     # ---- loop
-    log = dist.MetricsLog(cfg.out, resume=cfg.resume and os.path.isdir(ckpt_dir))
+    log = ckpt.MetricsLog(cfg.out, resume=resume_dir is not None)
     gen = torch.Generator(device=d.device)
-    before = toy_report(roles, tok, d, cfg) if toy else None
-    history = []
+    before, history = toy_report(roles, tok, d, cfg) if toy else None, []
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
     t_run = dist.start_clock()
     while step < cfg.max_steps:
-        # ---- rollout: generate with the policy, then score with all four roles
         t0 = time.perf_counter()
-        idx = next_prompts()
-        prompt_ids = glm.left_pad([prompts[i] for i in idx], tok.pad_id).to(d.device)
-        T = prompt_ids.shape[1]
+        prompt_ids = glm.left_pad([prompts[i] for i in batches.next()], tok.pad_id).to(d.device)
         gen.manual_seed(cfg.seed * 1_000_003 + step * 1009 + d.dp_rank)  # per step: a resumed run samples the same
-        ids, _ = dist.generate(roles.use("actor"), d, prompt_ids, cfg.max_new_tokens, do_sample=True,
-                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, generator=gen)
+        batch, r = rollout(roles, d, prompt_ids, cfg, rm_stats, kl_ctl.beta, gen)
         t1 = time.perf_counter()
-        r = score_rollout(roles, d, ids, T, cfg)
-        raw_score = r["score"] + cfg.no_eop_penalty * (~r["has_eop"]).float()
-        norm_score = ((raw_score - rm_stats["mean"]) / max(rm_stats["std"], 1e-6)).clamp(-cfg.reward_clip, cfg.reward_clip)
-        mask = r["mask"]
-        rewards = kl_rewards(r["logp"], r["ref_logp"], norm_score, mask, r["end"], kl_ctl.beta)
-        adv, returns = gae(rewards, r["values"], mask, cfg.gamma, cfg.lam)
-        adv = masked_whiten(adv, mask, d.dp_group)
-        t2 = time.perf_counter()
-
-        # ---- PPO epochs over mini-batches
-        rollout = {"input_ids": ids, "mask": mask, "logp": r["logp"], "adv": adv, "returns": returns,
-                   "values": r["values"]}
-        pstats = torch.zeros(4, device=d.device)
-        vstats = torch.zeros(2, device=d.device)
-        order_gen = torch.Generator().manual_seed(cfg.seed + 31 * step)
-        for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(ids.shape[0], generator=order_gen).to(d.device)
-            for m in range(0, ids.shape[0], cfg.mini_batch_size):
-                rows = perm[m:m + cfg.mini_batch_size]
-                mbs = split(rollout, rows, cfg.micro_batch_size)
-                n_tok = dist.all_reduce(mask[rows].sum().float(), "sum", d.dp_group).clamp(min=1)
-                actor = roles.use("actor")
-                loss = dist.train_step(actor, d, mbs, policy_loss(cfg, n_tok, pstats))
-                if ptx:
-                    pmbs = [{"input_ids": a.to(d.device), "labels": b.to(d.device)} for a, b in
-                            [data.collate([ptx[i] for i in next_ptx()], tok.pad_id)]]
-                    p_tok = dist.all_reduce(sum((mb["labels"][:, 1:] != data.IGNORE).sum() for mb in pmbs).float(),
-                                            "sum", d.dp_group).clamp(min=1)
-                    loss = loss + dist.train_step(actor, d, pmbs, ptx_loss(cfg.ptx_coef, p_tok))
-                _, _, bad["actor"] = dist.optimizer_step(actor_opt, loss, cfg.actor_lr, cfg.grad_clip,
-                                                         d, bad["actor"], step)
-                critic = roles.use("critic")
-                vloss = dist.train_step(critic, d, mbs, value_loss(cfg, roles.value_head, n_tok, vstats))
-                _, _, bad["critic"] = dist.optimizer_step(critic_opt, vloss, cfg.critic_lr, cfg.grad_clip,
-                                                          d, bad["critic"], step)
-        t3 = time.perf_counter()
+        pstats, vstats = ppo_update(roles, opts, bad, batch, d, cfg, step, next_ptx)
         step += 1
-
-        # ---- metrics: global over replicas (stats summed on the last stage, then shared)
-        m = metrics(r, raw_score, mask, returns, pstats, vstats, d)
+        m = metrics(r, r["raw_score"], r["mask"], r["returns"], pstats, vstats, d)
         kl_ctl.update(m["kl"], cfg.rollout_batch_size * d.D)
-        m.update(beta=kl_ctl.beta, t_generate=t1 - t0, t_score=t2 - t1, t_train=t3 - t2,
-                 pairs_per_s=ids.shape[0] * d.D / (t3 - t0))
+        m.update(beta=kl_ctl.beta, t_generate=r["t_generate"], t_score=r["t_score"], t_train=time.perf_counter() - t1,
+                 pairs_per_s=prompt_ids.shape[0] * d.D / (time.perf_counter() - t0))
         history.append(m)
         bar.update(1)
         bar.set_postfix(reward=f"{m['reward_mean']:.3f}", kl=f"{m['kl']:.3f}", len=f"{m['response_len']:.1f}")
         if step % cfg.log_every == 0:
             log.log(step, **m)
-        if dist.is_main() and cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == 1):
-            print(f"\nstep {step}: reward {m['reward_mean']:.3f} kl {m['kl']:.4f} | sample: "
-                  f"{sample_text(tok, ids[0, :T])!r} -> {sample_text(tok, ids[0, T:])!r}", flush=True)
+        if cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == 1):
+            T = prompt_ids.shape[1]
+            dist.print0(f"\nstep {step}: reward {m['reward_mean']:.3f} kl {m['kl']:.4f} | sample: "
+                        f"{sample_text(tok, batch['input_ids'][0, :T])!r} -> {sample_text(tok, batch['input_ids'][0, T:])!r}")
         if cfg.save_every > 0 and (step % cfg.save_every == 0 or step == cfg.max_steps):
-            save(ckpt_dir)
+            ckpt.save(os.path.join(cfg.out, "checkpoint"), d, tok.path, roles.checkpointed(),
+                      {"value_head": roles.value_head} if roles.value_head else None, saved_opts,
+                      dict(step=step, bad=bad, beta=kl_ctl.beta, data=batches.state_dict(),
+                           ptx_data=ptx_batches.state_dict() if ptx_batches else None, config=asdict(cfg),
+                           rm_stats=rm_stats))
     bar.close()
     wall = time.perf_counter() - t_run
     if cfg.save_final:
         final = os.path.join(cfg.out, "final")
-        dist.save_weights(final, roles.models["actor"], d, tok.path,
-                          lora_name="policy" if cfg.mode == "lora" else None)
+        ckpt.save(final, d, tok.path, {"": roles.checkpointed()["policy"]})
         dist.print0(f"wrote {final} (the trained policy)")
     if toy and dist.is_main() and history:
         print_toy_table(before, toy_report(roles, tok, d, cfg), history)
-    dist.report_memory_and_busy(plan.stages[d.pp_rank], d, wall)
+    dist.report_memory_and_busy(the_plan.stages[d.pp_rank], d, wall)
     dist.teardown()
 
 
@@ -540,19 +526,17 @@ def metrics(r, raw_score, mask, returns, pstats, vstats, d):
 def toy_report(roles, tok, d, cfg):
     """On the toy task's held-out questions: exact-match accuracy of the policy's greedy answers,
     the reward model's mean score of those answers, and four samples (single-stage runs)."""
-    import train_sft
     if d.P > 1:
         return float("nan"), float("nan"), []
-    eval_ex = data.load_sft(os.path.join(train_sft.TOY_DIR, "toy_sft_eval.jsonl"))
+    eval_ex = data.load_sft(data.toy_file("sft_eval"))
     model = roles.use("actor")
-    acc = train_sft.toy_accuracy(model, tok, eval_ex, cfg.max_prompt_len, d)
     ids = glm.left_pad([data.encode_prompt(tok, e, cfg.max_prompt_len) for e in eval_ex], tok.pad_id).to(d.device)
     model.eval()
-    out = model.generate(ids, max_new_tokens=cfg.max_new_tokens)
+    out, _ = dist.generate(model, d, ids, cfg.max_new_tokens)
     model.train()
+    answers = [tok.decode(row, skip_special_tokens=True) for row in out[:, ids.shape[1]:]]
     score = float(score_rollout(roles, d, out, ids.shape[1], cfg)["score"].mean())
-    answers = [(e["prompt"], tok.decode(row, skip_special_tokens=True)) for e, row in zip(eval_ex, out[:, ids.shape[1]:])]
-    return acc, score, answers
+    return data.toy_accuracy(eval_ex, answers), score, list(zip([e["prompt"] for e in eval_ex], answers))
 
 
 def print_toy_table(before, after, history):
@@ -572,7 +556,7 @@ def print_toy_table(before, after, history):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: policy and critic (adapters or weights), value head, both optimisers, loop state
+# log lines
 
 
 def sample_text(tok, ids):
@@ -582,44 +566,6 @@ def sample_text(tok, ids):
     known = (ids >= 0) & (ids < tok.vocab_size)
     text = tok.decode(ids[known], skip_special_tokens=True)
     return text if known.all() else f"{text} [+{int((~known).sum())} ids outside the tokenizer]"
-
-
-def save_ppo_checkpoint(out_dir, roles, actor_opt, critic_opt, d, tok_path, cfg, state):
-    def write(tmp):
-        for role, sub, name in (("actor", "policy", "policy"), ("critic", "critic", "critic")):
-            os.makedirs(os.path.join(tmp, sub), exist_ok=True)
-            dist.write_stage_weights(roles.models[role], os.path.join(tmp, sub), d,
-                                     name if roles.mode == "lora" else None)
-        dist.save_heads({"value_head": roles.value_head} if roles.value_head else None, tmp, d)
-        if d.dp_rank == 0:
-            for role, opt in (("actor", actor_opt), ("critic", critic_opt)):
-                torch.save(opt.state_by_name(),
-                           os.path.join(tmp, f"optim-{role}-stage{d.pp_rank:03d}.pt"))
-        torch.save({"cpu": torch.get_rng_state()}, os.path.join(tmp, f"rng-rank{d.rank:03d}.pt"))
-        dist.barrier()
-        if dist.is_main():
-            for role, sub, name in (("actor", "policy", "policy"), ("critic", "critic", "critic")):
-                dist.finish_weights(roles.models[role], os.path.join(tmp, sub), tok_path,
-                                    name if roles.mode == "lora" else None)
-            with open(os.path.join(tmp, "train_state.json"), "w", encoding="utf-8") as f:
-                json.dump({**state, "world": d.world, "pp": d.P}, f, indent=2)
-    dist.atomic_dir_all(out_dir, write, d)
-
-
-def load_ppo_checkpoint(ckpt_dir, roles, actor_opt, critic_opt, d):
-    """Weights/adapters, value head, optimisers and the loop state, with any pipeline split."""
-    state = dist.load_train_state(ckpt_dir, d)
-    for role, sub, name in (("actor", "policy", "policy"), ("critic", "critic", "critic")):
-        model, path = roles.models[role], os.path.join(ckpt_dir, sub)
-        if roles.mode == "lora":
-            lora.load_adapter(model, path, name=name)
-        else:  # this stage's tensors (the optimisers' states below restore their fp32 masters)
-            model.load_state_dict(glm.read_safetensors(path, glm.expected_shapes(model), d.device))
-    if roles.value_head is not None:
-        dist.load_head(roles.value_head, ckpt_dir, "value_head")
-    actor_opt.load(ckpt_dir, prefix="optim-actor")
-    critic_opt.load(ckpt_dir, prefix="optim-critic")
-    return state
 
 
 if __name__ == "__main__":

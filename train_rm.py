@@ -20,7 +20,6 @@ SFT adapter's share included), reward_head.safetensors (weight [1, C], bias [1])
 reward_stats.json (mean and std of the rewards on the held-out answers; PPO normalises by them).
 """
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -29,15 +28,17 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import ckpt
 import data
 import dist
+import flags
 import glm
 import lora
-import train_sft
+import optim
+import plan
 
 
 @dataclass
@@ -80,31 +81,26 @@ class Config:
     resume: bool = False
 
 
-# the toy run: from the toy SFT model (runs/toy_sft/final, if `python train_sft.py` has run) or a
-# random toy model, on the bundled arithmetic rankings (correct > off by one > further off)
-TOY = dict(max_len=64, micro_batch_size=16, grad_accum=1, lr=1e-3, warmup_steps=20, max_steps=300,
-           weight_decay=0.01, eval_every=100, save_every=150, out="runs/toy_rm")
 HEAD = "reward_head"        # the head's file prefix: reward_head.safetensors
 STATS_FILE = "reward_stats.json"
 
 
-def apply_toy_defaults(cfg):
-    """With no --model, fields still at their 6B default take the toy run's values; the model is the
-    toy SFT result next to --out when there is one, else a random toy model."""
-    if cfg.model:
-        return cfg
-    dist.override_defaults(cfg, TOY)
-    runs = os.path.dirname(cfg.out) or "."
+def toy_model_and_data(cfg):
+    """The toy run (no --model): the toy SFT result next to --out when there is one (its adapter on
+    the toy base, for a LoRA toy run), else a random toy model; the bundled toy rankings."""
+    runs = data.toy_runs(cfg.out)
     sft = os.path.join(runs, "toy_sft", "final")
     if os.path.isfile(os.path.join(sft, "config.json")):
         cfg.model = sft
     else:
-        cfg.model = train_sft.ensure_toy_model(os.path.join(runs, "toy_base"))
+        cfg.model = os.path.join(runs, "toy_base")
+        if dist.is_main():
+            data.write_toy_model(cfg.model)
+        dist.barrier()
         if os.path.isfile(os.path.join(sft, lora.CONFIG_FILE)) and not cfg.sft_adapter:
-            cfg.sft_adapter = sft  # a LoRA toy SFT run: its adapter sits on the toy base
+            cfg.sft_adapter = sft
     if not cfg.data:
-        cfg.data = os.path.join(train_sft.TOY_DIR, "toy_rm_train.jsonl")
-        cfg.eval_data = cfg.eval_data or os.path.join(train_sft.TOY_DIR, "toy_rm_eval.jsonl")
+        cfg.data, cfg.eval_data = data.toy_file("rm_train"), cfg.eval_data or data.toy_file("rm_eval")
     return cfg
 
 
@@ -127,42 +123,7 @@ def check_init(cfg):
 
 
 # -----------------------------------------------------------------------------
-# the reward head and the loss
-
-
-def make_head(hidden_size, seed=0, device="cpu"):
-    """Linear hidden -> 1 in float32, weight ~ N(0, 1/(C+1)), bias 0.
-
-    Not zeros: a zero head scores every answer 0, so the backbone gets no gradient until the head
-    has moved and the accuracy before training is a tie-break artefact; with this scale the first
-    rewards are about unit size, differ between answers, and training starts at once (the scale
-    of lm-human-preferences' reward head). The bias never gets a gradient here (the loss sees only
-    differences), but PPO's critic starts from this head and needs one for its values. The seed
-    makes the head the same whatever the number of pipeline stages."""
-    head = nn.Linear(hidden_size, 1, dtype=torch.float32)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=g) / math.sqrt(hidden_size + 1))
-        head.bias.zero_()
-    return head.to(device)
-
-
-def eop_index(input_ids, eop_id):
-    """Column of each row's last <eop> [N]: where its score is read (the last column under left
-    padding; computed, so right-padded rows work too). A row without one is an error."""
-    T = input_ids.shape[1]
-    hit = input_ids == eop_id  # [N, T]
-    if not bool(hit.any(dim=1).all()):
-        row = int((~hit.any(dim=1)).nonzero()[0])
-        raise ValueError(f"answer row {row} has no <eop> token: its score has nowhere to be read. HINT: encode "
-                         "answers with data.encode_ranked, which keeps <eop> and cuts the prompt first")
-    return torch.where(hit, torch.arange(T, device=input_ids.device), -1).max(dim=1).values  # [N]
-
-
-def rewards_at_eop(head, h, eop_idx):
-    """Scores r [N] from final hidden states h [N, T, C] at each row's <eop>, in float32."""
-    x = h[torch.arange(h.shape[0], device=h.device), eop_idx]  # [N, C]
-    return head(x.float())[:, 0]  # [N]
+# the loss
 
 
 def pair_loss(r, better, worse, margin):
@@ -175,7 +136,7 @@ def rm_loss(head, n_pairs):
     """The last stage's loss_fn for dist.train_step: one micro-batch's summed pair loss divided by
     the global batch's pair count, so a step's loss is the mean over all of its pairs."""
     def loss_fn(model, h, mb):
-        r = rewards_at_eop(head, h, mb["eop_idx"])
+        r = glm.rewards_at(head, h, mb["eop_idx"])
         return pair_loss(r, mb["better"], mb["worse"], mb["margin"]) / n_pairs
     return loss_fn
 
@@ -249,7 +210,7 @@ def microbatches(encoded, idx, micro_batch_size, tok, device):
         ids, sizes = data.collate_ranked([e["ids"] for e in chunk], tok.pad_id)  # [N, T], left-padded
         better, worse, prompt = data.ranked_pairs(sizes)  # [P] each
         margin = torch.tensor([chunk[e]["margin"] for e in prompt.tolist()], dtype=torch.float32)
-        out.append({"input_ids": ids.to(device), "eop_idx": eop_index(ids, tok.eop_id).to(device),
+        out.append({"input_ids": ids.to(device), "eop_idx": glm.eop_index(ids, tok.eop_id).to(device),
                     "better": better.to(device), "worse": worse.to(device), "margin": margin.to(device),
                     "pair_prompt": prompt.to(device), "n_prompts": len(chunk)})
     return out
@@ -285,17 +246,15 @@ def evaluate(model, head, d, mbs):
     """Held-out metrics; every replica scores the whole set, so no cross-replica sums are needed."""
     was_training = model.training
     model.eval()
-    rewards = dist.forward_collect(model, d, mbs, lambda m, h, mb: rewards_at_eop(head, h, mb["eop_idx"]),
-                                   lambda mb: (mb["input_ids"].shape[0],))
+    rewards = dist.forward(model, d, mbs, lambda m, h, mb: glm.rewards_at(head, h, mb["eop_idx"]),
+                           lambda mb: (mb["input_ids"].shape[0],))
     model.train(was_training)
     return ranking_metrics(rewards, mbs)
 
 
-def freeze_lm_head(model):
-    """The RM never computes logits: lm_head stays frozen (no gradient, no optimiser state), and
-    is still saved, so final/ remains a complete HF folder for PPO."""
-    if model.lm_head is not None:
-        model.lm_head.requires_grad_(False)
+def report(ev, when):
+    dist.print0(f"{when}: held-out pairwise accuracy {ev['pair_acc']:.1%}, full-ranking accuracy "
+                f"{ev['rank_acc']:.1%}, loss {ev['loss']:.4f}, reward mean {ev['mean']:+.3f} std {ev['std']:.3f}")
 
 
 # -----------------------------------------------------------------------------
@@ -303,13 +262,10 @@ def freeze_lm_head(model):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["score"]:
-        return score(argv[1:])
-    cfg = dist.parse_config(Config, argv)
+    cfg = flags.parse(Config, argv, preset=lambda c: {} if c.model else data.TOY_RM)
     toy = not cfg.model
     d = dist.setup(cfg.pp)
-    cfg = check_init(apply_toy_defaults(cfg))  # after setup: only rank 0 writes a missing toy model
+    cfg = check_init(toy_model_and_data(cfg) if toy else cfg)  # after setup: only rank 0 writes a toy model
     torch.manual_seed(cfg.seed + d.rank)
     dist.print0(f"config: {asdict(cfg)}")
 
@@ -336,84 +292,65 @@ def main(argv=None):
                            rank=d.dp_rank, world=d.D)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(batches))
 
-    # ---- the plan and this rank's stage: a micro-batch holds K answers per prompt, so the planner
-    # sees micro_batch_size * K sequences of max_len tokens
+    # ---- the plan (a micro-batch holds K answers per prompt: micro_batch_size * K sequences, no
+    # logits), this rank's stage, what trains (LoRA continues the SFT adapter), the head, resume
     gcfg = glm.GLMConfig.from_json(os.path.join(cfg.model, "config.json"))
-    mode = dist.train_mode(cfg.lora_rank, cfg.train_layers, gcfg.num_layers)
+    mode = optim.train_mode(cfg.lora_rank, cfg.train_layers, gcfg.num_layers)
     k_max = max(len(e["ids"]) for e in train_enc)
-    plan, stage = dist.plan_for_run(gcfg, d, dataclasses.replace(cfg, micro_batch_size=cfg.micro_batch_size * k_max),
-                                    mode, lm_head=False)
-    ckpt_dir = os.path.join(cfg.out, "checkpoint")
-    resuming = cfg.resume and os.path.isdir(ckpt_dir)
-    if cfg.resume and not resuming:
-        dist.print0(f"--resume: no checkpoint in {ckpt_dir}, starting afresh")
-    model = dist.build_stage(ckpt_dir if resuming and mode != "lora" else cfg.model, stage, d,
-                             checkpoint_all=cfg.checkpoint)
-    # LoRA: the adapter continues from the SFT adapter (same name, so final/ is the whole delta)
-    dist.select_trainable(model, mode, cfg, adapter_dir=ckpt_dir if resuming else (cfg.sft_adapter or None))
-    if d.last:
-        freeze_lm_head(model)
-    head = make_head(gcfg.hidden_size, cfg.seed, d.device) if d.last else None  # the last stage's alone
+    the_plan = plan.plan_for_run(gcfg, d.P, d.device, cfg.micro_batch_size * k_max, cfg.max_len, cfg.grad_accum,
+                                 mode, cfg.lora_rank, cfg.lora_targets.split(","), cfg.train_layers,
+                                 cfg.gpu_mem_gib, cfg.plan, lm_head=False)
+    dist.print0(the_plan.format_table())
+    stage = the_plan.stages[d.pp_rank]
+    resume_dir = ckpt.checkpoint_dir(cfg.out, cfg.resume)
+    model = dist.build_stage(resume_dir if resume_dir and mode != "lora" else cfg.model, stage, d, cfg.checkpoint)
+    optim.select_trainable(model, mode, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), cfg.lora_dropout,
+                           cfg.train_layers, cfg.seed, adapter_dir=resume_dir or cfg.sft_adapter or None)
+    if d.last:  # the RM computes no logits: lm_head stays frozen, and is saved so final/ is a whole HF folder
+        model.lm_head.requires_grad_(False)
+    head = glm.reward_head(gcfg.hidden_size, cfg.seed, d.device) if d.last else None
     heads = {HEAD: head} if d.last else {}
-    if resuming and d.last:
-        dist.load_head(head, ckpt_dir, HEAD)
+    if resume_dir and d.last:
+        ckpt.load_head(head, resume_dir, HEAD)
     first_trainable = dist.first_trainable_stage(model, d)
-    opt = dist.AdamW(dist.named_trainables(model, heads), cfg.lr, cfg.weight_decay, d, plan.hosts)
-    step, bad_steps, reward_stats, ev = 0, 0, None, None
-    if resuming:
-        state = dist.load_train_state(ckpt_dir, d)
-        opt.load(ckpt_dir)
-        batches.load_state_dict(state["data"])
-        step, bad_steps, reward_stats = state["step"], state["bad_steps"], state.get("reward_stats")
-        dist.print0(f"resumed from {ckpt_dir} at step {step}")
+    opt = optim.AdamW(optim.named_trainables(model, heads), cfg.lr, cfg.weight_decay, d, the_plan.hosts)
     lora_name = "default" if mode == "lora" else None
-
-    def save(path):
-        dist.save_train_checkpoint(path, model, opt, d, tok.path, lora_name, heads=heads,
-                                   train_state=dict(step=step, bad_steps=bad_steps, data=batches.state_dict(),
-                                                    reward_stats=reward_stats, config=asdict(cfg)))
-
+    state = ckpt.resume(resume_dir, d, {"optim": opt}, {"data": batches}) if resume_dir else {}
+    step, bad_steps, reward_stats = state.get("step", 0), state.get("bad_steps", 0), state.get("reward_stats")
     eval_mbs = microbatches(eval_enc, list(range(len(eval_enc))), cfg.micro_batch_size, tok, d.device)
 
-    def report(ev, when):
-        dist.print0(f"{when}: held-out pairwise accuracy {ev['pair_acc']:.1%}, full-ranking accuracy "
-                    f"{ev['rank_acc']:.1%}, loss {ev['loss']:.4f}, reward mean {ev['mean']:+.3f} std {ev['std']:.3f}")
-
     # ---- loop
-    log = dist.MetricsLog(cfg.out, resume=resuming)
-    if toy and not resuming:
+    log = ckpt.MetricsLog(cfg.out, resume=resume_dir is not None)
+    if toy and not resume_dir:
         report(evaluate(model, head, d, eval_mbs), "toy, before training")
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
-    t_start, tokens_seen = dist.start_clock(), 0
+    t_start, tokens_seen, ev = dist.start_clock(), 0, None
     while step < total_steps:
-        for idx in batches:
-            t0 = time.perf_counter()
-            mbs = microbatches(train_enc, idx, cfg.micro_batch_size, tok, d.device)
-            n_pairs = count_pairs(mbs, d.dp_group)
-            lr = dist.lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-            loss = dist.train_step(model, d, mbs, rm_loss(head, n_pairs), first_trainable)
-            loss, norm, bad_steps = dist.optimizer_step(opt, loss, lr, cfg.grad_clip, d, bad_steps, step)
-            step += 1
-            tokens = sum(mb["input_ids"].numel() for mb in mbs) * d.D
-            tokens_seen += tokens
-            tok_s = tokens / (time.perf_counter() - t0)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-            if step % cfg.log_every == 0 or step == total_steps:
-                log.log(step, loss=loss, lr=lr, grad_norm=norm, pairs=int(n_pairs), tokens_per_s=tok_s,
-                        skipped=bad_steps)
-            if step % cfg.eval_every == 0 or step == total_steps:
-                ev = evaluate(model, head, d, eval_mbs)
-                reward_stats = dict(mean=ev["mean"], std=ev["std"], count=ev["count"], step=step)
-                ev["step"] = step
-                log.log(step, eval_loss=ev["loss"], eval_pair_acc=ev["pair_acc"], eval_rank_acc=ev["rank_acc"],
-                        reward_mean=ev["mean"], reward_std=ev["std"])
-                report(ev, f"\nstep {step}")
-            if step % cfg.save_every == 0 or step == total_steps:
-                save(ckpt_dir)
-            if step >= total_steps:
-                break
+        t0 = time.perf_counter()
+        mbs = microbatches(train_enc, batches.next(), cfg.micro_batch_size, tok, d.device)
+        n_pairs = count_pairs(mbs, d.dp_group)
+        lr = optim.lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+        loss = dist.train_step(model, d, mbs, rm_loss(head, n_pairs), first_trainable)
+        loss, norm, bad_steps = optim.optimizer_step(opt, loss, lr, cfg.grad_clip, d, bad_steps, step)
+        step += 1
+        tokens = sum(mb["input_ids"].numel() for mb in mbs) * d.D
+        tokens_seen += tokens
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if step % cfg.log_every == 0 or step == total_steps:
+            log.log(step, loss=loss, lr=lr, grad_norm=norm, pairs=int(n_pairs), skipped=bad_steps,
+                    tokens_per_s=tokens / (time.perf_counter() - t0))
+        if step % cfg.eval_every == 0 or step == total_steps:
+            ev = dict(evaluate(model, head, d, eval_mbs), step=step)
+            reward_stats = dict(mean=ev["mean"], std=ev["std"], count=ev["count"], step=step)
+            log.log(step, eval_loss=ev["loss"], eval_pair_acc=ev["pair_acc"], eval_rank_acc=ev["rank_acc"],
+                    reward_mean=ev["mean"], reward_std=ev["std"])
+            report(ev, f"\nstep {step}")
+        if step % cfg.save_every == 0 or step == total_steps:
+            ckpt.save(os.path.join(cfg.out, "checkpoint"), d, tok.path, {"": (model, lora_name)}, heads,
+                      {"optim": opt}, dict(step=step, bad_steps=bad_steps, data=batches.state_dict(),
+                                           reward_stats=reward_stats, config=asdict(cfg)))
     bar.close()
     wall = time.perf_counter() - t_start
 
@@ -424,7 +361,7 @@ def main(argv=None):
     stats_json = dict(mean=ev["mean"], std=ev["std"], count=ev["count"], pair_accuracy=ev["pair_acc"],
                       ranking_accuracy=ev["rank_acc"], step=step,
                       data=cfg.eval_data or (f"{cfg.data} (held out)" if eval_enc is not train_enc else cfg.data))
-    dist.save_weights(final, model, d, tok.path, lora_name, heads=heads, extra_json={STATS_FILE: stats_json})
+    ckpt.save(final, d, tok.path, {"": (model, lora_name)}, heads, extra_json={STATS_FILE: stats_json})
     dist.print0(f"wrote {final} ({'LoRA adapter' if mode == 'lora' else 'full HF weights'} + {HEAD}.safetensors "
                 f"+ {STATS_FILE}); {tokens_seen / max(wall, 1e-9):.0f} tokens/s over the run")
     report(ev, "toy, after training" if toy else "final")
@@ -447,8 +384,8 @@ def load_reward_model(model_dir, adapter_dir="", device="cpu", dtype=torch.float
     if adapter_dir:
         lora.load_adapter(model, adapter_dir)
     head_dir = adapter_dir or model_dir
-    head = make_head(model.config.hidden_size, device=device)
-    dist.load_head(head, head_dir, HEAD)
+    head = glm.reward_head(model.config.hidden_size, device=device)
+    ckpt.load_head(head, head_dir, HEAD)
     stats = None
     if os.path.isfile(os.path.join(head_dir, STATS_FILE)):
         with open(os.path.join(head_dir, STATS_FILE), encoding="utf-8") as f:
@@ -467,7 +404,7 @@ def score_examples(model, head, tok, examples, max_len=512, batch_size=8):
         ids, sizes = data.collate_ranked(groups, tok.pad_id)
         ids = ids.to(device)
         h = model(ids, return_hidden=True)
-        r = rewards_at_eop(head, h, eop_index(ids, tok.eop_id)).tolist()
+        r = glm.rewards_at(head, h, glm.eop_index(ids, tok.eop_id)).tolist()
         for k in sizes:
             out.append(r[:k])
             r = r[k:]
@@ -512,4 +449,5 @@ def score(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    args = sys.argv[1:]
+    score(args[1:]) if args[:1] == ["score"] else main(args)

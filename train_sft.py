@@ -16,12 +16,15 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+import ckpt
 import data
 import dist
+import flags
 import glm
+import optim
+import plan
 
 
 @dataclass
@@ -63,78 +66,50 @@ class Config:
     resume: bool = False
 
 
-# the toy run: a small model from scratch on the bundled arithmetic task, a few CPU minutes
-TOY = dict(max_len=64, micro_batch_size=32, grad_accum=1, lr=1e-2, warmup_steps=30, max_steps=2000,
-           weight_decay=0.1, eval_every=200, save_every=400, out="runs/toy_sft")
-TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-
-
-def apply_toy_defaults(cfg):
-    """With no --model, fields still at their 6B default take the toy run's values."""
-    if cfg.model:
-        return cfg
-    dist.override_defaults(cfg, TOY)
-    cfg.model = ensure_toy_model(os.path.join(os.path.dirname(cfg.out) or ".", "toy_base"))
-    if not cfg.data:
-        cfg.data = os.path.join(TOY_DIR, "toy_sft_train.jsonl")
-        cfg.eval_data = cfg.eval_data or os.path.join(TOY_DIR, "toy_sft_eval.jsonl")
-    return cfg
-
-
-def ensure_toy_model(path, seed=0):
-    """A randomly initialised toy ChatGLM (2 blocks, width 64) with the bundled tokenizer."""
-    if dist.is_main() and not os.path.isdir(path):
-        model = glm.ChatGLM(glm.GLMConfig.toy()).init_weights(seed)
-        model.save_pretrained(path, tokenizer=glm.Tokenizer(os.path.join(TOY_DIR, "ice_text.model")))
+def toy_model_and_data(cfg):
+    """The toy run (no --model): a random toy ChatGLM next to --out (written once) and the
+    bundled toy task, unless --data names other data."""
+    cfg.model = os.path.join(data.toy_runs(cfg.out), "toy_base")
+    if dist.is_main():
+        data.write_toy_model(cfg.model)
     dist.barrier()
-    return path
+    if not cfg.data:
+        cfg.data, cfg.eval_data = data.toy_file("sft_train"), cfg.eval_data or data.toy_file("sft_eval")
+    return cfg
 
 
 def sft_loss(n_tokens):
     """Summed next-token cross-entropy of one micro-batch over its response tokens, divided by the
     global batch's response-token count, so the step's loss is their mean."""
-    def loss_fn(model, h, mb):
-        targets = mb["labels"][:, 1:]  # [b, T-1]: logits at t predict the token at t+1
-        keep = targets != data.IGNORE
-        logits = model.lm_head(h[:, :-1][keep])  # [N, V]: the head only where a label exists
-        return F.cross_entropy(logits.float(), targets[keep], reduction="sum") / n_tokens
-    return loss_fn
+    return lambda model, h, mb: data.lm_loss(model.lm_head, h, mb["labels"]) / n_tokens
 
 
-def microbatches(examples, idx, cfg, pad_id, device):
-    """The step's examples -> grad_accum micro-batches {input_ids, labels} on the device."""
+def microbatches(examples, idx, micro_batch_size, pad_id, device):
+    """The step's examples -> micro-batches {input_ids, labels} on the device."""
     out = []
-    for m in range(0, len(idx), cfg.micro_batch_size):
-        ids, labels = data.collate([examples[i] for i in idx[m:m + cfg.micro_batch_size]], pad_id)
+    for m in range(0, len(idx), micro_batch_size):
+        ids, labels = data.collate([examples[i] for i in idx[m:m + micro_batch_size]], pad_id)
         out.append({"input_ids": ids.to(device), "labels": labels.to(device)})
     return out
 
 
 def count_label_tokens(mbs, group=None):
     """Response tokens (the loss's denominator) in these micro-batches, summed over `group` if given."""
-    n = sum(((mb["labels"][:, 1:] != data.IGNORE).sum() for mb in mbs), torch.zeros(())).float()
-    return (dist.all_reduce(n, "sum", group) if group is not None else n).clamp(min=1)
+    n = sum((data.count_labels(mb["labels"]) for mb in mbs), torch.zeros((), device=mbs[0]["labels"].device))
+    return dist.all_reduce(n.float(), "sum", group).clamp(min=1)
 
 
 def toy_accuracy(model, tok, examples, max_len, d):
     """Exact-match accuracy of greedy answers on the toy task (through the pipeline if P > 1)."""
-    model.eval()
-    ok = 0
-    for i in range(0, len(examples), 128):
-        chunk = examples[i:i + 128]
-        ids = glm.left_pad([data.encode_prompt(tok, e, max_len) for e in chunk], tok.pad_id).to(d.device)
-        out, _ = dist.generate(model, d, ids, max_new_tokens=6)
-        for e, row in zip(chunk, out[:, ids.shape[1]:]):
-            ok += data.toy_answer_correct(e["prompt"], tok.decode(row, skip_special_tokens=True))
-    model.train()
-    return ok / len(examples)
+    prompts = [data.encode_prompt(tok, e, max_len) for e in examples]
+    return data.toy_accuracy(examples, dist.greedy_answers(model, d, tok, prompts, max_new_tokens=6))
 
 
 def main(argv=None):
-    cfg = dist.parse_config(Config, argv)
+    cfg = flags.parse(Config, argv, preset=lambda c: {} if c.model else data.TOY_SFT)
     toy = not cfg.model
     d = dist.setup(cfg.pp)
-    cfg = apply_toy_defaults(cfg)
+    cfg = toy_model_and_data(cfg) if toy else cfg
     torch.manual_seed(cfg.seed + d.rank)
     dist.print0(f"config: {asdict(cfg)}")
 
@@ -155,73 +130,63 @@ def main(argv=None):
                            rank=d.dp_rank, world=d.D)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(batches))
 
-    # ---- the plan and this rank's stage
+    # ---- the plan, this rank's stage, what trains, the optimiser, resume
     gcfg = glm.GLMConfig.from_json(os.path.join(cfg.model, "config.json"))
-    mode = dist.train_mode(cfg.lora_rank, cfg.train_layers, gcfg.num_layers)
-    plan, stage = dist.plan_for_run(gcfg, d, cfg, mode)
-    ckpt_dir = os.path.join(cfg.out, "checkpoint")
-    resuming = cfg.resume and os.path.isdir(ckpt_dir)
-    if cfg.resume and not resuming:
-        dist.print0(f"--resume: no checkpoint in {ckpt_dir}, starting afresh")
-    model = dist.build_stage(ckpt_dir if resuming and mode != "lora" else cfg.model, stage, d,
-                             checkpoint_all=cfg.checkpoint)
-    dist.select_trainable(model, mode, cfg, adapter_dir=ckpt_dir if resuming else None)
+    mode = optim.train_mode(cfg.lora_rank, cfg.train_layers, gcfg.num_layers)
+    the_plan = plan.plan_for_run(gcfg, d.P, d.device, cfg.micro_batch_size, cfg.max_len, cfg.grad_accum, mode,
+                                 cfg.lora_rank, cfg.lora_targets.split(","), cfg.train_layers, cfg.gpu_mem_gib,
+                                 cfg.plan)
+    dist.print0(the_plan.format_table())
+    stage = the_plan.stages[d.pp_rank]
+    resume_dir = ckpt.checkpoint_dir(cfg.out, cfg.resume)
+    model = dist.build_stage(resume_dir if resume_dir and mode != "lora" else cfg.model, stage, d, cfg.checkpoint)
+    optim.select_trainable(model, mode, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), cfg.lora_dropout,
+                           cfg.train_layers, cfg.seed, adapter_dir=resume_dir)
     first_trainable = dist.first_trainable_stage(model, d)
-    opt = dist.AdamW(dist.named_trainables(model), cfg.lr, cfg.weight_decay, d, plan.hosts)
-    step, bad_steps = 0, 0
-    if resuming:
-        state = dist.load_train_state(ckpt_dir, d)
-        opt.load(ckpt_dir)
-        batches.load_state_dict(state["data"])
-        step, bad_steps = state["step"], state["bad_steps"]
-        dist.print0(f"resumed from {ckpt_dir} at step {step}")
-
-    def save(path):
-        dist.save_train_checkpoint(path, model, opt, d, tok.path, lora_name="default" if mode == "lora" else None,
-                                   train_state=dict(step=step, bad_steps=bad_steps, data=batches.state_dict(),
-                                                    config=asdict(cfg)))
+    opt = optim.AdamW(optim.named_trainables(model), cfg.lr, cfg.weight_decay, d, the_plan.hosts)
+    lora_name = "default" if mode == "lora" else None
+    state = ckpt.resume(resume_dir, d, {"optim": opt}, {"data": batches}) if resume_dir else {}
+    step, bad_steps = state.get("step", 0), state.get("bad_steps", 0)
 
     def evaluate():  # every replica scores the whole held-out set: no cross-replica sums needed
-        mbs = microbatches(eval_enc, list(range(len(eval_enc))), cfg, tok.pad_id, d.device)
-        return float(dist.forward_only(model, d, mbs, sft_loss(count_label_tokens(mbs))))
+        mbs = microbatches(eval_enc, list(range(len(eval_enc))), cfg.micro_batch_size, tok.pad_id, d.device)
+        return float(sum(dist.forward(model, d, mbs, sft_loss(count_label_tokens(mbs)), lambda mb: ())))
 
     # ---- loop
-    log = dist.MetricsLog(cfg.out, resume=resuming)
-    if toy and not resuming:
+    log = ckpt.MetricsLog(cfg.out, resume=resume_dir is not None)
+    if toy and not resume_dir:
         dist.print0(f"toy held-out accuracy before training: {toy_accuracy(model, tok, eval_ex, cfg.max_len, d):.1%}")
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
     t_start, tokens_seen = dist.start_clock(), 0
     while step < total_steps:
-        for idx in batches:
-            t0 = time.perf_counter()
-            mbs = microbatches(train_enc, idx, cfg, tok.pad_id, d.device)
-            n_tok = count_label_tokens(mbs, d.dp_group)
-            lr = dist.lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-            loss = dist.train_step(model, d, mbs, sft_loss(n_tok), first_trainable)
-            loss, norm, bad_steps = dist.optimizer_step(opt, loss, lr, cfg.grad_clip, d, bad_steps, step)
-            step += 1
-            tokens = sum(mb["input_ids"].numel() for mb in mbs) * d.D
-            tokens_seen += tokens
-            tok_s = tokens / (time.perf_counter() - t0)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-            if step % cfg.log_every == 0 or step == total_steps:
-                log.log(step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tok_s, skipped=bad_steps)
-            if eval_enc and (step % cfg.eval_every == 0 or step == total_steps):
-                ev = evaluate()
-                log.log(step, eval_loss=ev, eval_ppl=math.exp(min(ev, 50)))
-                dist.print0(f"\nstep {step}: eval loss {ev:.4f} (perplexity {math.exp(min(ev, 50)):.2f})")
-            if step % cfg.save_every == 0 or step == total_steps:
-                save(ckpt_dir)
-            if step >= total_steps:
-                break
+        t0 = time.perf_counter()
+        mbs = microbatches(train_enc, batches.next(), cfg.micro_batch_size, tok.pad_id, d.device)
+        lr = optim.lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+        loss = dist.train_step(model, d, mbs, sft_loss(count_label_tokens(mbs, d.dp_group)), first_trainable)
+        loss, norm, bad_steps = optim.optimizer_step(opt, loss, lr, cfg.grad_clip, d, bad_steps, step)
+        step += 1
+        tokens = sum(mb["input_ids"].numel() for mb in mbs) * d.D
+        tokens_seen += tokens
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+        if step % cfg.log_every == 0 or step == total_steps:
+            log.log(step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tokens / (time.perf_counter() - t0),
+                    skipped=bad_steps)
+        if eval_enc and (step % cfg.eval_every == 0 or step == total_steps):
+            ev = evaluate()
+            log.log(step, eval_loss=ev, eval_ppl=math.exp(min(ev, 50)))
+            dist.print0(f"\nstep {step}: eval loss {ev:.4f} (perplexity {math.exp(min(ev, 50)):.2f})")
+        if step % cfg.save_every == 0 or step == total_steps:
+            ckpt.save(os.path.join(cfg.out, "checkpoint"), d, tok.path, {"": (model, lora_name)},
+                      optimizers={"optim": opt}, train_state=dict(step=step, bad_steps=bad_steps,
+                                                                  data=batches.state_dict(), config=asdict(cfg)))
     bar.close()
     wall = time.perf_counter() - t_start
 
     # ---- the result: PEFT adapter (LoRA) or HF weights, loadable with glm.py + lora.py
     final = os.path.join(cfg.out, "final")
-    dist.save_weights(final, model, d, tok.path, lora_name="default" if mode == "lora" else None)
+    ckpt.save(final, d, tok.path, {"": (model, lora_name)})
     dist.print0(f"wrote {final} ({'LoRA adapter' if mode == 'lora' else 'full HF weights'}); "
                 f"{tokens_seen / max(wall, 1e-9):.0f} tokens/s over the run")
     if toy:

@@ -40,11 +40,11 @@ class RunKilled(Exception):
 def killed_after_step(monkeypatch):
     """`with killed_after_step(k): main(...)`: the run's (k+1)-th optimiser step raises, as if the
     process died right after step k (and its checkpoint); the block expects exactly that."""
-    import dist
+    import optim
 
     @contextlib.contextmanager
     def killed(k):
-        real, calls = dist.optimizer_step, [0]
+        real, calls = optim.optimizer_step, [0]
 
         def step_or_die(*args, **kwargs):
             calls[0] += 1
@@ -52,7 +52,7 @@ def killed_after_step(monkeypatch):
                 raise RunKilled
             return real(*args, **kwargs)
         with monkeypatch.context() as m:
-            m.setattr(dist, "optimizer_step", step_or_die)
+            m.setattr(optim, "optimizer_step", step_or_die)
             with pytest.raises(RunKilled):
                 yield
     return killed

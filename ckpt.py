@@ -1,0 +1,231 @@
+"""Everything a run writes under --out: weights or LoRA adapters (every stage its share), heads,
+optimiser states, RNG, the loop's state, and the metrics log; and reading them back to resume,
+with any number of pipeline stages.
+
+    OUT/checkpoint/   the latest checkpoint (replaced atomically)   OUT/final/   the result
+    OUT/metrics.jsonl one JSON object per logged step                OUT/tb/      TensorBoard, if installed
+"""
+import glob
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import dist
+import glm
+import lora
+
+
+def save(out_dir, d, tokenizer_path, models, heads=None, optimizers=None, train_state=None, extra_json=None):
+    """Write a result or checkpoint folder atomically, every rank its share:
+    models {subfolder: (this stage's model, LoRA adapter name or None)} ("" = the folder itself)
+    as HF weights or a PEFT adapter; heads {prefix: module} (the last stage's); optimizers
+    {file prefix: optim.AdamW}; with train_state (a checkpoint) the loop's state and every rank's
+    RNG; extra_json {file name: object} from rank 0."""
+    def write(tmp):
+        for sub, (model, lora_name) in models.items():
+            os.makedirs(os.path.join(tmp, sub), exist_ok=True)
+            write_stage_weights(model, os.path.join(tmp, sub), d, lora_name)
+        save_heads(heads, tmp, d)
+        if d.dp_rank == 0:
+            for prefix, opt in (optimizers or {}).items():
+                torch.save(opt.state_by_name(), os.path.join(tmp, f"{prefix}-stage{d.pp_rank:03d}.pt"))
+        if train_state is not None:
+            torch.save(rng_state(d), os.path.join(tmp, f"rng-rank{d.rank:03d}.pt"))
+        dist.barrier()
+        if not dist.is_main():
+            return
+        for sub, (model, lora_name) in models.items():
+            finish_weights(model, os.path.join(tmp, sub), tokenizer_path, lora_name)
+        files = dict(extra_json or {})
+        if train_state is not None:
+            files["train_state.json"] = {**train_state, "world": d.world, "pp": d.P}
+        for name, obj in files.items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                json.dump(obj, f, indent=2)
+    atomic_dir_all(out_dir, write, d)
+
+
+def rng_state(d):
+    """This rank's random generators: the CPU's and, on GPUs, its device's."""
+    rng = {"cpu": torch.get_rng_state()}
+    if d.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(d.device)
+    return rng
+
+
+def load_train_state(ckpt_dir, d):
+    """The loop's state; this rank's RNG is restored when the checkpoint had the same ranks."""
+    path = os.path.join(ckpt_dir, "train_state.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{ckpt_dir} has no train_state.json: it is not a complete checkpoint. "
+                                "HINT: remove it, or resume from a folder a finished save wrote")
+    with open(path, encoding="utf-8") as f:
+        state = json.load(f)
+    rng_path = os.path.join(ckpt_dir, f"rng-rank{d.rank:03d}.pt")
+    if state.get("world") == d.world and os.path.isfile(rng_path):
+        rng = torch.load(rng_path, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and d.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], d.device)
+    return state
+
+
+def load_weights(model, path, d, lora_name=None):
+    """Resume a stage's trained weights from a checkpoint's folder: its adapter, or its own
+    tensors (the optimiser's state restores their fp32 masters)."""
+    if lora_name is not None:
+        lora.load_adapter(model, path, name=lora_name)
+    else:
+        model.load_state_dict(glm.read_safetensors(path, glm.expected_shapes(model), d.device))
+
+
+# -----------------------------------------------------------------------------
+# resuming
+
+
+def checkpoint_dir(out, resume):
+    """OUT/checkpoint when --resume finds one there, else None: a fresh run (said when --resume
+    was given)."""
+    path = os.path.join(out, "checkpoint")
+    if resume and os.path.isdir(path):
+        return path
+    if resume:
+        dist.print0(f"--resume: no checkpoint in {path}, starting afresh")
+    return None
+
+
+def resume(ckpt_dir, d, optimizers, batches):
+    """Restore the optimisers {file prefix: AdamW}, the data positions {state key: data.Batches}
+    and this rank's RNG from a checkpoint; return the loop's state (step, ...)."""
+    state = load_train_state(ckpt_dir, d)
+    for prefix, opt in optimizers.items():
+        opt.load(ckpt_dir, prefix)
+    for key, b in batches.items():
+        if b is not None:
+            b.load_state_dict(state[key])
+    dist.print0(f"resumed from {ckpt_dir} at step {state['step']}")
+    return state
+
+
+# -----------------------------------------------------------------------------
+# the pieces of a folder
+
+
+def atomic_dir_all(out_dir, write, d):
+    """Every rank runs write(tmp) into one temporary folder; rank 0 renames it into place once
+    all have finished, so a crash mid-save leaves the previous checkpoint untouched."""
+    out_dir = os.path.abspath(out_dir)
+    box = [None]
+    if dist.is_main():
+        os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+        box[0] = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=os.path.dirname(out_dir))
+    if d.world > 1:
+        tdist.broadcast_object_list(box, src=0)
+    tmp = box[0]
+    write(tmp)
+    dist.barrier()
+    if dist.is_main():
+        glm.atomic_dir(out_dir, lambda t: _move_contents(tmp, t))
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+
+
+def _move_contents(src, dst):
+    for name in os.listdir(src):
+        os.rename(os.path.join(src, name), os.path.join(dst, name))
+
+
+def write_stage_weights(model, tmp, d, lora_name=None):
+    """This stage's share of an HF model folder (full weights) or of a PEFT adapter (lora_name).
+    Only data-parallel replica 0 writes; rank 0 adds the index/config after the barrier."""
+    if d.dp_rank != 0:
+        return
+    if lora_name is None:
+        state = {k: v.detach().cpu().contiguous() for k, v in glm.base_state_dict(model).items()}
+        save_file(state, os.path.join(tmp, f"model-stage{d.pp_rank:03d}-of-{d.P:03d}.safetensors"),
+                  metadata={"format": "pt"})
+    else:
+        state = {k: v.detach().cpu().contiguous() for k, v in lora.adapter_state_dict(model, lora_name).items()}
+        save_file(state, os.path.join(tmp, f"adapter-stage{d.pp_rank:03d}.safetensors"))
+
+
+def finish_weights(model, tmp, tokenizer_path, lora_name=None):
+    """Rank 0, after every stage wrote its part: index + config.json (full), or one PEFT
+    adapter_model.safetensors + adapter_config.json (LoRA); the tokenizer beside them."""
+    if lora_name is None:
+        weight_map = {}
+        for path in sorted(glob.glob(os.path.join(tmp, "model-stage*.safetensors"))):
+            with safe_open(path, framework="pt") as f:
+                weight_map.update({k: os.path.basename(path) for k in f.keys()})
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(model.config.to_json(), f, indent=2)
+    else:
+        parts = sorted(glob.glob(os.path.join(tmp, "adapter-stage*.safetensors")))
+        state = {}
+        for path in parts:
+            state.update(load_file(path))
+            os.remove(path)
+        save_file(state, os.path.join(tmp, lora.ADAPTER_FILE), metadata={"format": "pt"})
+        with open(os.path.join(tmp, lora.CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(lora.adapter_config(model, lora_name), f, indent=2)
+    if tokenizer_path and os.path.isfile(tokenizer_path):
+        shutil.copy(tokenizer_path, os.path.join(tmp, "ice_text.model"))
+
+
+def save_heads(heads, tmp, d):
+    """Extra modules (a reward or value head, on the last stage) as {prefix}.safetensors."""
+    if d.dp_rank == 0:
+        for prefix, module in (heads or {}).items():
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()},
+                      os.path.join(tmp, f"{prefix}.safetensors"))
+
+
+def load_head(module, ckpt_dir, prefix):
+    """Strictly load a head saved by save_heads; the error names the file and what to do."""
+    path = os.path.join(ckpt_dir, f"{prefix}.safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing. HINT: pass the output folder of the run that trained "
+                                f"the {prefix} (train_rm.py writes reward_head.safetensors)")
+    state = load_file(path, device=str(next(module.parameters()).device))
+    try:
+        module.load_state_dict({k: v.to(next(module.parameters()).dtype) for k, v in state.items()})
+    except RuntimeError as e:
+        raise ValueError(f"{path}: {e}. HINT: the head was trained for another model size") from None
+
+
+# -----------------------------------------------------------------------------
+# the metrics log
+
+
+class MetricsLog:
+    """metrics.jsonl (and TensorBoard events when the package is installed), on rank 0 only."""
+
+    def __init__(self, out_dir, resume=False):
+        self.path, self.tb = os.path.join(out_dir, "metrics.jsonl"), None
+        if not dist.is_main():
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        if not resume and os.path.exists(self.path):  # a fresh run starts a fresh log
+            os.remove(self.path)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+        except Exception:  # tensorboard is optional
+            self.tb = None
+
+    def log(self, step, **values):
+        if not dist.is_main():
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)

@@ -1,0 +1,40 @@
+"""Command-line flags from a script's config dataclass, and presets that fill only the flags a
+user left alone.
+
+    cfg = flags.parse(Config)     # --name value for every field, typed by its default
+    cfg = flags.parse(Config, preset=lambda c: {} if c.model else data.TOY_SFT)  # toy values where no flag was given
+"""
+import argparse
+import dataclasses
+import sys
+
+TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no")
+
+
+def boolean(value):
+    """A boolean flag's value: true/false, 1/0, yes/no; anything else is an error (a typo such as
+    `--resume ture` must not silently mean False)."""
+    v = value.lower()
+    if v in TRUE or v in FALSE:
+        return v in TRUE
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def parse(cls, argv=None, preset=None):
+    """A flat config dataclass -> --name value flags that keep each default's type; unknown
+    flags are errors; a boolean flag alone means true. preset(cfg) -> {field: value} fills the
+    fields no flag set (the toy run's values): an explicit flag always wins over a preset."""
+    p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=argparse.SUPPRESS)  # the namespace holds only given flags
+    for f in dataclasses.fields(cls):
+        if f.type in (bool, "bool"):
+            p.add_argument(f"--{f.name}", nargs="?", const=True, type=boolean)
+        else:
+            p.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}.get(f.type, f.type))
+    given = vars(p.parse_args(argv))
+    cfg = cls(**given)
+    values = preset(cfg) if preset else {}
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    assert not unknown, f"the preset names fields the config lacks: {sorted(unknown)}"
+    return dataclasses.replace(cfg, **{k: v for k, v in values.items() if k not in given})
