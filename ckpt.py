@@ -119,14 +119,11 @@ def resume(ckpt_dir, d, optimizers, batches):
 def atomic_dir_all(out_dir, write, d):
     """Every rank runs write(tmp) into one temporary folder; rank 0 renames it into place once
     all have finished, so a crash mid-save leaves the previous checkpoint untouched."""
-    out_dir = os.path.abspath(out_dir)
-    box = [None]
+    out_dir, tmp = os.path.abspath(out_dir), None
     if dist.is_main():
         os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-        box[0] = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=os.path.dirname(out_dir))
-    if d.world > 1:
-        tdist.broadcast_object_list(box, src=0)
-    tmp = box[0]
+        tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=os.path.dirname(out_dir))
+    tmp = dist.broadcast_object(tmp, d)
     write(tmp)
     dist.barrier()
     if dist.is_main():

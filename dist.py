@@ -173,6 +173,21 @@ def all_reduce(t, op="sum", group=None):
     return t
 
 
+def broadcast_object(obj, d):
+    """Rank 0's picklable obj, on every rank."""
+    box = [obj]
+    if d.world > 1:
+        tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_stage_objects(obj, d):
+    """Every stage's picklable obj of this replica, in stage order."""
+    out = [None] * d.P
+    tdist.all_gather_object(out, obj, group=d.pp_group)
+    return out
+
+
 def broadcast_from_last_stage(t, d):
     """Share a value computed on the last stage (the loss) with every stage of the replica."""
     if d.P > 1:
@@ -219,28 +234,24 @@ def p2p(d, send=None, send_to=None, recv_shape=None, recv_from=None, dtype=None)
 # the fill and drain: the bubble is (P - 1) / (M + P - 1) of the step.
 
 def train_step(model, d, microbatches, loss_fn, first_trainable=0):
-    """Forward and backward over `microbatches` with 1F1B; gradients accumulate in .grad of
-    float32 weights and in .main_grad of bf16 ones (see AdamW).
-
-    model: this stage (glm.ChatGLM built with layer_ids/first/last).
-    loss_fn(model, hidden [b, T, C], mb) -> one micro-batch's loss, scaled so that the sum over
-    micro-batches and replicas is the step's loss; it runs on the last stage only.
-    first_trainable: the first stage holding trainable parameters. Stages before it (a frozen
-    prefix with --train_layers) run forward only: no graph, no gradients sent back to them.
-    Activations and their gradients cross stages in the stages' compute dtype (bf16 on GPUs).
-    Returns the summed loss as a tensor on every stage of the replica."""
+    """Forward and backward over `microbatches` with 1F1B; gradients accumulate in .grad of float32
+    weights and in .main_grad of bf16 ones (see optim.AdamW). loss_fn(model, hidden [b, T, C], mb)
+    runs on the last stage: one micro-batch's loss, scaled so that the sum over micro-batches and
+    replicas is the step's loss. Stages before first_trainable (a frozen prefix under
+    --train_layers) run forward only: no graph, no gradients sent back to them. Activations and
+    their gradients cross stages in the compute dtype (bf16 on GPUs). Returns the summed loss on
+    every stage of the replica."""
     M, P, s = len(microbatches), d.P, d.pp_rank
-    hidden_dtype = stage_dtype(model)
-    C = model.config.hidden_size
+    dtype, C = stage_dtype(model), model.config.hidden_size
     shape = lambda i: (*microbatches[i]["input_ids"].shape, C)  # [b, T, C] crosses each boundary
     sends_grad = s > first_trainable  # the stage before us trains: give it d loss / d input
     gets_grad = not d.last and s >= first_trainable  # we (or a stage before) train
     warmup = min(P - s - 1, M)
-    inputs, outputs = [], []
+    flight = []  # (input, output) of the micro-batches whose backward is still to come, oldest first
     total = torch.zeros((), device=d.device)
 
     def recv_forward(i):
-        return None if d.first else p2p(d, recv_shape=shape(i), recv_from=s - 1, dtype=hidden_dtype)
+        return None if d.first else p2p(d, recv_shape=shape(i), recv_from=s - 1, dtype=dtype)
 
     def forward(i, x):
         mb = microbatches[i]
@@ -249,41 +260,35 @@ def train_step(model, d, microbatches, loss_fn, first_trainable=0):
         elif sends_grad:
             x.requires_grad_()
         rope, attend = model.inputs(mb["input_ids"])
-        h = model.transformer(x, rope, attend, checkpoint=model.checkpoint_activations)
-        if not d.last:
-            return x, h
-        loss = loss_fn(model, h, mb)
-        total.add_(loss.detach())
-        return x, loss
+        y = model.transformer(x, rope, attend, checkpoint=model.checkpoint_activations)
+        if d.last:
+            y = loss_fn(model, y, mb)
+            total.add_(y.detach())
+        flight.append((x, y))
+        return y
 
-    def backward(x, y, grad):
+    def backward(grad):
+        x, y = flight.pop(0)
         if y.requires_grad:
             torch.autograd.backward(y, grad_tensors=None if grad is None else grad.to(y.dtype))
         return x.grad if sends_grad else None
 
     for i in range(warmup):
-        x, y = forward(i, recv_forward(i))
-        p2p(d, send=y.detach().to(hidden_dtype), send_to=s + 1)
-        inputs.append(x)
-        outputs.append(y)
+        p2p(d, send=forward(i, recv_forward(i)).detach().to(dtype), send_to=s + 1)
     x = recv_forward(warmup) if warmup < M else None
     for j in range(warmup, M):
         # forward of micro-batch j, then backward of the oldest one in flight (micro-batch b)
-        x, y = forward(j, x)
-        inputs.append(x)
-        outputs.append(y)
-        b = j + 1 - len(inputs)
-        grad = p2p(d, send=None if d.last else y.detach().to(hidden_dtype), send_to=s + 1,
-                    recv_shape=shape(b) if gets_grad else None, recv_from=s + 1, dtype=hidden_dtype)
-        gx = backward(inputs.pop(0), outputs.pop(0), grad)
+        y = forward(j, x)
+        b = j + 1 - len(flight)
+        grad = p2p(d, send=None if d.last else y.detach().to(dtype), send_to=s + 1,
+                   recv_shape=shape(b) if gets_grad else None, recv_from=s + 1, dtype=dtype)
         more = j + 1 < M and not d.first
-        x = p2p(d, send=gx, send_to=s - 1, recv_shape=shape(j + 1) if more else None,
-                 recv_from=s - 1, dtype=hidden_dtype)
-    while inputs:  # drain: the backwards of the warm-up micro-batches
-        b = M - len(inputs)
-        grad = p2p(d, recv_shape=shape(b), recv_from=s + 1, dtype=hidden_dtype) if gets_grad else None
-        gx = backward(inputs.pop(0), outputs.pop(0), grad)
-        p2p(d, send=gx, send_to=s - 1)
+        x = p2p(d, send=backward(grad), send_to=s - 1, recv_shape=shape(j + 1) if more else None,
+                recv_from=s - 1, dtype=dtype)
+    while flight:  # drain: the backwards of the warm-up micro-batches
+        b = M - len(flight)
+        grad = p2p(d, recv_shape=shape(b), recv_from=s + 1, dtype=dtype) if gets_grad else None
+        p2p(d, send=backward(grad), send_to=s - 1)
     return broadcast_from_last_stage(total, d)
 
 

@@ -155,10 +155,8 @@ class AdamW:
         """Every stage learns which tensors it hosts (name, shape, dtype, owner); owners send
         their starting values."""
         mine = {n: (h, tuple(self.owned[n].shape), str(self.owned[n].dtype)) for n, h in self.away.items()}
-        everyone = [None] * self.d.P
-        tdist.all_gather_object(everyone, mine, group=self.d.pp_group)
         recvs = []
-        for owner, table in enumerate(everyone):
+        for owner, table in enumerate(dist.gather_stage_objects(mine, self.d)):
             for n, (h, shape, dtype) in sorted(table.items()):
                 if h == self.d.pp_rank:
                     self.guests[n] = (owner, getattr(torch, dtype.split(".")[-1]))

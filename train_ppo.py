@@ -138,12 +138,7 @@ class Roles:
 
     def __init__(self, cfg, d, stage):
         self.d, self.mode = d, cfg.mode
-        if cfg.mode == "lora":
-            self._build_lora(cfg, d, stage)
-        elif cfg.mode == "full":
-            self._build_full(cfg, d, stage)
-        else:
-            raise ValueError(f"--mode {cfg.mode!r}: expected 'lora' or 'full'")
+        (self._build_lora if cfg.mode == "lora" else self._build_full)(cfg, d, stage)
         C = self.models["actor"].config.hidden_size
         self.value_head = self.reward_head = None
         if d.last:  # the critic starts from the reward model, head included
@@ -155,8 +150,6 @@ class Roles:
             self.value_head.requires_grad_(True)
 
     def _build_lora(self, cfg, d, stage):
-        if not cfg.model:
-            raise ValueError("--mode lora needs --model BASE (the frozen base all roles share)")
         model = dist.build_stage(cfg.model, stage, d, cfg.checkpoint)
         targets = tuple(cfg.lora_targets.split(","))
         sft = cfg.sft_adapter
@@ -187,8 +180,6 @@ class Roles:
         lora.load_adapter(model, adapter_dir, name=name)
 
     def _build_full(self, cfg, d, stage):
-        if not cfg.actor or not cfg.rm_dir:
-            raise ValueError("--mode full needs --actor SFT_DIR and --rm_dir RM_DIR (HF weight folders)")
         build = lambda path: dist.build_stage(path, stage, d, cfg.checkpoint)
         self.models = {"actor": build(cfg.actor), "reference": build(cfg.actor),
                        "critic": build(cfg.rm_dir), "reward": build(cfg.rm_dir)}
@@ -214,7 +205,6 @@ class Roles:
         if self.mode == "lora":  # one model holds both trained adapters: keep this role's own
             named = {n: p for n, p in named.items() if ".lora_" not in n or n.endswith("." + self.adapters[role])}
         return named
-
 
     def checkpointed(self):
         """{subfolder: (model, adapter name)} of the trained roles, as ckpt.save writes them."""

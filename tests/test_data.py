@@ -52,8 +52,8 @@ def test_labels_cover_exactly_response_and_eop(tok, history):
 
 def test_lm_loss_matches_float64_recompute():
     torch.manual_seed(0)
-    B, T, V = 3, 7, 11
-    logits = torch.randn(B, T, V)
+    B, T, C, V = 3, 7, 5, 11
+    h, W = torch.randn(B, T, C), torch.randn(V, C)
     labels = torch.full((B, T), data.IGNORE)
     labels[0, 4:] = torch.tensor([1, 2, 3])
     labels[1, 6] = 5
@@ -62,14 +62,18 @@ def test_lm_loss_matches_float64_recompute():
     for b in range(B):
         for t in range(1, T):  # the label at t is predicted by the logits at t - 1
             if labels[b, t] != data.IGNORE:
-                lp = torch.log_softmax(logits[b, t - 1].double(), -1)
+                lp = torch.log_softmax(W.double() @ h[b, t - 1].double(), -1)
                 terms.append(-lp[labels[b, t]])
-    want = torch.stack(terms).mean()
-    got = data.lm_loss(logits, labels)
+    want = torch.stack(terms).sum()
+    calls = []
+    head = lambda x: calls.append(x.shape[0]) or x @ W.T
+    got = data.lm_loss(head, h, labels)
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
-    torch.testing.assert_close(data.lm_loss(logits.half(), labels, "sum").double(), want * len(terms),
-                               atol=2e-2, rtol=0)
+    assert calls == [len(terms)] == [int(data.count_labels(labels))]  # the head ran on labelled positions only
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    half = data.lm_loss(lambda x: (x @ W.T).half(), h, labels)  # half logits: the loss is still float32
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half.double(), want, atol=2e-2, rtol=0)
 
 
 # -----------------------------------------------------------------------------

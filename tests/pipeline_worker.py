@@ -1,0 +1,197 @@
+"""One process of a torchrun launch of tests/test_pipeline.py: runs a list of jobs in one process
+group and writes each job's results beside the list, for the test process to check.
+
+    python -m torch.distributed.run --standalone --nproc_per_node=N tests/pipeline_worker.py JOBS.json
+
+Also the fixtures both sides build from (the toy base model, the step's micro-batches, the
+prompts, the LoRA values), so the workers and the single-process references read the same.
+"""
+import json
+import os
+import sys
+import traceback
+import zlib
+
+import torch
+import torch.distributed as tdist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import data  # noqa: E402
+import dist  # noqa: E402
+import glm  # noqa: E402
+import lora  # noqa: E402
+import optim  # noqa: E402
+import plan  # noqa: E402
+import train_sft  # noqa: E402
+
+TOK_PATH = os.path.join(ROOT, "tests", "fixtures", "case_small", "ice_text.model")
+TOY_TRAIN = os.path.join(ROOT, "data", "toy_sft_train.jsonl")
+LAYERS = 4
+MICRO_BATCHES = 4  # global micro-batches of one gradient step: M per replica x D replicas
+MAX_LEN = 48
+# what trains in the gradient jobs, by mode (select_trainable reads the LoRA fields or train_layers)
+TRAINS = dict(lora_rank=4, lora_alpha=8.0, lora_targets=("query_key_value", "dense_4h_to_h"), train_layers=2)
+HOSTED_LR, HOSTED_WD, HOSTED_CLIP, HOSTED_STEPS = 1e-3, 0.1, 0.5, 2
+PROMPTS, NEW_TOKENS = 5, 10  # generation: the first PROMPTS toy prompts, NEW_TOKENS greedy tokens
+
+
+# -----------------------------------------------------------------------------
+# what the workers and the single-process references share
+
+
+def make_base(path, seed=0):
+    cfg = glm.GLMConfig.toy()
+    cfg.num_layers = LAYERS
+    glm.ChatGLM(cfg).init_weights(seed, std=0.1).save_pretrained(path, tokenizer=glm.Tokenizer(TOK_PATH))
+    return str(path)
+
+
+def global_microbatches(n=MICRO_BATCHES, size=2):
+    """The step's fixed micro-batches of `size` toy examples each, of different lengths (some with history)."""
+    tok = glm.Tokenizer(TOK_PATH)
+    enc = [data.encode_sft(tok, e, MAX_LEN) for e in data.load_sft(TOY_TRAIN)[:n * size]]
+    out = []
+    for i in range(0, len(enc), size):
+        ids, labels = data.collate(enc[i:i + size], tok.pad_id)
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def prompts(replica=0, replicas=1):
+    """A replica's share of the encoded toy prompts (id lists of different lengths)."""
+    tok = glm.Tokenizer(TOK_PATH)
+    return [data.encode_prompt(tok, e, MAX_LEN) for e in data.load_sft(TOY_TRAIN)[:PROMPTS]][replica::replicas]
+
+
+def set_lora_values(model):
+    """Nonzero A and B, drawn per layer from its global name, so every split holds the same adapter."""
+    with torch.no_grad():
+        for path, m in lora.lora_modules(model):
+            g = torch.Generator().manual_seed(zlib.crc32(path.encode()))
+            for params in (m.lora_A, m.lora_B):
+                p = params["default"]
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+# -----------------------------------------------------------------------------
+# the jobs
+
+
+_REAL_SETUP = dist.setup
+
+
+def _setup(pp):
+    """dist.setup, but a later job of the same launch adds groups to the one process group instead of
+    creating a second (gloo cannot reliably re-initialise in one process)."""
+    if not tdist.is_initialized():
+        return _REAL_SETUP(pp)
+    init = tdist.init_process_group
+    tdist.init_process_group = lambda *a, **kw: None
+    try:
+        return _REAL_SETUP(pp)
+    finally:
+        tdist.init_process_group = init
+
+
+def _stage(job, d, micro_batches, dtype=None):
+    """This rank's stage of the base model, job["counts"] blocks a stage (default equal)."""
+    gcfg = glm.GLMConfig.from_json(os.path.join(job["model"], "config.json"))
+    the_plan = plan.plan_from_counts(plan.glm_pieces(gcfg, 2, MAX_LEN), job.get("counts") or [LAYERS // d.P] * d.P,
+                                     plan.CostModel(micro_batches))
+    stage = the_plan.stages[d.pp_rank]
+    if dtype is not None:  # a stage in another dtype than build_stage's (bf16 on a CPU)
+        return glm.ChatGLM.from_pretrained(job["model"], dtype=dtype, **stage.model_kwargs())
+    return dist.build_stage(job["model"], stage, d, checkpoint_all=job.get("checkpoint", False))
+
+
+def _save(job, out, d, result):
+    torch.save(result, os.path.join(out, f"{job['name']}-rank{d.rank}.pt"))
+
+
+def grads_job(job, out):
+    """One 1F1B step over this replica's share of the global micro-batches; saves loss and gradients."""
+    d = _setup(job["pp"])
+    mbs_all = global_microbatches(job.get("micro_batches", MICRO_BATCHES))
+    M = len(mbs_all) // d.D
+    mine = mbs_all[d.dp_rank * M:(d.dp_rank + 1) * M]  # replicas take disjoint slices
+    model = _stage(job, d, M)
+    params = optim.select_trainable(model, job["mode"], **TRAINS)
+    if job["mode"] == "lora":
+        set_lora_values(model)
+    n_tok = train_sft.count_label_tokens(mine, d.dp_group)
+    first = dist.first_trainable_stage(model, d)
+    loss = dist.train_step(model, d, mine, train_sft.sft_loss(n_tok), first)
+    loss = dist.all_reduce(loss.detach().clone(), "sum", d.dp_group)
+    optim.sync_grads([p.grad for p in params], d)
+    _save(job, out, d, {"rank": d.rank, "pp_rank": d.pp_rank, "dp_rank": d.dp_rank, "loss": loss.item(),
+                        "n_tokens": n_tok.item(), "first_trainable": first,
+                        "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                        "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad)})
+
+
+def hosted_job(job, out):
+    """HOSTED_STEPS AdamW steps of full training, some pieces' masters and moments kept on other
+    stages (job["hosts"]); saves each rank's weights and the optimiser state it keeps."""
+    d = _setup(job["pp"])
+    mbs = global_microbatches()
+    model = _stage(job, d, len(mbs))
+    optim.select_trainable(model, "full")
+    opt = optim.AdamW(optim.named_trainables(model), HOSTED_LR, HOSTED_WD, d, job["hosts"])
+    n_tok = train_sft.count_label_tokens(mbs)
+    for step in range(HOSTED_STEPS):
+        loss = dist.train_step(model, d, mbs, train_sft.sft_loss(n_tok))
+        optim.optimizer_step(opt, loss, HOSTED_LR, HOSTED_CLIP, d, 0, step)
+    _save(job, out, d, {"pp_rank": d.pp_rank, "guests": sorted(opt.guests), "away": sorted(opt.away),
+                        "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+                        "state": opt.state_by_name()})
+
+
+def generate_job(job, out):
+    """Greedy generation through the pipeline, each replica on its share of the prompts: the ids and
+    log-probabilities of dist.generate, and the texts of dist.greedy_answers (two prompts a batch)."""
+    d = _setup(job["pp"])
+    dtype = getattr(torch, job["dtype"]) if "dtype" in job else None
+    model = _stage(job, d, 1, dtype).eval()
+    tok = glm.Tokenizer(TOK_PATH)
+    mine = prompts(d.dp_rank, d.D)
+    ids, logprobs = dist.generate(model, d, glm.left_pad(mine, tok.pad_id), NEW_TOKENS,
+                                  micro_batches=job["micro_batches"])
+    texts = dist.greedy_answers(model, d, tok, mine, NEW_TOKENS, batch_size=2)
+    _save(job, out, d, {"dp_rank": d.dp_rank, "ids": ids, "logprobs": logprobs.float(), "texts": texts})
+
+
+def train_job(job, out):
+    """train_sft.main under this launch's processes, sharing its process group with the other jobs."""
+    saved = dist.setup, dist.teardown
+    dist.setup, dist.teardown = _setup, dist.barrier
+    try:
+        train_sft.main(job["argv"])
+    finally:
+        dist.setup, dist.teardown = saved
+
+
+JOBS = {"grads": grads_job, "hosted": hosted_job, "generate": generate_job, "train": train_job}
+
+
+def main(jobs_path):
+    torch.set_num_threads(1)
+    with open(jobs_path, encoding="utf-8") as f:
+        jobs = json.load(f)
+    out = os.path.dirname(jobs_path)
+    rank, results = int(os.environ["RANK"]), {}
+    for job in jobs:
+        try:
+            JOBS[job["kind"]](job, out)
+            results[job["name"]] = "ok"
+        except Exception as e:  # recorded for the test; the jobs after it still run
+            results[job["name"]] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+    with open(os.path.join(out, f"results-rank{rank}.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f)
+    if tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
