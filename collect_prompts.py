@@ -629,47 +629,32 @@ def check_args(a):
         raise CollectError("need 1 <= --min_units <= --max_units")
 
 
-def collect(a):
-    """Run the collection described by the parsed flags `a`; returns the counters it reports."""
-    check_args(a)
-    seeds = read_seeds(a.seeds)
-    blacklist = BLACKLIST
-    if a.blacklist_file:
-        if not os.path.isfile(a.blacklist_file):
-            raise CollectError(f"--blacklist_file {a.blacklist_file}: no such file")
-        with open(a.blacklist_file, encoding="utf-8") as f:
-            blacklist = [w.strip() for w in f if w.strip()]
-    flt = PromptFilter(a.rouge, a.min_units, a.max_units, blacklist)
-    backend = ApiBackend(a) if a.api_base else LocalBackend(a)
+def read_blacklist(path):
+    """The keyword blacklist: the built-in one, or one word or phrase a line from --blacklist_file."""
+    if not path:
+        return BLACKLIST
+    if not os.path.isfile(path):
+        raise CollectError(f"--blacklist_file {path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        return [w.strip() for w in f if w.strip()]
 
-    # ---- resume: what is on disk is in the pool, unchecked
-    pool = read_pool(a.out)
-    for rec in pool:
-        flt.add(rec["prompt"])
-    seed_recs = [r for r in pool if r["request"] < 0]
-    generated = [r for r in pool if r["request"] >= 0]
-    stats, t0 = Counter(), time.time()
-    out = open(a.out, "a", encoding="utf-8")
 
-    def keep(rec):
-        out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        out.flush()  # a killed run keeps every prompt it reported
-        pool.append(rec)
+def report(a, pool, stats, seconds):
+    """What the pool holds and what this run did."""
+    n_seed = sum(r["request"] < 0 for r in pool)
+    print(f"pool: {len(pool)} prompts ({n_seed} seeds, {len(pool) - n_seed} generated) in {a.out}; "
+          f"target {a.target}")
+    print(f"this run: {stats['requests']} requests, {stats['candidates']} candidates, "
+          f"{stats['accepted']} accepted, {seconds:.1f} s ({stats['filter_seconds']:.1f} s filtering)")
+    print("rejected: " + ", ".join(f"{r} {stats[r]}" for r in PromptFilter.REASONS))
+    if len(pool) < a.target:
+        print(f"stopped at --max_requests {a.max_requests} short of the target. HINT: raise "
+              "--max_requests and rerun the same command to continue", file=sys.stderr)
 
-    # ---- seeds, filtered like everything else (a prompt written twice by people counts once)
-    first = len(seeds) if generated else max((r["seed_ids"][0] + 1 for r in seed_recs), default=0)
-    for i, text in enumerate(seeds[first:], first):
-        reason = flt.offer(text)
-        if reason:
-            stats[f"seed {reason}"] += 1
-            continue
-        rec = {"prompt": text, "history": [], "source": "seed", "seed_ids": [i], "request": -1}
-        keep(rec)
-        seed_recs.append(rec)
-    if stats:
-        print(f"seeds: {sum(stats.values())} rejected ({dict(stats)})", file=sys.stderr)
 
-    # ---- generation, replies in request order
+def grow(a, backend, flt, pool, seed_recs, generated, keep, stats):
+    """Request new prompts, in request order, until the pool reaches --target (or --max_requests);
+    every candidate passes the filter before keep(record) writes it."""
     start = generated[-1]["request"] if generated else 0  # redo the last request: it may be half written
     redo = {r["prompt"] for r in generated if r["request"] == start}
     requested = [r["request"] for r in generated]
@@ -709,19 +694,48 @@ def collect(a):
     finally:
         replies.close()  # cancels requests still queued
         bar.close()
-        out.close()
 
-    # ---- report
-    n_seed = sum(r["request"] < 0 for r in pool)
-    print(f"pool: {len(pool)} prompts ({n_seed} seeds, {len(pool) - n_seed} generated) in {a.out}; "
-          f"target {a.target}")
-    print(f"this run: {stats['requests']} requests, {stats['candidates']} candidates, "
-          f"{stats['accepted']} accepted, {time.time() - t0:.1f} s "
-          f"({stats['filter_seconds']:.1f} s filtering)")
-    print("rejected: " + ", ".join(f"{r} {stats[r]}" for r in PromptFilter.REASONS))
-    if len(pool) < a.target:
-        print(f"stopped at --max_requests {a.max_requests} short of the target. HINT: raise "
-              "--max_requests and rerun the same command to continue", file=sys.stderr)
+
+
+def collect(a):
+    """Run the collection described by the parsed flags `a`; returns the counters it reports."""
+    check_args(a)
+    seeds = read_seeds(a.seeds)
+    flt = PromptFilter(a.rouge, a.min_units, a.max_units, read_blacklist(a.blacklist_file))
+    backend = ApiBackend(a) if a.api_base else LocalBackend(a)
+
+    # ---- resume: what is on disk is in the pool, unchecked
+    pool = read_pool(a.out)
+    for rec in pool:
+        flt.add(rec["prompt"])
+    seed_recs = [r for r in pool if r["request"] < 0]
+    generated = [r for r in pool if r["request"] >= 0]
+    stats, t0 = Counter(), time.time()
+    out = open(a.out, "a", encoding="utf-8")
+
+    def keep(rec):
+        out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        out.flush()  # a killed run keeps every prompt it reported
+        pool.append(rec)
+        return rec
+
+    # ---- seeds, filtered like everything else (a prompt written twice by people counts once)
+    first = len(seeds) if generated else max((r["seed_ids"][0] + 1 for r in seed_recs), default=0)
+    for i, text in enumerate(seeds[first:], first):
+        reason = flt.offer(text)
+        if reason:
+            stats[f"seed {reason}"] += 1
+        else:
+            seed_recs.append(keep({"prompt": text, "history": [], "source": "seed", "seed_ids": [i], "request": -1}))
+    if stats:
+        print(f"seeds: {sum(stats.values())} rejected ({dict(stats)})", file=sys.stderr)
+
+    # ---- generation, replies in request order
+    try:
+        grow(a, backend, flt, pool, seed_recs, generated, keep, stats)
+    finally:
+        out.close()
+    report(a, pool, stats, time.time() - t0)
     return stats
 
 

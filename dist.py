@@ -196,7 +196,6 @@ def broadcast_from_last_stage(t, d):
     return t
 
 
-
 def exchange(d, sends=(), recvs=()):
     """Post sends [(tensor, stage)] and receives [(buffer, stage)] within this replica together
     and wait for all of them: posted at once, two stages that both send and receive can never

@@ -801,8 +801,9 @@ def atomic_dir(out_dir, write):
 IMAGE_TOKENS = 20000  # an early release put 20000 image tokens in front of the text vocabulary
 
 
-def convert(src, dst):
-    """Official .bin shards -> model-*.safetensors + index, config.json and ice_text.model in dst."""
+def release_config(src):
+    """(config.json as written, GLMConfig) of an official release, the early release's image
+    tokens removed from the vocabulary and the special ids shifted; checked before heavy work."""
     config_path = os.path.join(src, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path}: no such file. HINT: SRC is the folder of the official "
@@ -816,10 +817,16 @@ def convert(src, dst):
         for k in ("bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id"):
             if k in raw and raw[k] >= IMAGE_TOKENS:
                 raw[k] -= IMAGE_TOKENS
-    with tempfile.TemporaryDirectory() as scratch:  # validate the rewritten config before any heavy work
+    with tempfile.TemporaryDirectory() as scratch:
         with open(os.path.join(scratch, "config.json"), "w", encoding="utf-8") as f:
             json.dump(raw, f)
-        cfg = GLMConfig.from_json(os.path.join(scratch, "config.json"))
+        return raw, GLMConfig.from_json(os.path.join(scratch, "config.json"))
+
+
+def convert(src, dst):
+    """Official .bin shards -> model-*.safetensors + index, config.json and ice_text.model in dst."""
+    raw, cfg = release_config(src)
+    tok_path = os.path.join(src, "ice_text.model")
     with torch.device("meta"):
         shapes = expected_shapes(ChatGLM(cfg))
     index = os.path.join(src, "pytorch_model.bin.index.json")

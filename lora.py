@@ -321,6 +321,40 @@ def read_adapter_config(adapter_dir):
     return cfg
 
 
+BASE_DIFFERS = "HINT: the adapter was trained on a different base model; load it onto the base it was made for."
+
+
+def read_adapter_tensors(path, shapes, name, num_layers, held, targets):
+    """The adapter file's tensors of the blocks this model holds, checked against shapes
+    {PEFT key: shape}: every key must fit a LoRA layer of the full model, every wanted key be present."""
+    from safetensors import safe_open
+    state = {}
+    with safe_open(path, framework="pt") as f:
+        for key in f.keys():
+            m = PEFT_KEY.fullmatch(key)
+            layer = m and LAYER_LINEAR.fullmatch(m.group(1))
+            if not layer or int(layer.group(1)) >= num_layers:
+                raise KeyError(f"{path}: tensor '{key}' matches no LoRA layer of a {num_layers}-layer "
+                               f"ChatGLM-6B. {BASE_DIFFERS}")
+            if layer.group(1) not in held:
+                continue  # a block another pipeline stage holds
+            if key not in shapes:
+                raise KeyError(f"{path}: tensor '{key}' has no LoRA layer for adapter '{name}' in this model "
+                               f"(targets here: {targets}). HINT: adapter_config.json's target_modules "
+                               "disagree with the file, or the model was injected with other targets.")
+            got = tuple(f.get_slice(key).get_shape())
+            if got != shapes[key]:
+                raise ValueError(f"{path}: tensor '{key}' has shape {list(got)}, the model expects "
+                                 f"{list(shapes[key])}. {BASE_DIFFERS} (hidden size differs) or "
+                                 "adapter_config.json's r does not match the file.")
+            state[key] = f.get_tensor(key)
+    missing = [k for k in shapes if k not in state]
+    if missing:
+        raise KeyError(f"{path}: tensor '{missing[0]}' is missing ({len(missing)} missing in all); adapter "
+                       f"'{name}' needs lora_A and lora_B for every targeted layer. {BASE_DIFFERS}")
+    return state
+
+
 def load_adapter(model, adapter_dir, name="default", device=None):
     """Load an adapter folder as adapter `name`, injecting it first if the model lacks it; make it active.
 
@@ -328,7 +362,6 @@ def load_adapter(model, adapter_dir, name="default", device=None):
     get both factors, and shapes must match. On a pipeline stage (model.transformer.layers holding
     only some blocks) tensors of blocks held elsewhere are skipped; keys that fit no block of the
     full model are still errors."""
-    from safetensors import safe_open
     cfg = read_adapter_config(adapter_dir)
     path = os.path.join(adapter_dir, ADAPTER_FILE)
     if not os.path.isfile(path):
@@ -351,34 +384,7 @@ def load_adapter(model, adapter_dir, name="default", device=None):
         shapes[peft_key(p, "A")] = (r, m.in_features)
         shapes[peft_key(p, "B")] = (m.out_features, r)
 
-    base_differs = ("HINT: the adapter was trained on a different base model; "
-                    "load it onto the base it was made for.")
-    state = {}
-    with safe_open(path, framework="pt") as f:
-        for key in f.keys():
-            m = PEFT_KEY.fullmatch(key)
-            layer = m and LAYER_LINEAR.fullmatch(m.group(1))
-            if not layer or int(layer.group(1)) >= num_layers:
-                raise KeyError(f"{path}: tensor '{key}' matches no LoRA layer of a {num_layers}-layer "
-                               f"ChatGLM-6B. {base_differs}")
-            if layer.group(1) not in held:
-                continue  # a block another pipeline stage holds
-            if key not in shapes:
-                raise KeyError(f"{path}: tensor '{key}' has no LoRA layer for adapter '{name}' in this model "
-                               f"(targets here: {sorted({p.rsplit('.', 1)[-1] for p in wanted})}). HINT: "
-                               "adapter_config.json's target_modules disagree with the file, or the model was "
-                               "injected with other targets.")
-            got = tuple(f.get_slice(key).get_shape())
-            if got != shapes[key]:
-                raise ValueError(f"{path}: tensor '{key}' has shape {list(got)}, the model expects "
-                                 f"{list(shapes[key])} (r={r}). {base_differs} (hidden size differs) or "
-                                 "adapter_config.json's r does not match the file.")
-            state[key] = f.get_tensor(key)
-    missing = [k for k in shapes if k not in state]
-    if missing:
-        raise KeyError(f"{path}: tensor '{missing[0]}' is missing ({len(missing)} missing in all); adapter "
-                       f"'{name}' needs lora_A and lora_B for every targeted layer. {base_differs}")
-
+    state = read_adapter_tensors(path, shapes, name, num_layers, held, sorted({p.rsplit(".", 1)[-1] for p in wanted}))
     if not existing and held:
         inject_lora(model, cfg["target_modules"], r, alpha, cfg.get("lora_dropout", 0.0), name)
     for p, m in lora_modules(model):

@@ -18,57 +18,15 @@ import torch
 
 import glm
 
-#
-# The model is a list of pieces [embedding, block 0 .. block L-1, final LN + lm_head]; a plan
-# cuts it into P contiguous stages, each holding at least one block (so the embedding always
-# rides with stage 0 and the head with stage P-1).
-#
-# Memory of stage s, in bytes (docs/numbers.md, "Stage memory"):
-#   params  = held parameters * param_bytes (frozen ones too)
-#   grads   = trainable parameters * grad_bytes   (fp32 accumulators by default: M micro-batches
-#             are summed into them, and bf16 sums lose the small late terms)
-#   optim   = trainable parameters * optim_bytes  (AdamW: two fp32 moments = 8, plus an fp32
-#             master copy = 12 when the parameters themselves are bf16), counted on the stage
-#             that keeps them, which need not be the parameters' own (see _level)
-#   act     = in_flight * activations kept per micro-batch, where 1F1B keeps
-#             in_flight = min(P - s, M) micro-batches alive on stage s (its warm-up depth);
-#             a recomputed (checkpointed) block keeps only its input, and while one is being
-#             recomputed in backward its full activations exist once more (a transient)
-#   logits  = the last stage's loss buffers, for one micro-batch only: the last stage runs a
-#             micro-batch's backward right after its forward
-# Time of stage s per optimiser step = M * (forward + backward + recompute FLOPs) / throughput
-# (docs/numbers.md, "Compute" and "Time"). Transfers between stages are left out: a boundary
-# moves megabytes per micro-batch against tens of milliseconds of compute ("Bandwidth").
-#
-# Objective, in order (each step is an exact dynamic programme over the cuts):
-#   1. the smallest achievable peak memory, M* = min over plans of max_s mem_s;
-#   2. among plans with every mem_s <= bound, the smallest slowest-stage time T* (a 1F1B step
-#      is M + P - 1 slots of the slowest stage), where
-#          bound = M* * (1 + mem_slack)                                  with no budget,
-#          bound = min(budget, max(M* * (1 + mem_slack), mem_target * budget))  with one;
-#   3. among those with max time <= T*, the smallest peak memory again (a Pareto tie-break);
-#   4. among those, the most even stages: least sum over s of (time_s/T*)^2 + (mem_s/peak)^2,
-#      so ties never leave a stage nearly idle (identical blocks split into counts that differ
-#      by at most one) and a spare block goes where it costs the least memory.
-# Memory comes first because it decides whether a run fits and how large a micro-batch can be;
-# mem_slack (5 %) lets a plan give up a little memory balance for speed. But memory is only
-# worth time while it is scarce: below mem_target (85 %) of the budget every peak counts as
-# good, and time decides. (Without that rule a LoRA run using 6 of 80 GiB would be planned
-# slower than equal layer counts, to even out memory nobody needs; 15 % stays free for what the
-# model leaves out: allocator fragmentation, NCCL buffers, transient workspaces.)
-# With bf16 weights the 12 bytes of master and moments can live on another stage (the optimiser
-# sends it the summed fp32 gradient and gets the bf16 weight back, once a step), which decouples
-# memory from the cut: passes 2-4 then only require what cannot move to meet the bound, so time
-# alone decides the cut, and _level moves the states of half-blocks, the embedding or the head
-# from the fullest stage to the emptiest until no move helps. (If that plan does not fit, the cut
-# is made for memory as above and levelled after.) This is what evens out the first stage, whose
-# 9 GiB embedding has no compute to balance against and which keeps the most micro-batches in
-# flight.
-# Activation checkpointing (where allowed) is not a free choice of the search: pass 1 prices
-# every stage fully recomputed (the least memory reachable); passes 2-3 let each stage recompute
-# the fewest blocks that bring it under the bound, since more would trade time for memory
-# nobody needs. With no budget nothing is recomputed. A naive plan recomputes the fewest blocks
-# that fit the budget.
+# The model is a list of pieces [embedding, block 0 .. block L-1, final LN + lm_head]; a plan cuts
+# it into P contiguous stages of at least one block each. A stage's memory is its parameters, the
+# gradients and optimiser state of what trains (the state may live on another stage: _level), the
+# activations of the min(P - s, M) micro-batches 1F1B keeps in flight on stage s, and the last
+# stage's logits; its time is M x its FLOPs / throughput. The objective, each pass an exact dynamic
+# programme over the cuts (docs/planner.md gives the reasons): the least peak memory first; then,
+# with every stage within 5 % of it (or under 85 % of the budget), the fastest slowest stage; then
+# the least memory at that speed; then the most even stages. Blocks recompute their activations
+# only where a stage would not fit otherwise.
 
 GiB = 1 << 30
 

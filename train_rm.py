@@ -222,6 +222,29 @@ def count_pairs(mbs, group=None):
     return dist.all_reduce(n, "sum", group).clamp(min=1)
 
 
+def load_rankings(cfg, tok):
+    """The train and held-out rankings, read, checked and encoded; what truncation did is printed.
+    With no held-out prompts the training prompts stand in for them."""
+    train_ex = data.load_ranked(cfg.data)
+    if cfg.eval_data:
+        eval_ex = data.load_ranked(cfg.eval_data)
+    else:
+        train_ex, eval_ex = data.split_holdout(train_ex, cfg.holdout, cfg.seed)
+    stats, ranks = data.TruncationStats(), RankStats()
+    train_enc = encode_examples(tok, train_ex, cfg.max_len, stats, ranks)
+    eval_enc = encode_examples(tok, eval_ex, cfg.max_len, stats, ranks)
+    if not train_enc:
+        raise data.DataError(f"{cfg.data}: no prompt has two distinct answers left after truncation to "
+                             f"--max_len {cfg.max_len}. HINT: raise --max_len")
+    train_pairs = sum(len(e["ids"]) * (len(e["ids"]) - 1) // 2 for e in train_enc)
+    dist.print0(f"data: {len(train_enc)} train prompts ({train_pairs} pairs) / {len(eval_enc)} held-out prompts; "
+                f"{stats}; {ranks}")
+    if not eval_enc:
+        dist.print0("no held-out prompts: evaluation and reward statistics use the training prompts")
+        eval_enc = train_enc
+    return train_enc, eval_enc
+
+
 # -----------------------------------------------------------------------------
 # evaluation
 
@@ -271,23 +294,7 @@ def main(argv=None):
 
     # ---- tokenizer and data (checked in full before any model is built)
     tok = glm.Tokenizer.from_dir(cfg.model)
-    train_ex = data.load_ranked(cfg.data)
-    if cfg.eval_data:
-        eval_ex = data.load_ranked(cfg.eval_data)
-    else:
-        train_ex, eval_ex = data.split_holdout(train_ex, cfg.holdout, cfg.seed)
-    stats, ranks = data.TruncationStats(), RankStats()
-    train_enc = encode_examples(tok, train_ex, cfg.max_len, stats, ranks)
-    eval_enc = encode_examples(tok, eval_ex, cfg.max_len, stats, ranks)
-    if not train_enc:
-        raise data.DataError(f"{cfg.data}: no prompt has two distinct answers left after truncation to "
-                             f"--max_len {cfg.max_len}. HINT: raise --max_len")
-    train_pairs = sum(len(e["ids"]) * (len(e["ids"]) - 1) // 2 for e in train_enc)
-    dist.print0(f"data: {len(train_enc)} train prompts ({train_pairs} pairs) / {len(eval_enc)} held-out prompts; "
-                f"{stats}; {ranks}")
-    if not eval_enc:
-        dist.print0("no held-out prompts: evaluation and reward statistics use the training prompts")
-        eval_enc = train_enc
+    train_enc, eval_enc = load_rankings(cfg, tok)
     batches = data.Batches(len(train_enc), cfg.micro_batch_size * cfg.grad_accum, cfg.seed,
                            rank=d.dp_rank, world=d.D)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(batches))

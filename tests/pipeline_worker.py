@@ -138,7 +138,7 @@ def hosted_job(job, out):
     model = _stage(job, d, len(mbs))
     optim.select_trainable(model, "full")
     opt = optim.AdamW(optim.named_trainables(model), HOSTED_LR, HOSTED_WD, d, job["hosts"])
-    n_tok = train_sft.count_label_tokens(mbs)
+    n_tok = train_sft.count_label_tokens(mbs, d.dp_group)  # D = 1: this replica's count, no sum
     for step in range(HOSTED_STEPS):
         loss = dist.train_step(model, d, mbs, train_sft.sft_loss(n_tok))
         optim.optimizer_step(opt, loss, HOSTED_LR, HOSTED_CLIP, d, 0, step)

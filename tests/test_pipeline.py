@@ -1,10 +1,11 @@
 """Pipeline stages x data-parallel replicas (gloo, CPU) against one process: the same losses, the same
-gradients, checkpoints that read back under another number of stages.
+gradients, the same generations, checkpoints that read back under another number of stages; and a
+bf16 stage's fp32 gradient accumulators and masters.
 
 The multi-process tests are named test_torchrun_* (select them with `pytest -k torchrun`). Each
-torchrun launch costs seconds, so two launches (4 processes, then 2) each run a list of jobs in one
-process group, and the tests check their results. This file is also the worker script the
-launches run:  python -m torch.distributed.run --nproc_per_node=N tests/test_pipeline.py JOBS.json
+torchrun launch costs seconds, so two launches (4 processes, then 2) each run a list of jobs of
+tests/pipeline_worker.py in one process group, and the tests here check their results against
+references computed in this process without dist.py.
 """
 import json
 import os
@@ -12,75 +13,35 @@ import shutil
 import signal
 import subprocess
 import sys
-import traceback
-import zlib
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as tdist
+import torch.nn as nn
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-import data  # noqa: E402
+import pipeline_worker as pw
+from pipeline_worker import ROOT, global_microbatches
+
+import data  # noqa: E402  (pipeline_worker put the repository on the path)
 import dist  # noqa: E402
 import glm  # noqa: E402
 import lora  # noqa: E402
+import optim  # noqa: E402
 import train_sft  # noqa: E402
 
-TOK_PATH = os.path.join(HERE, "fixtures", "case_small", "ice_text.model")
-TOY_TRAIN = os.path.join(ROOT, "data", "toy_sft_train.jsonl")
-LAYERS = 4
-MICRO_BATCHES = 4  # global micro-batches of one gradient step: M per replica x D replicas
-# what trains in the gradient jobs (select_trainable reads the LoRA fields or train_layers by mode)
-LORA = train_sft.Config(lora_rank=4, lora_alpha=8.0, lora_targets="query_key_value,dense_4h_to_h", train_layers=2)
 LAUNCH_TIMEOUT = 300
-
-
-# -----------------------------------------------------------------------------
-# shared by the workers and the single-process references
-
-
-def make_base(path, seed=0):
-    cfg = glm.GLMConfig.toy()
-    cfg.num_layers = LAYERS
-    glm.ChatGLM(cfg).init_weights(seed, std=0.1).save_pretrained(path, tokenizer=glm.Tokenizer(TOK_PATH))
-    return str(path)
-
-
-def global_microbatches(n=MICRO_BATCHES, size=2, max_len=48):
-    """The step's fixed micro-batches of `size` toy examples each, of different lengths (some with history)."""
-    tok = glm.Tokenizer(TOK_PATH)
-    exs = data.load_sft(TOY_TRAIN)[:n * size]
-    enc = [data.encode_sft(tok, e, max_len) for e in exs]
-    out = []
-    for i in range(0, len(enc), size):
-        ids, labels = data.collate(enc[i:i + size], tok.pad_id)
-        out.append({"input_ids": ids, "labels": labels})
-    return out
-
-
-def set_lora_values(model):
-    """Nonzero A and B, drawn per layer from its global name, so every split holds the same adapter."""
-    with torch.no_grad():
-        for path, m in lora.lora_modules(model):
-            g = torch.Generator().manual_seed(zlib.crc32(path.encode()))
-            for params in (m.lora_A, m.lora_B):
-                p = params["default"]
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def data_file(path, n=12):
     """n toy examples: 3 steps an epoch at 2 micro-batches of 2."""
-    with open(TOY_TRAIN, encoding="utf-8") as f, open(path, "w", encoding="utf-8") as g:
+    with open(pw.TOY_TRAIN, encoding="utf-8") as f, open(path, "w", encoding="utf-8") as g:
         g.writelines(next(f) for _ in range(n))
     return str(path)
 
 
 def sft_argv(base, train, out, *extra, **flags):
-    opts = dict(model=base, data=train, eval_data=train, out=str(out), max_len=48, micro_batch_size=2,
+    opts = dict(model=base, data=train, eval_data=train, out=str(out), max_len=pw.MAX_LEN, micro_batch_size=2,
                 grad_accum=2, lr=1e-2, warmup_steps=4, max_steps=6, log_every=1, eval_every=1000,
                 save_every=1000)
     opts.update(flags)
@@ -92,102 +53,6 @@ def losses(out, key="loss"):
         return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
 
 
-# -----------------------------------------------------------------------------
-# the worker: one process of a torchrun launch
-
-
-_REAL_SETUP = dist.setup
-
-
-def _setup(pp):
-    """dist.setup, but a later job of the same launch adds groups to the one process group instead of
-    creating a second (gloo cannot reliably re-initialise in one process)."""
-    if not tdist.is_initialized():
-        return _REAL_SETUP(pp)
-    init = tdist.init_process_group
-    tdist.init_process_group = lambda *a, **kw: None
-    try:
-        return _REAL_SETUP(pp)
-    finally:
-        tdist.init_process_group = init
-
-
-def grads_job(job, out):
-    """One 1F1B step over this replica's share of the global micro-batches; saves loss and gradients."""
-    d = _setup(job["pp"])
-    mbs_all = global_microbatches(job.get("micro_batches", MICRO_BATCHES))
-    M = len(mbs_all) // d.D
-    mine = mbs_all[d.dp_rank * M:(d.dp_rank + 1) * M]  # replicas take disjoint slices
-    gcfg = glm.GLMConfig.from_json(os.path.join(job["model"], "config.json"))
-    pieces = dist.glm_pieces(gcfg, 2, 48)
-    plan = dist.plan_from_counts(pieces, job.get("counts") or [LAYERS // d.P] * d.P, dist.CostModel(M))
-    model = dist.build_stage(job["model"], plan.stages[d.pp_rank], d, checkpoint_all=job.get("checkpoint", False))
-    params = dist.select_trainable(model, job["mode"], LORA)
-    if job["mode"] == "lora":
-        set_lora_values(model)
-    n_tok = train_sft.count_label_tokens(mine, d.dp_group)
-    first = dist.first_trainable_stage(model, d)
-    loss = dist.train_step(model, d, mine, train_sft.sft_loss(n_tok), first)
-    loss = dist.all_reduce(loss.detach().clone(), "sum", d.dp_group)
-    dist.sync_grads([p.grad for p in params], d)
-    torch.save({"rank": d.rank, "pp_rank": d.pp_rank, "dp_rank": d.dp_rank, "loss": loss.item(),
-                "n_tokens": n_tok.item(), "first_trainable": first,
-                "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-                "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad)},
-               os.path.join(out, f"{job['name']}-rank{d.rank}.pt"))
-
-
-HOSTED_LR, HOSTED_WD, HOSTED_CLIP, HOSTED_STEPS = 1e-3, 0.1, 0.5, 2
-
-
-def hosted_job(job, out):
-    """HOSTED_STEPS AdamW steps of full training, some pieces' masters and moments kept on other
-    stages (job["hosts"]); saves each rank's weights and the optimiser state it keeps."""
-    d = _setup(job["pp"])
-    mbs = global_microbatches()
-    gcfg = glm.GLMConfig.from_json(os.path.join(job["model"], "config.json"))
-    plan = dist.plan_from_counts(dist.glm_pieces(gcfg, 2, 48), [LAYERS // d.P] * d.P, dist.CostModel(len(mbs)))
-    model = dist.build_stage(job["model"], plan.stages[d.pp_rank], d)
-    dist.select_trainable(model, "full", LORA)
-    opt = dist.AdamW(dist.named_trainables(model), HOSTED_LR, HOSTED_WD, d, job["hosts"])
-    n_tok = train_sft.count_label_tokens(mbs)
-    for step in range(HOSTED_STEPS):
-        loss = dist.train_step(model, d, mbs, train_sft.sft_loss(n_tok))
-        dist.optimizer_step(opt, loss, HOSTED_LR, HOSTED_CLIP, d, 0, step)
-    torch.save({"pp_rank": d.pp_rank, "guests": sorted(opt.guests), "away": sorted(opt.away),
-                "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
-                "state": opt.state_by_name()}, os.path.join(out, f"{job['name']}-rank{d.rank}.pt"))
-
-
-def train_job(job, out):
-    """train_sft.main under this launch's processes, sharing its process group with the other jobs."""
-    saved = dist.setup, dist.teardown
-    dist.setup, dist.teardown = _setup, dist.barrier
-    try:
-        train_sft.main(job["argv"])
-    finally:
-        dist.setup, dist.teardown = saved
-
-
-def worker(jobs_path):
-    torch.set_num_threads(1)
-    with open(jobs_path, encoding="utf-8") as f:
-        jobs = json.load(f)
-    out = os.path.dirname(jobs_path)
-    rank, results = int(os.environ["RANK"]), {}
-    for job in jobs:
-        try:
-            {"grads": grads_job, "train": train_job, "hosted": hosted_job}[job["kind"]](job, out)
-            results[job["name"]] = "ok"
-        except Exception as e:  # recorded for the test; the jobs after it still run
-            results[job["name"]] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
-    with open(os.path.join(out, f"results-rank{rank}.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f)
-    if tdist.is_initialized():
-        tdist.barrier()
-        tdist.destroy_process_group()
-
-
 def launch(nproc, jobs, out):
     """Run the jobs under torchrun with nproc processes; returns each rank's {job name: "ok" or the error}."""
     os.makedirs(out, exist_ok=True)
@@ -197,7 +62,7 @@ def launch(nproc, jobs, out):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     # --standalone: the launcher binds a free port itself, so concurrent launches never collide
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.abspath(__file__), path]
+           os.path.abspath(pw.__file__), path]
     # a session of its own, so that a hung launch is ended with its workers (not only the launcher)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -215,29 +80,43 @@ def launch(nproc, jobs, out):
     return results
 
 
+def saved(out, name, nproc):
+    """Every rank's saved result of one job."""
+    return [torch.load(os.path.join(out, f"{name}-rank{r}.pt"), weights_only=True) for r in range(nproc)]
+
+
 # -----------------------------------------------------------------------------
-# the single-process references, written without dist.py
+# the single-process references, written without dist.py and optim.py
 
 
-def reference_grads(base, mode, micro_batches=MICRO_BATCHES):
-    """(loss, {name: grad}): the whole model, a plain loop of full forwards and summed cross-entropy over
-    every micro-batch divided by the global label count, then backward."""
+def step_loss(logits, labels, n):
+    """Next-token cross-entropy of logits [B, T, V] against labels [B, T], summed and divided by n."""
+    V = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=data.IGNORE, reduction="sum") / n
+
+
+def label_count(mbs):
+    return sum(int((mb["labels"][:, 1:] != data.IGNORE).sum()) for mb in mbs)
+
+
+def reference_grads(base, mode, micro_batches=pw.MICRO_BATCHES):
+    """(loss, label count, {name: grad}): the whole model, a plain loop of full forwards and summed
+    cross-entropy over every micro-batch divided by the global label count, then backward."""
     model = glm.ChatGLM.from_pretrained(base)
     if mode == "lora":
-        lora.inject_lora(model, targets=LORA.lora_targets.split(","), r=LORA.lora_rank, alpha=LORA.lora_alpha)
-        set_lora_values(model)
+        lora.inject_lora(model, targets=pw.TRAINS["lora_targets"], r=pw.TRAINS["lora_rank"],
+                         alpha=pw.TRAINS["lora_alpha"])
+        pw.set_lora_values(model)
     else:
+        first_trained = pw.LAYERS - pw.TRAINS["train_layers"] if mode == "last_n" else 0
         for name, p in model.named_parameters():
             m = glm.LAYER_KEY.fullmatch(name)
-            p.requires_grad_(mode == "full" or (m is not None and int(m.group(1)) >= LAYERS - LORA.train_layers))
+            p.requires_grad_(mode == "full" or (m is not None and int(m.group(1)) >= first_trained))
     mbs = global_microbatches(micro_batches)
-    n = sum(int((mb["labels"][:, 1:] != data.IGNORE).sum()) for mb in mbs)
-    total = 0.0
+    n, total = label_count(mbs), 0.0
     for mb in mbs:
-        logits = model(mb["input_ids"])  # [B, T, V]
-        V = logits.shape[-1]
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), mb["labels"][:, 1:].reshape(-1),
-                               ignore_index=data.IGNORE, reduction="sum") / n
+        loss = step_loss(model(mb["input_ids"]), mb["labels"], n)
         loss.backward()
         total += loss.item()
     return total, n, {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
@@ -248,26 +127,43 @@ def reference_adamw(base):
     the plain loop's gradients, clipped by torch's clip_grad_norm_: {name: weight}, {name: state}."""
     model = glm.ChatGLM.from_pretrained(base)
     mbs = global_microbatches()
-    n = sum(int((mb["labels"][:, 1:] != data.IGNORE).sum()) for mb in mbs)
+    n = label_count(mbs)
     named = dict(model.named_parameters())
-    opt = torch.optim.AdamW([{"params": [p for p in named.values() if p.dim() >= 2], "weight_decay": HOSTED_WD},
+    opt = torch.optim.AdamW([{"params": [p for p in named.values() if p.dim() >= 2], "weight_decay": pw.HOSTED_WD},
                              {"params": [p for p in named.values() if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=HOSTED_LR, betas=(0.9, 0.95))
-    for _ in range(HOSTED_STEPS):
+                            lr=pw.HOSTED_LR, betas=(0.9, 0.95))
+    for _ in range(pw.HOSTED_STEPS):
         opt.zero_grad()
         for mb in mbs:
-            logits = model(mb["input_ids"])
-            F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), mb["labels"][:, 1:].reshape(-1),
-                            ignore_index=data.IGNORE, reduction="sum").div(n).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), HOSTED_CLIP)
+            step_loss(model(mb["input_ids"]), mb["labels"], n).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), pw.HOSTED_CLIP)
         opt.step()
     return ({k: p.detach() for k, p in named.items()}, {k: opt.state[p] for k, p in named.items()})
+
+
+def reference_generation(base, replica, replicas, dtype):
+    """(ids, log-probabilities, texts) of the whole model's own KV-cached greedy generation over one
+    replica's share of the prompts."""
+    model = glm.ChatGLM.from_pretrained(base, dtype=dtype).eval()
+    tok = glm.Tokenizer(pw.TOK_PATH)
+    ids = glm.left_pad(pw.prompts(replica, replicas), tok.pad_id)
+    out, logprobs = model.generate(ids, max_new_tokens=pw.NEW_TOKENS, return_logprobs=True)
+    return out, logprobs, [tok.decode(row, skip_special_tokens=True) for row in out[:, ids.shape[1]:]]
+
+
+# -----------------------------------------------------------------------------
+# checks of a launch's results against the references
+
+
+def ok(launch_result, name):
+    for rank, results in enumerate(launch_result.results):
+        assert results[name] == "ok", f"job {name} failed on rank {rank}:\n{results[name]}"
 
 
 def check_hosted(out, name, nproc, base, hosts):
     """Weights and optimiser states equal torch's AdamW on one process; every hosted state sits on
     its host and nowhere else."""
-    ranks = [torch.load(os.path.join(out, f"{name}-rank{r}.pt"), weights_only=True) for r in range(nproc)]
+    ranks = saved(out, name, nproc)
     want_w, want_state = reference_adamw(base)
     got_w, got_state = {}, {}
     for r in ranks:
@@ -275,11 +171,11 @@ def check_hosted(out, name, nproc, base, hosts):
         assert not got_state.keys() & r["state"].keys(), "one state kept on two stages"
         got_state.update(r["state"])
         for n in r["state"]:
-            assert hosts.get(dist.unit_of(n), r["pp_rank"]) == r["pp_rank"] or n in r["guests"]
+            assert hosts.get(optim.unit_of(n), r["pp_rank"]) == r["pp_rank"] or n in r["guests"]
         for n in r["guests"]:
-            assert hosts[dist.unit_of(n)] == r["pp_rank"] and n in r["state"]
+            assert hosts[optim.unit_of(n)] == r["pp_rank"] and n in r["state"]
     assert sorted(n for r in ranks for n in r["guests"]) == sorted(n for r in ranks for n in r["away"])
-    assert {dist.unit_of(n) for r in ranks for n in r["guests"]} == set(hosts)
+    assert {optim.unit_of(n) for r in ranks for n in r["guests"]} == set(hosts)
     assert got_w.keys() == want_w.keys() == got_state.keys()
     for k in want_w:
         torch.testing.assert_close(got_w[k], want_w[k], atol=2e-6, rtol=1e-5, msg=k)
@@ -289,7 +185,7 @@ def check_hosted(out, name, nproc, base, hosts):
 
 def merged_grads(out, name, nproc):
     """Every rank's saved step, and {param name: grad} over the pipeline (replica 0's stages)."""
-    ranks = [torch.load(os.path.join(out, f"{name}-rank{r}.pt"), weights_only=True) for r in range(nproc)]
+    ranks = saved(out, name, nproc)
     grads = {}
     for r in ranks:
         if r["dp_rank"] == 0:
@@ -298,7 +194,7 @@ def merged_grads(out, name, nproc):
     return ranks, grads
 
 
-def check_against_reference(base, out, name, nproc, mode="full", micro_batches=MICRO_BATCHES):
+def check_against_reference(base, out, name, nproc, mode="full", micro_batches=pw.MICRO_BATCHES):
     loss, n, want = reference_grads(base, mode, micro_batches)
     ranks, got = merged_grads(out, name, nproc)
     assert got.keys() == want.keys()  # every trainable tensor got a gradient, nothing frozen did
@@ -312,6 +208,20 @@ def check_against_reference(base, out, name, nproc, mode="full", micro_batches=M
         for key, g in r["grads"].items():
             torch.testing.assert_close(g, got[key], atol=1e-7, rtol=1e-6, msg=f"rank {r['rank']}: {key}")
     return ranks
+
+
+def check_generation(base, out, name, nproc, replicas, dtype=torch.float32, atol=1e-4):
+    """Every stage of every replica returns what the whole model generates in one process for that
+    replica's prompts: the same tokens and texts, log-probabilities to atol."""
+    ranks = saved(out, name, nproc)
+    assert sorted(r["dp_rank"] for r in ranks) == sorted(list(range(replicas)) * (nproc // replicas))
+    for replica in range(replicas):
+        ids, logprobs, texts = reference_generation(base, replica, replicas, dtype)
+        assert ids.shape[1] > len(max(pw.prompts(replica, replicas), key=len))  # something was generated
+        for r in (r for r in ranks if r["dp_rank"] == replica):
+            assert torch.equal(r["ids"], ids), (replica, r["ids"], ids)
+            torch.testing.assert_close(r["logprobs"], logprobs, atol=atol, rtol=0)
+            assert r["texts"] == texts
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -336,15 +246,15 @@ HOSTS_P2 = {"embedding": 1, "layer 3/mlp": 0, "head": 0}
 @pytest.fixture(scope="module")
 def setup_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    base = make_base(root / "base")
+    base = pw.make_base(root / "base")
     train = data_file(root / "train12.jsonl")
     return SimpleNamespace(root=root, base=base, train=train)
 
 
 @pytest.fixture(scope="module")
 def four(setup_dir):
-    """4 processes: gradients with P = 4 and P = 2 x D = 2; a --pp 4 training run of 3 steps; --pp 2 x 2
-    replicas training runs (full and LoRA)."""
+    """4 processes: gradients with P = 4 and P = 2 x D = 2; generation with P = 4 and P = 2 x D = 2; a
+    --pp 4 training run of 3 steps; --pp 2 x 2 replicas training runs (full and LoRA)."""
     s, out = setup_dir, str(setup_dir.root / "four")
     g = dict(kind="grads", model=s.base)
     jobs = [
@@ -354,6 +264,9 @@ def four(setup_dir):
         dict(g, name="p4_lora", pp=4, mode="lora"),
         dict(g, name="p2d2", pp=2, mode="full"),
         dict(kind="hosted", name="hosted_p4", pp=4, model=s.base, hosts=HOSTS_P4),
+        # 5 prompts in 5 micro-batches of one: more micro-batches than stages circulate
+        dict(kind="generate", name="gen_p4", pp=4, model=s.base, micro_batches=5),
+        dict(kind="generate", name="gen_p2d2", pp=2, model=s.base, micro_batches=2),
         # warmup 4 > 3 steps: the first three learning rates do not depend on max_steps, so this run
         # is the first half of a 6-step run and may be resumed as one
         dict(kind="train", name="sft_p4", argv=sft_argv(s.base, s.train, s.root / "sft_p4", "--pp", "4", max_steps=3)),
@@ -368,8 +281,9 @@ def four(setup_dir):
 
 @pytest.fixture(scope="module")
 def two(setup_dir, four):
-    """2 processes: gradients with P = 2 (uneven split, recomputation); --pp 2 training runs (full, LoRA,
-    last 2 blocks); the --pp 4 checkpoint resumed with --pp 2; --pp 3 on 2 processes."""
+    """2 processes: gradients with P = 2 (uneven split, recomputation); generation with fp32 and bf16
+    stages; --pp 2 training runs (full, LoRA, last 2 blocks); the --pp 4 checkpoint resumed with
+    --pp 2; --pp 3 on 2 processes."""
     s, out = setup_dir, str(setup_dir.root / "two")
     shutil.copytree(s.root / "sft_p4", s.root / "sft_p4_to_p2")
     shutil.copytree(s.root / "sft_p4", s.root / "sft_p4_to_p1")  # resumed in the test process
@@ -377,6 +291,9 @@ def two(setup_dir, four):
     jobs = [
         dict(g, name="p2", pp=2, mode="full", counts=[1, 3], checkpoint=True),
         dict(kind="hosted", name="hosted_p2", pp=2, model=s.base, hosts=HOSTS_P2),
+        dict(kind="generate", name="gen_p2", pp=2, model=s.base, micro_batches=2),
+        # bf16 stages pass bf16 hidden states around the ring
+        dict(kind="generate", name="gen_p2_bf16", pp=2, model=s.base, micro_batches=2, dtype="bfloat16"),
         dict(kind="train", name="sft_p2", argv=sft_argv(s.base, s.train, s.root / "sft_p2", "--pp", "2")),
         dict(kind="train", name="sft_p2_lora",
              argv=sft_argv(s.base, s.train, s.root / "sft_p2_lora", "--pp", "2", "--lora_rank", "4", max_steps=4)),
@@ -402,11 +319,6 @@ def single(setup_dir):
     return runs
 
 
-def ok(launch_result, name):
-    for rank, results in enumerate(launch_result.results):
-        assert results[name] == "ok", f"job {name} failed on rank {rank}:\n{results[name]}"
-
-
 def assert_same_curve(got, want, steps, atol=1e-5):
     assert sorted(got) == list(steps), sorted(got)
     for step in steps:
@@ -420,7 +332,7 @@ def assert_same_curve(got, want, steps, atol=1e-5):
 def test_train_step_in_one_process_matches_the_plain_loop(setup_dir):
     d = dist.setup(1)
     model = glm.ChatGLM.from_pretrained(setup_dir.base)
-    params = dist.select_trainable(model, "full", LORA)
+    params = optim.select_trainable(model, "full")
     mbs = global_microbatches()
     n_tok = train_sft.count_label_tokens(mbs)
     loss = dist.train_step(model, d, mbs, train_sft.sft_loss(n_tok))
@@ -476,6 +388,30 @@ def test_torchrun_p4_lora_gradients_match_one_process(setup_dir, four):
     ok(four, "p4_lora")
     ranks = check_against_reference(setup_dir.base, four.out, "p4_lora", 4, mode="lora")
     assert all(".lora_" in k for r in ranks for k in r["grads"])
+
+
+# -----------------------------------------------------------------------------
+# pipelined generation
+
+
+def test_torchrun_p2_generation_equals_one_process(setup_dir, two):
+    ok(two, "gen_p2")
+    check_generation(setup_dir.base, two.out, "gen_p2", 2, replicas=1)
+
+
+def test_torchrun_p4_generation_with_more_micro_batches_than_stages_equals_one_process(setup_dir, four):
+    ok(four, "gen_p4")
+    check_generation(setup_dir.base, four.out, "gen_p4", 4, replicas=1)
+
+
+def test_torchrun_p2_d2_generation_equals_one_process_per_replica(setup_dir, four):
+    ok(four, "gen_p2d2")
+    check_generation(setup_dir.base, four.out, "gen_p2d2", 4, replicas=2)
+
+
+def test_torchrun_p2_bf16_generation_equals_one_bf16_process(setup_dir, two):
+    ok(two, "gen_p2_bf16")
+    check_generation(setup_dir.base, two.out, "gen_p2_bf16", 2, replicas=1, dtype=torch.bfloat16, atol=2e-2)
 
 
 # -----------------------------------------------------------------------------
@@ -568,8 +504,31 @@ def test_torchrun_pp_that_does_not_divide_the_world_is_a_clear_error(two):
     assert not os.path.exists(os.path.join(os.path.dirname(two.out), "pp3", "metrics.jsonl"))
 
 
-if __name__ == "__main__":
-    worker(sys.argv[1])
+# -----------------------------------------------------------------------------
+# a bf16 stage: fp32 gradient accumulators and masters
+
+
+def bf16_reference_grads(base, mbs, n):
+    """({name: float64 gradient}, {name: float64 sum of |micro-batch gradient|}, loss): every
+    micro-batch through the whole bf16 model by plain autograd (plain nn.Linear, so bf16 weight
+    gradients), scaled by 1/n, one backward each, summed in float64."""
+    model = glm.ChatGLM.from_pretrained(base, dtype=torch.bfloat16)
+    want, size, loss = {}, {}, 0.0
+    for mb in mbs:
+        model.zero_grad()
+        mb_loss = step_loss(model(mb["input_ids"]), mb["labels"], n)
+        mb_loss.backward()
+        loss += mb_loss.item()
+        for k, p in model.named_parameters():
+            want[k] = want.get(k, 0) + p.grad.double()
+            size[k] = size.get(k, 0) + p.grad.double().abs()
+    return want, size, loss
+
+
+def bf16_stage(base):
+    model = glm.ChatGLM.from_pretrained(base, dtype=torch.bfloat16)
+    optim.select_trainable(model, "full")
+    return model
 
 
 def test_bf16_weights_train_through_fp32_masters(setup_dir, tmp_path):
@@ -579,30 +538,19 @@ def test_bf16_weights_train_through_fp32_masters(setup_dir, tmp_path):
     mbs = global_microbatches()
     n_tok = train_sft.count_label_tokens(mbs)
     lr, wd = 1e-3, 0.1
-
-    def bf16_model():
-        model = glm.ChatGLM.from_pretrained(setup_dir.base, dtype=torch.bfloat16)
-        dist.select_trainable(model, "full", LORA)
-        return model
-
-    # reference gradients: each micro-batch's bf16 gradient on its own, summed in float64 (the
-    # matrices' GEMMs add into fp32 without rounding to bf16: they may differ by that rounding)
-    ref, want, size = bf16_model(), {}, {}
-    for mb in mbs:
-        ref.zero_grad()
-        dist.train_step(ref, d, [mb], train_sft.sft_loss(n_tok))
-        for k, p in ref.named_parameters():
-            want[k] = want.get(k, 0) + p.grad.double()
-            size[k] = size.get(k, 0) + p.grad.double().abs()
-    model = bf16_model()
-    opt = dist.AdamW(dist.named_trainables(model), lr, wd, d)
+    want, size, want_loss = bf16_reference_grads(setup_dir.base, mbs, label_count(mbs))
+    model = bf16_stage(setup_dir.base)
+    opt = optim.AdamW(optim.named_trainables(model), lr, wd, d)
     loss = dist.train_step(model, d, mbs, train_sft.sft_loss(n_tok))
+    assert abs(loss.item() - want_loss) < 1e-4 * want_loss
     named = dict(model.named_parameters())
     for k, p in named.items():
         assert p.grad is None and p.main_grad.dtype == torch.float32
-        fused = p.dim() == 2 and k != "transformer.word_embeddings.weight"  # a glm.Linear weight
+        # a MainGradLinear sums fp32 products where autograd rounds each micro-batch's to bf16
+        fused = isinstance(model.get_submodule(k.rsplit(".", 1)[0]), optim.MainGradLinear) and k.endswith("weight")
         tol = (2 ** -8 if fused else 1e-6) * size[k] + 1e-7
         assert ((p.main_grad.double() - want[k]).abs() <= tol).all(), k
+    assert isinstance(model.lm_head, optim.MainGradLinear)  # the fused path was taken
     # reference update: torch's AdamW on float32 copies of the starting weights with those gradients
     start = {k: p.detach().float().clone().requires_grad_() for k, p in named.items()}
     ref_opt = torch.optim.AdamW([{"params": [t for t in start.values() if t.dim() >= 2], "weight_decay": wd},
@@ -611,18 +559,18 @@ def test_bf16_weights_train_through_fp32_masters(setup_dir, tmp_path):
     for k, t in start.items():
         t.grad = named[k].main_grad.clone()
     ref_opt.step()
-    dist.optimizer_step(opt, loss, lr, 0.0, d, 0, 0)
+    optim.optimizer_step(opt, loss, lr, 0.0, d, 0, 0)
     for k, p in named.items():
         torch.testing.assert_close(opt.masters[k], start[k].detach(), atol=1e-7, rtol=1e-6, msg=k)
         assert torch.equal(p.detach(), opt.masters[k].to(torch.bfloat16)), k
     assert (opt.masters["lm_head.weight"] != named["lm_head.weight"].float()).any()  # the master has more bits
     # the saved state brings the fp32 master back into a model built from the bf16 weights
     torch.save(opt.state_by_name(), tmp_path / "optim-stage000.pt")
-    again = bf16_model()
+    again = bf16_stage(setup_dir.base)
     with torch.no_grad():
         for k, p in again.named_parameters():
             p.copy_(named[k])
-    opt2 = dist.AdamW(dist.named_trainables(again), lr, wd, d)
+    opt2 = optim.AdamW(optim.named_trainables(again), lr, wd, d)
     opt2.load(str(tmp_path))
     for k in named:
         assert torch.equal(opt2.masters[k], opt.masters[k]), k
@@ -631,11 +579,10 @@ def test_bf16_weights_train_through_fp32_masters(setup_dir, tmp_path):
 
 
 def test_linear_adds_its_weight_gradient_into_main_grad():
-    """glm.Linear with a fused fp32 accumulator: same output and input/bias gradients as F.linear,
-    and main_grad grows by exactly g^T x (checked in float64) on every backward."""
+    """optim.MainGradLinear: same output and input/bias gradients as F.linear, and main_grad grows
+    by exactly g^T x (checked in float64) on every backward."""
     torch.manual_seed(0)
-    lin = glm.Linear(24, 40).bfloat16()
-    lin.weight.main_grad, lin.weight.fuse_main_grad = None, True
+    lin = optim.MainGradLinear(24, 40).bfloat16()
     start = None
     for step in range(2):
         x = torch.randn(3, 5, 24, dtype=torch.bfloat16, requires_grad=True)
@@ -652,3 +599,14 @@ def test_linear_adds_its_weight_gradient_into_main_grad():
         torch.testing.assert_close(x.grad, (g @ lin.weight.detach()), atol=0, rtol=0)
         torch.testing.assert_close(lin.bias.grad, g.reshape(-1, 40).sum(0), atol=1e-2, rtol=1e-2)
         lin.bias.grad = None
+
+
+def test_fuse_weight_grads_converts_only_trained_low_precision_linears():
+    """fuse_weight_grads swaps the class of trained bf16 nn.Linears (their tensors kept); frozen or
+    fp32 ones stay plain."""
+    model = nn.Sequential(nn.Linear(4, 4).bfloat16(), nn.Linear(4, 4).bfloat16(), nn.Linear(4, 4))
+    model[1].weight.requires_grad_(False)
+    weight = model[0].weight
+    optim.fuse_weight_grads(model)
+    assert [type(m) for m in model] == [optim.MainGradLinear, nn.Linear, nn.Linear]
+    assert model[0].weight is weight
