@@ -482,8 +482,10 @@ def main(argv=None):
         final = os.path.join(cfg.out, "final")
         ckpt.save(final, d, tok.path, {"": roles.checkpointed()["policy"]})
         dist.print0(f"wrote {final} (the trained policy)")
-    if toy and dist.is_main() and history:
-        print_toy_table(before, toy_report(roles, tok, d, cfg), history)
+    if toy and history:
+        after = toy_report(roles, tok, d, cfg)  # every stage takes part: it runs through the pipeline
+        if dist.is_main():
+            print_toy_table(before, after, history)
     dist.report_memory_and_busy(the_plan.stages[d.pp_rank], d, wall)
     dist.teardown()
 
@@ -515,9 +517,7 @@ def metrics(r, raw_score, mask, returns, pstats, vstats, d):
 
 def toy_report(roles, tok, d, cfg):
     """On the toy task's held-out questions: exact-match accuracy of the policy's greedy answers,
-    the reward model's mean score of those answers, and four samples (single-stage runs)."""
-    if d.P > 1:
-        return float("nan"), float("nan"), []
+    the reward model's mean score of those answers, and the answers."""
     eval_ex = data.load_sft(data.toy_file("sft_eval"))
     model = roles.use("actor")
     ids = glm.left_pad([data.encode_prompt(tok, e, cfg.max_prompt_len) for e in eval_ex], tok.pad_id).to(d.device)
