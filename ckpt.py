@@ -1,6 +1,7 @@
-"""Everything a run writes under --out: weights or LoRA adapters (every stage its share), heads,
-optimiser states, RNG, the loop's state, and the metrics log; and reading them back to resume,
-with any number of pipeline stages.
+"""Checkpoints and results: everything a run writes under --out, and reading it back to resume.
+
+Weights or LoRA adapters (every stage writes its share), heads, optimiser states, RNG, the loop's
+state and the metrics log; a checkpoint reads back with any number of pipeline stages.
 
     OUT/checkpoint/   the latest checkpoint (replaced atomically)   OUT/final/   the result
     OUT/metrics.jsonl one JSON object per logged step                OUT/tb/      TensorBoard, if installed

@@ -1,4 +1,4 @@
-"""Data for every stage: the jsonl formats, chat template, label masking, batching, the toy task.
+"""Training data: the jsonl formats, examples tokenised with label masks, batches, the toy task.
 
 Formats (jsonl: UTF-8, one JSON object a line; blank lines are skipped):
 

@@ -1,5 +1,6 @@
-"""Processes and the pipeline: P stages x D data-parallel replicas, point-to-point transfers
-between stages, the 1F1B training schedule, and pipelined forward passes and generation.
+"""The pipeline across processes: groups, transfers between stages, 1F1B, pipelined forward and generation.
+
+P pipeline stages x D data-parallel replicas, over torch.distributed (NCCL on GPUs, gloo on CPUs).
 
     python train_sft.py ...                                  # P = D = 1: the same code, one process
     torchrun --nproc_per_node=8 train_sft.py --pp 8 ...      # 8 stages

@@ -1,5 +1,4 @@
-"""Command-line flags from a script's config dataclass, and presets that fill only the flags a
-user left alone.
+"""Command-line flags from a script's config dataclass, with presets that never override a given flag.
 
     cfg = flags.parse(Config)     # --name value for every field, typed by its default
     cfg = flags.parse(Config, preset=lambda c: {} if c.model else data.TOY_SFT)  # toy values where no flag was given

@@ -1,4 +1,4 @@
-"""ChatGLM-6B (v1): config, model, tokenizer, checkpoints and KV-cached generation.
+"""The ChatGLM-6B (v1) model: config, tokenizer, network, reward head, generation, checkpoint files.
 
     python glm.py convert SRC_DIR DST_DIR     # official pytorch_model-*.bin release -> safetensors
     python glm.py chat --model DIR            # interactive multi-turn chat, streamed
@@ -273,96 +273,6 @@ def apply_rotary_2d(x, cos, sin):
 # the model
 
 
-class KVCache:
-    """Fixed-shape key/value buffers of one block, [B, S, nh, hs], filled as generation proceeds."""
-
-    def __init__(self, B, nh, S, hs, dtype, device):
-        self.k = torch.zeros(B, S, nh, hs, dtype=dtype, device=device)
-        self.v = torch.zeros(B, S, nh, hs, dtype=dtype, device=device)
-
-    def update(self, pos, k, v):
-        """Write k, v [B, t, nh, hs] at pos = (slots [t], end); return keys/values [B, end, nh, hs].
-
-        The slots are a tensor and `end` a window that may run past them (masked there), so a
-        decode step's shapes never change and it can be captured in a CUDA graph."""
-        slots, end = pos
-        self.k.index_copy_(1, slots, k)
-        self.v.index_copy_(1, slots, v)
-        return self.k[:, :end], self.v[:, :end]
-
-
-class Decoder:
-    """Prefill and one-token decode steps of a (stage of a) model over fixed-shape KV caches.
-
-    Eager steps attend to exactly the filled slots. Graph steps read static input buffers and
-    attend to a window of the cache rounded up to `bucket` slots (masked beyond the filled
-    ones), so one captured graph serves `bucket` consecutive steps: a whole decode step becomes
-    one launch instead of hundreds of small kernels, which is what bounds batch-1 decoding."""
-
-    bucket = 32  # cache slots per captured graph: fewer graphs vs. fewer masked slots read
-
-    def __init__(self, model, B, S, use_graph=False):
-        cfg, p = model.config, next(model.parameters())
-        self.model, self.S, self.use_graph = model, S, use_graph
-        self.caches = {int(i): KVCache(B, cfg.num_attention_heads, S, cfg.head_dim, p.dtype, p.device)
-                       for i in model.transformer.layers}
-        self.key_valid = torch.zeros(B, S, dtype=torch.bool, device=p.device)  # [B, S]
-        self.x = (torch.zeros(B, 1, dtype=torch.long, device=p.device) if model.transformer.word_embeddings
-                  is not None else torch.zeros(B, 1, cfg.hidden_size, dtype=p.dtype, device=p.device))
-        self.pos_ids = torch.zeros(B, 2, 1, dtype=torch.long, device=p.device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=p.device)
-        self.graphs, self.pool = {}, None
-
-    def run(self, x, rope, attend, pos):
-        """Logits [B, V] at the last position (hidden states [B, T, C] on a stage without the head)."""
-        h = self.model.transformer(x, rope, attend, self.caches, pos)
-        return self.model.lm_head(h[:, -1]) if self.model.lm_head is not None else h
-
-    def prefill(self, x, layout):
-        """The whole prompt in one pass; logits [B, V] at its last position (or hidden states)."""
-        T = layout.position_ids.shape[-1]
-        self.key_valid[:, :T] = layout.key_valid
-        rope = rotary_tables(layout.position_ids, self.model.config.rotary_dim)
-        return self.run(x, rope, layout.attend, pos=(torch.arange(T, device=x.device), T))
-
-    def step(self, x, pos_ids, slot):
-        """One new token per row (ids [B] or hidden [B, 1, C]) at cache slot `slot`."""
-        self.key_valid[:, slot] = True
-        if not self.use_graph:
-            rope = rotary_tables(pos_ids, self.model.config.rotary_dim)
-            return self.run(x.view_as(self.x), rope, self.key_valid[:, None, None, :slot + 1],
-                            pos=(self.slot.fill_(slot), slot + 1))
-        self.x.copy_(x.view_as(self.x))
-        self.pos_ids.copy_(pos_ids)
-        self.slot.fill_(slot)
-        end = min(self.S, (slot // self.bucket + 1) * self.bucket)
-        if self.x.device.type != "cuda":  # the same static-shape step, uncaptured (tests run it on CPU)
-            return self.static_step(end)
-        if end not in self.graphs:
-            self.graphs[end] = self.capture(end)
-        graph, out = self.graphs[end]
-        graph.replay()
-        return out
-
-    def static_step(self, end):
-        rope = rotary_tables(self.pos_ids, self.model.config.rotary_dim)
-        return self.run(self.x, rope, self.key_valid[:, None, None, :end], pos=(self.slot, end))
-
-    def capture(self, end):
-        # warm up on a side stream (rewriting the same slot is harmless), then record
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.static_step(end)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.pool = self.pool or torch.cuda.graph_pool_handle()  # graphs replay in capture order
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.static_step(end)
-        return graph, out
-
-
 class SelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -607,7 +517,97 @@ def rewards_at(head, h, idx):
 
 
 # -----------------------------------------------------------------------------
-# sampling
+# generation: KV caches, prefill and decode steps, sampling
+
+
+class KVCache:
+    """Fixed-shape key/value buffers of one block, [B, S, nh, hs], filled as generation proceeds."""
+
+    def __init__(self, B, nh, S, hs, dtype, device):
+        self.k = torch.zeros(B, S, nh, hs, dtype=dtype, device=device)
+        self.v = torch.zeros(B, S, nh, hs, dtype=dtype, device=device)
+
+    def update(self, pos, k, v):
+        """Write k, v [B, t, nh, hs] at pos = (slots [t], end); return keys/values [B, end, nh, hs].
+
+        The slots are a tensor and `end` a window that may run past them (masked there), so a
+        decode step's shapes never change and it can be captured in a CUDA graph."""
+        slots, end = pos
+        self.k.index_copy_(1, slots, k)
+        self.v.index_copy_(1, slots, v)
+        return self.k[:, :end], self.v[:, :end]
+
+
+class Decoder:
+    """Prefill and one-token decode steps of a (stage of a) model over fixed-shape KV caches.
+
+    Eager steps attend to exactly the filled slots. Graph steps read static input buffers and
+    attend to a window of the cache rounded up to `bucket` slots (masked beyond the filled
+    ones), so one captured graph serves `bucket` consecutive steps: a whole decode step becomes
+    one launch instead of hundreds of small kernels, which is what bounds batch-1 decoding."""
+
+    bucket = 32  # cache slots per captured graph: fewer graphs vs. fewer masked slots read
+
+    def __init__(self, model, B, S, use_graph=False):
+        cfg, p = model.config, next(model.parameters())
+        self.model, self.S, self.use_graph = model, S, use_graph
+        self.caches = {int(i): KVCache(B, cfg.num_attention_heads, S, cfg.head_dim, p.dtype, p.device)
+                       for i in model.transformer.layers}
+        self.key_valid = torch.zeros(B, S, dtype=torch.bool, device=p.device)  # [B, S]
+        self.x = (torch.zeros(B, 1, dtype=torch.long, device=p.device) if model.transformer.word_embeddings
+                  is not None else torch.zeros(B, 1, cfg.hidden_size, dtype=p.dtype, device=p.device))
+        self.pos_ids = torch.zeros(B, 2, 1, dtype=torch.long, device=p.device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=p.device)
+        self.graphs, self.pool = {}, None
+
+    def run(self, x, rope, attend, pos):
+        """Logits [B, V] at the last position (hidden states [B, T, C] on a stage without the head)."""
+        h = self.model.transformer(x, rope, attend, self.caches, pos)
+        return self.model.lm_head(h[:, -1]) if self.model.lm_head is not None else h
+
+    def prefill(self, x, layout):
+        """The whole prompt in one pass; logits [B, V] at its last position (or hidden states)."""
+        T = layout.position_ids.shape[-1]
+        self.key_valid[:, :T] = layout.key_valid
+        rope = rotary_tables(layout.position_ids, self.model.config.rotary_dim)
+        return self.run(x, rope, layout.attend, pos=(torch.arange(T, device=x.device), T))
+
+    def step(self, x, pos_ids, slot):
+        """One new token per row (ids [B] or hidden [B, 1, C]) at cache slot `slot`."""
+        self.key_valid[:, slot] = True
+        if not self.use_graph:
+            rope = rotary_tables(pos_ids, self.model.config.rotary_dim)
+            return self.run(x.view_as(self.x), rope, self.key_valid[:, None, None, :slot + 1],
+                            pos=(self.slot.fill_(slot), slot + 1))
+        self.x.copy_(x.view_as(self.x))
+        self.pos_ids.copy_(pos_ids)
+        self.slot.fill_(slot)
+        end = min(self.S, (slot // self.bucket + 1) * self.bucket)
+        if self.x.device.type != "cuda":  # the same static-shape step, uncaptured (tests run it on CPU)
+            return self.static_step(end)
+        if end not in self.graphs:
+            self.graphs[end] = self.capture(end)
+        graph, out = self.graphs[end]
+        graph.replay()
+        return out
+
+    def static_step(self, end):
+        rope = rotary_tables(self.pos_ids, self.model.config.rotary_dim)
+        return self.run(self.x, rope, self.key_valid[:, None, None, :end], pos=(self.slot, end))
+
+    def capture(self, end):
+        # warm up on a side stream (rewriting the same slot is harmless), then record
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.static_step(end)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.pool = self.pool or torch.cuda.graph_pool_handle()  # graphs replay in capture order
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.static_step(end)
+        return graph, out
 
 
 def trim_finished(out, logprobs, eos_id):

@@ -162,13 +162,14 @@ def find_targets(model, targets):
     return found
 
 
-def mark_only_lora_trainable(model, name=None):
-    """Freeze every parameter except the LoRA factors of adapter `name` (None: of every adapter)."""
+def mark_only_lora_trainable(model, names=None):
+    """Freeze every parameter except the LoRA factors of the adapters in `names` (None: of every adapter)."""
+    names = (names,) if isinstance(names, str) else names
     for p in model.parameters():
         p.requires_grad_(False)
     for _, m in lora_modules(model):
         for n in m.lora_A:
-            if name is None or n == name:
+            if names is None or n in names:
                 m.lora_A[n].requires_grad_(True)
                 m.lora_B[n].requires_grad_(True)
 

@@ -1,5 +1,6 @@
-"""The optimiser side of training: what trains, AdamW with fp32 masters (kept on this stage or
-another), gradient sync across replicas, clipping and the lr schedule.
+"""The optimiser: what trains, AdamW with fp32 masters, gradient sync and clipping, the lr schedule.
+
+A master and its moments may be kept on another stage of the replica (the planner chooses).
 
     trained = optim.select_trainable(model, mode, ...)       # LoRA, the last N blocks, or all
     opt = optim.AdamW(optim.named_trainables(model), lr, weight_decay, d, plan.hosts)

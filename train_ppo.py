@@ -162,11 +162,7 @@ class Roles:
                              dtype=torch.float32, seed=cfg.seed)
         self._adapter(model, cfg.rm_dir, "critic", torch.float32)
         self._adapter(model, cfg.rm_dir, "reward", None)
-        for _, m in lora.lora_modules(model):
-            for name in m.lora_A:
-                train = name in ("policy", "critic")
-                m.lora_A[name].requires_grad_(train)
-                m.lora_B[name].requires_grad_(train)
+        lora.mark_only_lora_trainable(model, ("policy", "critic"))
         self.models = {r: model for r in ("actor", "reference", "critic", "reward")}
         self.adapters = {"actor": "policy", "reference": "reference" if sft else None,
                          "critic": "critic", "reward": "reward"}

@@ -1,5 +1,7 @@
-"""Reward model for ChatGLM-6B: the GLM plus a scalar head read at each answer's final <eop>,
-trained on ranked answers with InstructGPT's loss over all K(K-1)/2 pairs of a prompt's K answers.
+"""Reward-model training for ChatGLM-6B on ranked answers, with InstructGPT's pairwise loss.
+
+The GLM plus a scalar head read at each answer's final <eop>; the loss covers all K(K-1)/2 pairs
+of a prompt's K answers.
 
     python train_rm.py                                    # toy: the toy SFT model (or a random one) on the bundled toy ranking set
     python train_rm.py --model SFT_DIR --data FILE --out DIR                    # full fine-tune from an SFT folder
