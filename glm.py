@@ -130,26 +130,14 @@ class Tokenizer:
             text = text.replace(" " * n, f"<|blank_{n}|>")
         return text
 
-    # The reference tokenizer never splits its HF special tokens: typed in text, each becomes its
-    # id, the whitespace beside it is dropped, and the text around it is encoded piece by piece
-    # (each with sentencepiece's leading "▁"). [gMASK]/[sMASK] are not among them: sentencepiece
-    # itself keeps those whole, as user-defined pieces.
-    NO_SPLIT = re.compile("(" + "|".join(map(re.escape, ("[MASK]", "<sop>", "<eop>", "<pad>", "<unk>"))) + ")")
-
     def encode_text(self, text):
         """Token ids of `text` alone. Typed special strings ([gMASK], <sop> ...) map to their ids."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
-        parts, ids = self.NO_SPLIT.split(text), []
-        for i, part in enumerate(parts):
-            if i % 2:  # a special token
-                ids.append(self.sp.piece_to_id(part))
-                continue
-            part = part.lstrip() if i > 0 else part
-            part = part.rstrip() if i < len(parts) - 1 else part
-            if part:
-                ids += self.sp.encode(self._to_pieces_text(part))
-        return ids
+        # The reference tokenizer, built directly (transformers 4.33), has no no-split tokens, so the
+        # whole text goes to sentencepiece: [MASK] <sop> <eop> [gMASK] are user-defined pieces, matched
+        # whole and keeping the "▁" before them; <pad>/<unk> are control/unknown pieces, so stay text.
+        return self.sp.encode(self._to_pieces_text(text))
 
     def encode(self, text):
         """A prompt: its ids, then [gMASK] <sop>, where generation starts."""

@@ -85,15 +85,24 @@ def test_tokenizer_conventions(tok):
     # typed special strings become their ids; whitespace pieces round-trip; skip_special drops them
     ids = tok.encode_text("x[gMASK]y<sop>")
     assert ids.count(tok.gmask_id) == 1 and ids[-1] == tok.sop_id
-    # the reference never splits its HF special tokens ([MASK] <sop> <eop> <pad> <unk>): the text
-    # on each side is encoded on its own, without the whitespace that touches the token
-    assert tok.encode_text("a  <eop>\n b") == tok.encode_text("a") + [tok.eop_id] + tok.encode_text("b")
-    assert tok.encode_text("a[MASK]b") == tok.encode_text("a") + [tok.mask_id] + tok.encode_text("b")
-    assert tok.encode_text("a[MASK]b") != tok.sp.encode("a[MASK]b")  # plain sentencepiece would differ
     text = "a\tb\n" + " " * 7 + "c" + " " * 85 + "d"
     assert tok.decode(tok.encode_text(text)) == text
     assert tok.decode(tok.encode("hi"), skip_special_tokens=True) == "hi"
     assert "<|blank_7|>" in [tok.sp.id_to_piece(i) for i in tok.encode_text(" " * 7 + "x")]
+
+
+def test_tokenizer_typed_specials(tok):
+    # the reference has no no-split tokens: sentencepiece sees the whole text, so the "▁" before a
+    # typed special stays, text after it gets no "▁" of its own, and <pad>/<unk> are plain text;
+    # ids composed by hand from the pieces sentencepiece gives each text
+    assert tok.encode("[MASK] and <sop> then <eop>, also <n> and <|tab|> and <|blank_5|>") == \
+        [640, 4, 391, 640, 8, 441, 646, 640, 9, 669, 357, 655, 643, 644, 640, 12, 391, 640, 13, 391, 640, 17, 5, 8]
+    assert tok.encode_text("a[MASK]b") == [357, 4, 677]  # ▁a [MASK] b
+    assert tok.encode_text("x <eop>") == [640, 753, 640, 9]  # ▁ x ▁ <eop>
+    assert tok.encode_text("<sop><eop> ok") == [640, 8, 9, 495, 695]  # ▁ <sop> <eop> ▁o k
+    assert tok.encode_text("a\n<eop>  b<sop>") == [357, 12, 9, 14, 677, 8]  # ▁a <n> <eop> <|blank_2|> b <sop>
+    assert tok.encode_text("hi <pad> <unk>") == \
+        [640, 651, 647, 640, 717, 653, 642, 659, 715, 640, 717, 551, 695, 715]  # ▁ h i ▁ < p a d > ▁ < un k >
 
 
 def test_chat_prompt():
