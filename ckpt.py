@@ -42,12 +42,10 @@ def save(out_dir, d, tokenizer_path, models, heads=None, optimizers=None, train_
             return
         for sub, (model, lora_name) in models.items():
             finish_weights(model, os.path.join(tmp, sub), tokenizer_path, lora_name)
-        files = dict(extra_json or {})
+        for name, obj in (extra_json or {}).items():
+            write_json(os.path.join(tmp, name), obj)
         if train_state is not None:
-            files["train_state.json"] = {**train_state, "world": d.world, "pp": d.P}
-        for name, obj in files.items():
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                json.dump(obj, f, indent=2)
+            write_json(os.path.join(tmp, "train_state.json"), {**train_state, "world": d.world, "pp": d.P})
     atomic_dir_all(out_dir, write, d)
 
 
@@ -57,32 +55,6 @@ def rng_state(d):
     if d.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(d.device)
     return rng
-
-
-def load_train_state(ckpt_dir, d):
-    """The loop's state; this rank's RNG is restored when the checkpoint had the same ranks."""
-    path = os.path.join(ckpt_dir, "train_state.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{ckpt_dir} has no train_state.json: it is not a complete checkpoint. "
-                                "HINT: remove it, or resume from a folder a finished save wrote")
-    with open(path, encoding="utf-8") as f:
-        state = json.load(f)
-    rng_path = os.path.join(ckpt_dir, f"rng-rank{d.rank:03d}.pt")
-    if state.get("world") == d.world and os.path.isfile(rng_path):
-        rng = torch.load(rng_path, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and d.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], d.device)
-    return state
-
-
-def load_weights(model, path, d, lora_name=None):
-    """Resume a stage's trained weights from a checkpoint's folder: its adapter, or its own
-    tensors (the optimiser's state restores their fp32 masters)."""
-    if lora_name is not None:
-        lora.load_adapter(model, path, name=lora_name)
-    else:
-        model.load_state_dict(glm.read_safetensors(path, glm.expected_shapes(model), d.device))
 
 
 # -----------------------------------------------------------------------------
@@ -113,6 +85,32 @@ def resume(ckpt_dir, d, optimizers, batches):
     return state
 
 
+def load_train_state(ckpt_dir, d):
+    """The loop's state; this rank's RNG is restored when the checkpoint had the same ranks."""
+    path = os.path.join(ckpt_dir, "train_state.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{ckpt_dir} has no train_state.json: it is not a complete checkpoint. "
+                                "HINT: remove it, or resume from a folder a finished save wrote")
+    with open(path, encoding="utf-8") as f:
+        state = json.load(f)
+    rng_path = os.path.join(ckpt_dir, f"rng-rank{d.rank:03d}.pt")
+    if state.get("world") == d.world and os.path.isfile(rng_path):
+        rng = torch.load(rng_path, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and d.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], d.device)
+    return state
+
+
+def load_weights(model, path, d, lora_name=None):
+    """Resume a stage's trained weights from a checkpoint's folder: its adapter, or its own
+    tensors (the optimiser's state restores their fp32 masters)."""
+    if lora_name is not None:
+        lora.load_adapter(model, path, name=lora_name)
+    else:
+        model.load_state_dict(glm.read_safetensors(path, glm.expected_shapes(model), d.device))
+
+
 # -----------------------------------------------------------------------------
 # the pieces of a folder
 
@@ -131,6 +129,11 @@ def atomic_dir_all(out_dir, write, d):
         glm.atomic_dir(out_dir, lambda t: _move_contents(tmp, t))
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
+
+
+def write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
 
 
 def _move_contents(src, dst):
@@ -160,10 +163,8 @@ def finish_weights(model, tmp, tokenizer_path, lora_name=None):
         for path in sorted(glob.glob(os.path.join(tmp, "model-stage*.safetensors"))):
             with safe_open(path, framework="pt") as f:
                 weight_map.update({k: os.path.basename(path) for k in f.keys()})
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(model.config.to_json(), f, indent=2)
+        write_json(os.path.join(tmp, "model.safetensors.index.json"), {"metadata": {}, "weight_map": weight_map})
+        write_json(os.path.join(tmp, "config.json"), model.config.to_json())
     else:
         parts = sorted(glob.glob(os.path.join(tmp, "adapter-stage*.safetensors")))
         state = {}
@@ -171,8 +172,7 @@ def finish_weights(model, tmp, tokenizer_path, lora_name=None):
             state.update(load_file(path))
             os.remove(path)
         save_file(state, os.path.join(tmp, lora.ADAPTER_FILE), metadata={"format": "pt"})
-        with open(os.path.join(tmp, lora.CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(lora.adapter_config(model, lora_name), f, indent=2)
+        write_json(os.path.join(tmp, lora.CONFIG_FILE), lora.adapter_config(model, lora_name))
     if tokenizer_path and os.path.isfile(tokenizer_path):
         shutil.copy(tokenizer_path, os.path.join(tmp, "ice_text.model"))
 

@@ -25,6 +25,7 @@ processed in request order, so a resumed run ends with the same pool as an unint
 """
 import argparse
 import bisect
+import contextlib
 import hashlib
 import http.client
 import json
@@ -80,8 +81,7 @@ def lcs_length(a, b, masks=None):
     Bit i of v is 0 where row b[:j] of the LCS table steps up at column i, so LCS = zeros of v.
     One big-int update per item of b replaces a row of the O(len(a) * len(b)) table."""
     masks = match_masks(a) if masks is None else masks
-    full = (1 << len(a)) - 1
-    v = full
+    v = full = (1 << len(a)) - 1
     for y in b:
         u = v & masks.get(y, 0)
         v = ((v + u) | (v - u)) & full
@@ -98,15 +98,12 @@ class RougeIndex:
     """Answers exactly "does a kept prompt have ROUGE-L >= threshold with this one?" without an
     LCS against every kept prompt.
 
-    The screen is a provable upper bound on the LCS, so it never drops a true match, and every
-    yes comes from an exact LCS. LCS <= bag overlap (the multiset intersection of the units),
-    and ROUGE-L = 2 LCS / (m + n), so a kept prompt of n units can only match if
-        overlap >= need(m, n) = ceil(t * (m + n) / 2).
-    The overlap with every kept prompt at once comes from an inverted index: unit copy (x, c),
-    meaning "holds more than c copies of unit x", -> kept prompts; counting a candidate's copies
-    over their postings (one numpy bincount) gives the overlap exactly. The few most common
-    copies (long postings, e.g. 的 or "the") are left out of the count; each can add at most 1,
-    so overlap <= counted + skipped still bounds it."""
+    ROUGE-L = 2 LCS / (m + n) and LCS <= overlap (the multiset intersection of the units), so a
+    kept prompt of n units can only match if overlap >= need(m, n) = ceil(t (m + n) / 2): the
+    screen never drops a true match, and every yes comes from an exact LCS. An inverted index from
+    unit copies (x, c), "holds more than c copies of unit x", to kept prompts gives the overlap
+    with all of them in one numpy bincount. The most common copies (long postings, e.g. 的 or
+    "the") are left out; each adds at most 1, so counted + skipped still bounds the overlap."""
 
     def __init__(self, threshold):
         if not 0 < threshold <= 1:
@@ -119,10 +116,7 @@ class RougeIndex:
         self.lens = Growing(np.int64)  # int64: need() multiplies lengths by the threshold's numerator
         self.postings = {}  # (unit id, c) -> Growing array of kept prompts with > c copies of the unit
 
-    def is_match(self, lcs, m, n):  # ROUGE-L = 2 lcs / (m + n) >= num / den
-        return 2 * lcs * self.den >= self.num * (m + n)
-
-    def need(self, m, n):  # least overlap (so least LCS) that reaches the threshold
+    def need(self, m, n):  # least overlap (so least LCS) with 2 LCS / (m + n) >= num / den
         return (self.num * (m + n) + 2 * self.den - 1) // (2 * self.den)
 
     def add(self, units):
@@ -146,7 +140,7 @@ class RougeIndex:
         lists = sorted((self.postings[(x, k)].view() for x, c in bag.items() for k in range(c)
                         if (x, k) in self.postings), key=len)
         # LCS <= min(m, n), so ROUGE-L <= 2 min(m, n) / (m + n): only n in [lo, hi] can match
-        lo = -(-self.num * m // (2 * self.den - self.num)) if 2 * self.den > self.num else m
+        lo = -(-self.num * m // (2 * self.den - self.num))  # threshold <= 1, so 2 den > num
         hi = m * (2 * self.den - self.num) // self.num
         # skip the longest postings while a match still needs at least one counted hit
         skip = 0
@@ -158,19 +152,16 @@ class RougeIndex:
         counted = np.bincount(np.concatenate(lists), minlength=N)  # [N] overlap over counted copies
         hit = np.flatnonzero(counted)  # a match needs a counted copy, so only these can match
         shared, n = counted[hit], self.lens.view()[hit]
-        # overlap <= shared + skip must reach t (m + n) / 2, and n must lie in the window
-        maybe = hit[(2 * self.den * (shared + skip) >= self.num * (m + n)) & (n >= lo) & (n <= hi)]
+        # overlap <= shared + skip must reach need(m, n), and n must lie in the window
+        maybe = hit[(shared + skip >= self.need(m, n)) & (n >= lo) & (n <= hi)]
         masks = None
         for d in maybe.tolist():  # in pool order, so the same kept prompt is named every time
             doc = self.docs[d]
-            if skip:  # the exact overlap, before paying for an LCS
-                dbag, overlap = self.bags[d], 0
-                for x, c in bag.items():
-                    overlap += min(c, dbag.get(x, 0))
-                if overlap < self.need(m, len(doc)):
-                    continue
+            # the exact overlap (Counter & takes the smaller count of each unit), before paying for an LCS
+            if skip and sum((bag & self.bags[d]).values()) < self.need(m, len(doc)):
+                continue
             masks = masks or match_masks(ids)
-            if self.is_match(lcs_length(ids, doc, masks), m, len(doc)):
+            if lcs_length(ids, doc, masks) >= self.need(m, len(doc)):
                 return d
         return None
 
@@ -189,9 +180,6 @@ class Growing:
 
     def view(self):
         return self.buf[:self.size]
-
-    def __len__(self):
-        return self.size
 
 
 # -----------------------------------------------------------------------------
@@ -214,12 +202,9 @@ CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ufffd]")  # control characters, d
 
 def blacklist_regex(words):
     parts = []
-    for w in words:
-        w = w.casefold()
-        if re.fullmatch(r"[a-z0-9][a-z0-9 '-]*[a-z0-9]|[a-z0-9]", w):  # "file" but not "profile"
-            parts.append(rf"(?<![a-z0-9]){re.escape(w)}(?![a-z0-9])")
-        else:
-            parts.append(re.escape(w))
+    for w in map(str.casefold, words):
+        whole_word = re.fullmatch(r"[a-z0-9][a-z0-9 '-]*[a-z0-9]|[a-z0-9]", w)  # "file" but not "profile"
+        parts.append(rf"(?<![a-z0-9]){re.escape(w)}(?![a-z0-9])" if whole_word else re.escape(w))
     return re.compile("|".join(parts)) if parts else None
 
 
@@ -327,17 +312,14 @@ def parse_reply(text):
         if not line or line.startswith("```"):
             current = None  # a blank line ends an item
             continue
+        m = (NUMBERED if numbered else BULLET).match(line)
         if numbered:
-            m = NUMBERED.match(line)
             if m:
                 current = [line[m.end():]]
                 items.append(current)
             elif current is not None:
                 current.append(line)
-        else:
-            m = BULLET.match(line)
-            if not m and not items and line.endswith((":", "：")):
-                continue  # "Here are some new prompts:"
+        elif m or items or not line.endswith((":", "：")):  # not a leading "Here are some new prompts:"
             items.append([line[m.end():] if m else line])
     return [p for p in ("\n".join(item).strip(QUOTES) for item in items) if p]
 
@@ -369,6 +351,7 @@ class ApiBackend:
                            "max_tokens": a.max_new_tokens, "seed": req.sample_seed}).encode()
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self.key}"}
         for attempt in range(a.retries + 1):
+            retry_after = 0
             try:
                 request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
                 with urllib.request.urlopen(request, timeout=a.timeout) as r:
@@ -380,7 +363,6 @@ class ApiBackend:
                     problem = "the reply's content is not a string"
                 except (ValueError, LookupError, TypeError):
                     problem = f"malformed reply: {raw[:120]!r}"
-                retry_after = 0
             except urllib.error.HTTPError as e:
                 if e.code != 429 and e.code < 500:  # our request is wrong: retrying will not help
                     detail = e.read()[:300].decode("utf-8", "replace")
@@ -393,7 +375,6 @@ class ApiBackend:
                 retry_after = retry_after_seconds(e.headers) if e.code == 429 else 0
             except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
                 problem = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-                retry_after = 0
             # exponential backoff with jitter, so the retries of many threads do not arrive together
             delay = max(retry_after, a.backoff * 2**attempt * random.uniform(0.5, 1.0))
             if attempt < a.retries and self.stopping.wait(delay):
@@ -454,11 +435,9 @@ class LocalBackend:
         g = torch.Generator(device=self.device).manual_seed(seed)
         out = self.model.generate(x, max_new_tokens=new, do_sample=True, temperature=a.temperature,
                                   top_p=a.top_p, generator=g)
-        texts = []
-        for row in out[:, x.shape[1]:].tolist():  # new tokens only; cut at <eop>
-            row = row[:row.index(self.tok.eop_id)] if self.tok.eop_id in row else row
-            texts.append(self.tok.decode(row, skip_special_tokens=True))
-        return texts
+        eop = self.tok.eop_id
+        rows = [row + [eop] for row in out[:, x.shape[1]:].tolist()]  # new tokens; a sentinel <eop> to cut at
+        return [self.tok.decode(row[:row.index(eop)], skip_special_tokens=True) for row in rows]
 
     def replies(self, build, start, stop):
         # batches always cover [b*B, (b+1)*B) and are seeded by their first index, so a resumed
@@ -642,8 +621,7 @@ def read_blacklist(path):
 def report(a, pool, stats, seconds):
     """What the pool holds and what this run did."""
     n_seed = sum(r["request"] < 0 for r in pool)
-    print(f"pool: {len(pool)} prompts ({n_seed} seeds, {len(pool) - n_seed} generated) in {a.out}; "
-          f"target {a.target}")
+    print(f"pool: {len(pool)} prompts ({n_seed} seeds, {len(pool) - n_seed} generated) in {a.out}; target {a.target}")
     print(f"this run: {stats['requests']} requests, {stats['candidates']} candidates, "
           f"{stats['accepted']} accepted, {seconds:.1f} s ({stats['filter_seconds']:.1f} s filtering)")
     print("rejected: " + ", ".join(f"{r} {stats[r]}" for r in PromptFilter.REASONS))
@@ -657,16 +635,15 @@ def grow(a, backend, flt, pool, seed_recs, generated, keep, stats):
     every candidate passes the filter before keep(record) writes it."""
     start = generated[-1]["request"] if generated else 0  # redo the last request: it may be half written
     redo = {r["prompt"] for r in generated if r["request"] == start}
-    requested = [r["request"] for r in generated]
 
     def build(i):  # only requests before i - LAG are visible, so timing never changes a request
-        visible = generated[:bisect.bisect_left(requested, i - LAG)]
+        visible = generated[:bisect.bisect_left(generated, i - LAG, key=lambda r: r["request"])]
         return make_request(i, a.seed, seed_recs, visible, a.k, a.k_generated, a.per_request)
 
     stop = a.max_requests if a.max_requests is not None else 1 << 62
     bar = tqdm(total=a.target, initial=min(len(pool), a.target), desc="prompts", unit="", dynamic_ncols=True)
     replies = backend.replies(build, start, stop)
-    try:
+    with bar, contextlib.closing(replies):  # closing the replies cancels requests still queued
         for req, reply in (replies if len(pool) < a.target else ()):
             stats["requests"] += 1
             for text in parse_reply(reply):
@@ -681,9 +658,7 @@ def grow(a, backend, flt, pool, seed_recs, generated, keep, stats):
                     continue
                 rec = {"prompt": text, "history": [], "source": backend.source,
                        "seed_ids": req.seed_ids, "request": req.index}
-                keep(rec)
-                generated.append(rec)
-                requested.append(req.index)
+                generated.append(keep(rec))
                 stats["accepted"] += 1
                 bar.update()
                 if len(pool) >= a.target:
@@ -691,10 +666,6 @@ def grow(a, backend, flt, pool, seed_recs, generated, keep, stats):
             if len(pool) >= a.target:
                 break
             bar.set_postfix(requests=req.index + 1, refresh=False)
-    finally:
-        replies.close()  # cancels requests still queued
-        bar.close()
-
 
 
 def collect(a):
@@ -711,30 +682,27 @@ def collect(a):
     seed_recs = [r for r in pool if r["request"] < 0]
     generated = [r for r in pool if r["request"] >= 0]
     stats, t0 = Counter(), time.time()
-    out = open(a.out, "a", encoding="utf-8")
+    with open(a.out, "a", encoding="utf-8") as out:
+        def keep(rec):
+            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            out.flush()  # a killed run keeps every prompt it reported
+            pool.append(rec)
+            return rec
 
-    def keep(rec):
-        out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        out.flush()  # a killed run keeps every prompt it reported
-        pool.append(rec)
-        return rec
+        # ---- seeds, filtered like everything else (a prompt written twice by people counts once)
+        first = len(seeds) if generated else max((r["seed_ids"][0] + 1 for r in seed_recs), default=0)
+        for i, text in enumerate(seeds[first:], first):
+            reason = flt.offer(text)
+            if reason:
+                stats[f"seed {reason}"] += 1
+            else:
+                rec = {"prompt": text, "history": [], "source": "seed", "seed_ids": [i], "request": -1}
+                seed_recs.append(keep(rec))
+        if stats:
+            print(f"seeds: {sum(stats.values())} rejected ({dict(stats)})", file=sys.stderr)
 
-    # ---- seeds, filtered like everything else (a prompt written twice by people counts once)
-    first = len(seeds) if generated else max((r["seed_ids"][0] + 1 for r in seed_recs), default=0)
-    for i, text in enumerate(seeds[first:], first):
-        reason = flt.offer(text)
-        if reason:
-            stats[f"seed {reason}"] += 1
-        else:
-            seed_recs.append(keep({"prompt": text, "history": [], "source": "seed", "seed_ids": [i], "request": -1}))
-    if stats:
-        print(f"seeds: {sum(stats.values())} rejected ({dict(stats)})", file=sys.stderr)
-
-    # ---- generation, replies in request order
-    try:
+        # ---- generation, replies in request order
         grow(a, backend, flt, pool, seed_recs, generated, keep, stats)
-    finally:
-        out.close()
     report(a, pool, stats, time.time() - t0)
     return stats
 
@@ -757,8 +725,7 @@ def main(argv=None):
         code = 130
     else:
         return
-    # the output is closed by now; exit without joining HTTP threads that may sit in a request
-    # for up to --timeout seconds
+    # the output is closed by now; exit without joining HTTP threads that may wait out --timeout
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

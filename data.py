@@ -584,7 +584,7 @@ def toy_file(name):
 
 def toy_runs(out):
     """The folder holding the toy runs (runs/ by default): where each toy stage finds the others."""
-    return os.path.dirname(out) or "."
+    return os.path.dirname(os.path.normpath(out)) or "."  # "runs/toy_sft/" too
 
 
 def write_toy_model(path, seed=0):

@@ -319,7 +319,10 @@ class GLMTransformer(nn.Module):
     def __init__(self, cfg, layer_ids=None, embed=True, final_norm=True):
         super().__init__()
         layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if embed else None
+        # an empty weight, filled by the checkpoint or init_weights: nn.Embedding's own N(0, 1) draw
+        # on the meta device (where models are built) costs seconds of start-up in every process
+        self.word_embeddings = (nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                             _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)) if embed else None)
         self.layers = nn.ModuleDict({str(i): GLMBlock(cfg) for i in layer_ids})
         self.final_layernorm = (nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
                                 if final_norm else None)
@@ -342,7 +345,8 @@ class GLMTransformer(nn.Module):
 
 
 class ChatGLM(nn.Module):
-    """ChatGLM-6B: `transformer` (embedding, blocks, final LN) and an untied `lm_head`.
+    """ChatGLM-6B: `transformer` (embedding, blocks, final LN) and an untied `lm_head`. Its weights
+    are not initialised: load them (from_pretrained) or draw them (init_weights).
 
     With `layer_ids` / `first` / `last` it builds one pipeline stage: only its own blocks,
     the embedding only on the first stage, the final LN and lm_head only on the last."""

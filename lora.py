@@ -1,7 +1,6 @@
 """LoRA for ChatGLM-6B: adapter layers, injection, merge/unmerge, PEFT-compatible adapter files.
 
-    python lora.py merge --model BASE_DIR --adapter ADAPTER_DIR --out OUT_DIR
-    python lora.py merge --model BASE_DIR --adapter ADAPTER_DIR --out OUT_DIR --dtype bfloat16
+    python lora.py merge --model BASE_DIR --adapter ADAPTER_DIR --out OUT_DIR [--dtype bfloat16]
 
 In code:
 
@@ -178,11 +177,9 @@ def inject_lora(model, targets=("query_key_value",), r=8, alpha=16, dropout=0.0,
                 seed=None):
     """Add adapter `name` to the target linears, freeze the base, make `name` trainable and active.
 
-    Works on a meta-device model (the factors stay on meta until load_adapter) and on a loaded one;
-    the base weight tensors are kept as they are, never copied. Adapters added earlier keep their
-    requires_grad flags, so a policy and a critic adapter can both train. With `seed`, each A is
-    drawn from (seed, its module path): a pipeline stage or a data-parallel replica gets exactly
-    the factors one process would have."""
+    On a meta-device model the factors stay on meta until load_adapter; base weights are never
+    copied. Earlier adapters keep their requires_grad, so a policy and a critic can both train.
+    With `seed`, A comes from (seed, module path): each stage or replica draws what one process would."""
     for path, linear in find_targets(model, targets).items():
         g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(path.encode())) if seed is not None else None
         LoRALinear.convert(linear).add_adapter(name, r, alpha, dropout, dtype, generator=g)
@@ -216,15 +213,14 @@ def set_adapter(model, name):
 def adapters_off(model):
     """Run the frozen base: the reference and reward roles reuse the actor's and critic's base this way."""
     _check_unmerged(model)  # a merged weight is not the base any more
-    mods = lora_modules(model)
-    saved = [m.active for _, m in mods]
-    for _, m in mods:
+    saved = [(m, m.active) for _, m in lora_modules(model)]
+    for m, _ in saved:
         m.active = None
     try:
         yield model
     finally:
-        for (_, m), a in zip(mods, saved):
-            m.active = a
+        for m, active in saved:
+            m.active = active
 
 
 def merge_lora(model):
@@ -243,8 +239,7 @@ def remove_lora(model):
     """Turn every LoRALinear back into a plain nn.Linear (keeping `weight`, merged or not), e.g. before
     save_pretrained, whose checkpoints hold base keys only."""
     for _, m in lora_modules(model):
-        del m.lora_A, m.lora_B
-        for attr in ("r", "alpha", "scaling", "dropout", "active", "merged"):
+        for attr in ("lora_A", "lora_B", "r", "alpha", "scaling", "dropout", "active", "merged"):
             delattr(m, attr)
         m.__class__ = nn.Linear
     return model
@@ -359,10 +354,9 @@ def read_adapter_tensors(path, shapes, name, num_layers, held, targets):
 def load_adapter(model, adapter_dir, name="default", device=None):
     """Load an adapter folder as adapter `name`, injecting it first if the model lacks it; make it active.
 
-    Strict: every tensor in the file must belong to a LoRA layer of the model, every such layer must
-    get both factors, and shapes must match. On a pipeline stage (model.transformer.layers holding
-    only some blocks) tensors of blocks held elsewhere are skipped; keys that fit no block of the
-    full model are still errors."""
+    Strict: every tensor in the file must fit a LoRA layer, every such layer gets both factors, and
+    shapes must match. On a pipeline stage, tensors of blocks held elsewhere are skipped; keys that
+    fit no block of the full model are still errors."""
     cfg = read_adapter_config(adapter_dir)
     path = os.path.join(adapter_dir, ADAPTER_FILE)
     if not os.path.isfile(path):
@@ -376,10 +370,7 @@ def load_adapter(model, adapter_dir, name="default", device=None):
             raise ValueError(f"{p}: adapter '{name}' exists with r={m.r[name]}, alpha={m.alpha[name]}, but "
                              f"{adapter_dir} has r={r}, lora_alpha={alpha}. HINT: load it under another name.")
     # the layers that must receive the file's tensors: as injected already, or as the config targets
-    if existing or not held:
-        wanted = existing
-    else:
-        wanted = find_targets(model, cfg["target_modules"])
+    wanted = existing if existing or not held else find_targets(model, cfg["target_modules"])
     shapes = {}
     for p, m in wanted.items():
         shapes[peft_key(p, "A")] = (r, m.in_features)
@@ -388,18 +379,15 @@ def load_adapter(model, adapter_dir, name="default", device=None):
     state = read_adapter_tensors(path, shapes, name, num_layers, held, sorted({p.rsplit(".", 1)[-1] for p in wanted}))
     if not existing and held:
         inject_lora(model, cfg["target_modules"], r, alpha, cfg.get("lora_dropout", 0.0), name)
-    for p, m in lora_modules(model):
-        if name not in m.lora_A:
-            continue
+    for p, m in wanted.items():  # now all hold adapter `name`: injected above, or before the call
         for which, params in (("A", m.lora_A), ("B", m.lora_B)):
-            old = params[name]
+            old, new = params[name], state[peft_key(p, which)]
             if old.is_meta:  # injected on the meta device: the file's tensor becomes the parameter
                 dev = device or (m.weight.device if not m.weight.is_meta else "cpu")
-                new = state[peft_key(p, which)].to(device=dev, dtype=old.dtype)
-                params[name] = nn.Parameter(new, requires_grad=old.requires_grad)
+                params[name] = nn.Parameter(new.to(device=dev, dtype=old.dtype), requires_grad=old.requires_grad)
             else:
                 with torch.no_grad():
-                    old.copy_(state[peft_key(p, which)])
+                    old.copy_(new)
     if held:
         set_adapter(model, name)
     return model
@@ -437,8 +425,7 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("merge", help="merge a LoRA adapter into its base model and write HF weights")
     m.add_argument("--model", required=True, help="base model folder (config.json, model*.safetensors)")
-    m.add_argument("--adapter", required=True,
-                   help="adapter folder (adapter_config.json, adapter_model.safetensors)")
+    m.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json, adapter_model.safetensors)")
     m.add_argument("--out", required=True, help="output model folder")
     m.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: the base's stored dtype")
     args = p.parse_args(argv)

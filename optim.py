@@ -169,14 +169,10 @@ class AdamW:
         """This stage's summed fp32 gradients, one per trained tensor (zeros where none arrived)."""
         out = []
         for p in self.owned.values():
-            if p.dtype == torch.float32:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                out.append(p.grad)
-            else:
-                if p.main_grad is None:
-                    p.main_grad = torch.zeros_like(p, dtype=torch.float32)
-                out.append(p.main_grad)
+            attr = "grad" if p.dtype == torch.float32 else "main_grad"  # an fp32 weight sums in .grad
+            if getattr(p, attr) is None:
+                setattr(p, attr, torch.zeros_like(p, dtype=torch.float32))
+            out.append(getattr(p, attr))
         return out
 
     def step(self, lr):
@@ -184,7 +180,7 @@ class AdamW:
         # gradients of tensors kept elsewhere go to their hosts; our guests' gradients come here
         inbox = {n: torch.empty_like(self.masters[n]) for n in self.guests}
         dist.exchange(self.d, [(grads[n], h) for n, h in self.away.items()],
-                  [(inbox[n], owner) for n, (owner, _) in self.guests.items()])
+                      [(inbox[n], owner) for n, (owner, _) in self.guests.items()])
         for n, t in self.masters.items():
             t.grad = inbox[n] if n in inbox else grads[n]
         for g in self.opt.param_groups:
@@ -192,7 +188,7 @@ class AdamW:
         self.opt.step()
         # the new weights: back to their owners, and into this stage's own bf16 copies
         dist.exchange(self.d, [(self.masters[n].to(dtype), owner) for n, (owner, dtype) in self.guests.items()],
-                  [(self.owned[n].detach(), h) for n, h in self.away.items()])
+                      [(self.owned[n].detach(), h) for n, h in self.away.items()])
         self._refresh_working()
 
     def _refresh_working(self):

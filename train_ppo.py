@@ -107,11 +107,16 @@ def toy_models_and_data(cfg, d):
     runs = data.toy_runs(cfg.out)
     cfg.actor, cfg.rm_dir = os.path.join(runs, "toy_sft", "final"), os.path.join(runs, "toy_rm", "final")
     for script, result in (("train_sft.py", cfg.actor), ("train_rm.py", cfg.rm_dir)):
-        if d.world == 1 and not os.path.isdir(result):  # the prerequisites are single-process toy runs
-            cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script),
-                   "--out", os.path.dirname(result)]
-            print(f"$ {' '.join(cmd)}", flush=True)
-            subprocess.run(cmd, check=True)
+        if os.path.isdir(result):
+            continue
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script),
+               "--out", os.path.dirname(result)]
+        if d.world > 1:  # the prerequisites are single-process toy runs
+            dist.print0(f"error: the toy run needs {result}. HINT: run `python {script} --out "
+                        f"{os.path.dirname(result)}` first (one process), then this command again", file=sys.stderr)
+            raise SystemExit(2)
+        print(f"$ {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, check=True)
     cfg.data = cfg.data or data.toy_file("sft_eval")
     return cfg
 

@@ -4,92 +4,53 @@ resuming; the errors a user can cause.
 
 The end-to-end runs use the random 2-layer model folder `bench.py make_model --toy --adapter` writes: full
 weights with reward_head.safetensors and reward_stats.json (actor and reward model in --mode full), an
-rm_adapter/ subfolder (the reward adapter of --mode lora) and 512 random prompts.
+rm_adapter/ subfolder (the reward adapter of --mode lora) and 512 random prompts. The multi-process
+runs are ranks forked from the test process (conftest.gloo_mains).
 """
 import argparse
-import glob
 import json
 import os
+import shutil
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import save_file
 
 import bench
 import data
 import dist
 import glm
+import lora
+import plan
 import train_ppo
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-TOY_SFT = os.path.join(ROOT, "data", "toy_sft_train.jsonl")
+from conftest import (ROOT, head_lines, load_tensors, make_base, metrics_by_step, ppo_argv, printed_config,
+                      write_jsonl)
+
+TOY_SFT = data.toy_file("sft_train")
 # what a rerun of the same seeded steps must reproduce (timings and throughput are not)
 METRICS = ("reward_mean", "reward_std", "kl", "response_len", "explained_var", "clip_frac", "approx_kl",
            "entropy", "value_loss", "beta")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -----------------------------------------------------------------------------
 # helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Toy-sized ops gain nothing from threads (and lose much on a busy 2-core machine); restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
-    """bench.py make_model --toy --adapter --prompt_len 30: the random model, its reward head, the reward
-    adapter and the prompts."""
+    """bench.py make_model --toy --adapter --prompt_len 10: the random model, its reward head, the reward
+    adapter and the prompts (short: the runs' cost grows with the tokens a step)."""
     path = str(tmp_path_factory.mktemp("ppo") / "toy")
     torch.manual_seed(0)  # make_model draws the reward head and the reward adapter from the global RNG
-    bench.make_model(argparse.Namespace(toy=True, dir=path, adapter=True, prompt_len=30), torch.device("cpu"),
+    bench.make_model(argparse.Namespace(toy=True, dir=path, adapter=True, prompt_len=10), torch.device("cpu"),
                      torch.float32)
     return path
-
-
-def write_jsonl(path, lines):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in lines))
-    return str(path)
-
-
-def head_lines(path, n):
-    with open(path, encoding="utf-8") as f:
-        return [next(f).rstrip("\n") for _ in range(n)]
-
-
-def argv(toy, out, mode="full", *extra, **flags):
-    """train_ppo flags for a small, fast, seeded run on the toy folder; keyword flags override these."""
-    models = (dict(actor=toy, rm_dir=toy) if mode == "full" else
-              dict(model=toy, rm_dir=os.path.join(toy, "rm_adapter")))
-    opts = dict(mode=mode, **models, data=os.path.join(toy, "prompts.jsonl"), out=str(out), max_prompt_len=40,
-                rollout_batch_size=8, mini_batch_size=4, micro_batch_size=2, max_new_tokens=3, max_steps=2,
-                ppo_epochs=2, actor_lr=1e-3, critic_lr=1e-3, sample_every=0, save_every=0, save_final="false")
-    opts.update(flags)
-    return [x for k, v in opts.items() for x in (f"--{k}", str(v))] + list(extra)
-
-
-def read_metrics(out):
-    """{step: metrics} from metrics.jsonl (a resumed run appends to the same file)."""
-    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-        return {r["step"]: r for r in map(json.loads, f)}
-
-
-def load_dir(path):
-    """Every tensor of the safetensors files in a folder."""
-    state = {}
-    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        state.update(load_file(f))
-    return state
 
 
 # -----------------------------------------------------------------------------
@@ -352,38 +313,202 @@ def test_score_rollout_reads_each_role_at_the_right_position(toy_dir):
             for i in range(e):  # action i scores token i + 1
                 torch.testing.assert_close(r["logp"][b, i].double(), logp[i, ids[b, i + 1]], atol=1e-5, rtol=0)
                 torch.testing.assert_close(r["values"][b, i], heads[0](h[i])[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(r["ref_logp"], r["logp"])  # one model here: reference = actor
         # the row whose <eop> is followed by padding: the last column would have given another score
         last_col = heads[1](model(ids[:1], return_hidden=True)[0, -1])[0]
         assert (last_col - r["score"][0]).abs() > 1e-3
 
 
 # -----------------------------------------------------------------------------
+# the four roles: each scores with its own weights
+
+
+def write_adapter(path, targets, r, alpha, seed, num_layers=2, C=64, inner=256):
+    """A PEFT LoRA folder written here (not by lora.py): random A and B for `targets` in every block.
+    Returns {module path: (A, B)} and the scaling alpha / r."""
+    shapes = {"query_key_value": (3 * C, C), "dense": (C, C), "dense_h_to_4h": (inner, C), "dense_4h_to_h": (C, inner)}
+    where = {"query_key_value": "attention", "dense": "attention", "dense_h_to_4h": "mlp", "dense_4h_to_h": "mlp"}
+    g = torch.Generator().manual_seed(seed)
+    factors, state = {}, {}
+    for i in range(num_layers):
+        for t in targets:
+            (out_f, in_f), path_ = shapes[t], f"transformer.layers.{i}.{where[t]}.{t}"
+            A, B = torch.randn(r, in_f, generator=g) * 0.3, torch.randn(out_f, r, generator=g) * 0.3
+            factors[path_] = (A, B)
+            state[f"base_model.model.{path_}.lora_A.weight"], state[f"base_model.model.{path_}.lora_B.weight"] = A, B
+    os.makedirs(path, exist_ok=True)
+    save_file(state, os.path.join(path, "adapter_model.safetensors"))
+    with open(os.path.join(path, "adapter_config.json"), "w", encoding="utf-8") as f:
+        json.dump(dict(peft_type="LORA", r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets),
+                       bias="none", task_type="CAUSAL_LM"), f)
+    return factors, alpha / r
+
+
+def write_head(folder, seed):
+    """reward_head.safetensors with a random head, as train_rm.py writes it; returns the nn.Linear."""
+    head = nn.Linear(64, 1)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(1, 64, generator=g))
+        head.bias.fill_(0.5)
+    save_file({k: v.detach().clone() for k, v in head.state_dict().items()},
+              os.path.join(folder, "reward_head.safetensors"))
+    return head
+
+
+def merged_model(base, factors, scale):
+    """The base with W + scale * B A formed here in float64: a plain model, no LoRA layers."""
+    model = glm.ChatGLM.from_pretrained(base).eval()
+    with torch.no_grad():
+        for path_, (A, B) in factors.items():
+            W = model.get_submodule(path_).weight
+            W.copy_(W.double() + scale * B.double() @ A.double())
+    return model
+
+
+def one_stage(mode):
+    return plan.plan_for_run(glm.GLMConfig.toy(), 1, "cpu", 2, 16, 1, mode).stages[0]
+
+
+def lora_roles(tmp_path, with_sft):
+    """LoRA-mode roles on one base: the RM's adapter and, with_sft, an SFT adapter (else the base is
+    the SFT model and the policy a fresh adapter), all written here. Returns the roles, the RM's
+    head, and move(): new factors for the trained adapters (as training gives), then {role: a plain
+    model holding only that role's weights}."""
+    base, rm, sft = make_base(tmp_path / "base", std=0.1), str(tmp_path / "rm"), str(tmp_path / "sft")
+    rm_adapter = write_adapter(rm, ("query_key_value", "dense"), r=2, alpha=4.0, seed=3)
+    reward_head = write_head(rm, 11)
+    sft_adapter = write_adapter(sft, ("query_key_value", "dense_4h_to_h"), r=4, alpha=2.0, seed=4) if with_sft else None
+    cfg = train_ppo.Config(mode="lora", model=base, sft_adapter=sft if with_sft else "", rm_dir=rm, lora_rank=3,
+                           lora_alpha=6.0, lora_targets="query_key_value,dense_h_to_4h")
+    roles = train_ppo.Roles(cfg, dist.Dist(), one_stage("lora"))
+
+    def move():
+        g, trained = torch.Generator().manual_seed(7), {"policy": {}, "critic": {}}
+        with torch.no_grad():
+            for path_, m in lora.lora_modules(roles.models["actor"]):
+                for name in trained.keys() & m.lora_A.keys():
+                    A, B = (torch.randn(t.shape, generator=g) * 0.3 for t in (m.lora_A[name], m.lora_B[name]))
+                    m.lora_A[name].copy_(A), m.lora_B[name].copy_(B)
+                    trained[name][path_] = (A, B)
+        # the policy has the SFT adapter's shape, or the flags' for a fresh one; the critic the RM's
+        want_targets = ("attention.query_key_value", "mlp.dense_4h_to_h" if with_sft else "mlp.dense_h_to_4h")
+        assert set(trained["policy"]) == {f"transformer.layers.{i}.{t}" for i in (0, 1) for t in want_targets}
+        assert set(trained["critic"]) == set(rm_adapter[0])
+        return {"actor": merged_model(base, trained["policy"], sft_adapter[1] if with_sft else 6.0 / 3),
+                "reference": merged_model(base, *sft_adapter) if with_sft else glm.ChatGLM.from_pretrained(base),
+                "critic": merged_model(base, trained["critic"], rm_adapter[1]),
+                "reward": merged_model(base, *rm_adapter)}
+    return roles, reward_head, move
+
+
+def full_roles(tmp_path):
+    """Full-mode roles: separate random SFT and RM models, written here; as lora_roles, move() gives
+    the actor and the critic a random step and returns the plain models."""
+    sft, rm = make_base(tmp_path / "sft", std=0.1, seed=1), make_base(tmp_path / "rm", std=0.1, seed=2)
+    reward_head = write_head(rm, 11)
+    roles = train_ppo.Roles(train_ppo.Config(mode="full", actor=sft, rm_dir=rm), dist.Dist(), one_stage("full"))
+
+    def move():
+        want = {role: glm.ChatGLM.from_pretrained(folder).eval()
+                for role, folder in (("actor", sft), ("reference", sft), ("critic", rm), ("reward", rm))}
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for role in ("actor", "critic"):
+                for (n, p), (n2, q) in zip(roles.models[role].named_parameters(), want[role].named_parameters()):
+                    assert n == n2
+                    step = torch.randn(p.shape, generator=g) * 0.05
+                    p.add_(step), q.add_(step)
+        return want
+    return roles, reward_head, move
+
+
+ROLES = {"lora": lambda tmp: lora_roles(tmp, with_sft=True), "lora_fresh_policy": lambda tmp: lora_roles(tmp, False),
+         "full": full_roles}
+
+
+@pytest.mark.parametrize("mode", ROLES)
+def test_each_role_trains_only_its_own_tensors(tmp_path, mode):
+    roles, reward_head, _ = ROLES[mode](tmp_path)
+    heads = {"value_head.weight", "value_head.bias"}
+    if mode == "full":
+        assert set(roles.trainables("actor")) == {n for n, _ in roles.models["actor"].named_parameters()}
+        assert set(roles.trainables("critic")) == \
+            {n for n, _ in roles.models["critic"].named_parameters() if n != "lm_head.weight"} | heads
+        assert not any(p.requires_grad for role in ("reference", "reward") for p in roles.models[role].parameters())
+    else:  # one model: the policy's and the critic's adapter factors train, nothing else
+        trained = {n for n, p in roles.models["actor"].named_parameters() if p.requires_grad}
+        assert {n.rsplit(".", 1)[-1] for n in trained} == {"policy", "critic"}
+        assert set(roles.trainables("actor")) == {n for n in trained if n.endswith(".policy")}
+        assert set(roles.trainables("critic")) == {n for n in trained if n.endswith(".critic")} | heads
+    # both heads start as the RM's; only the value head trains
+    for head in (roles.reward_head, roles.value_head):
+        assert torch.equal(head.weight, reward_head.weight) and torch.equal(head.bias, reward_head.bias)
+    assert not roles.reward_head.weight.requires_grad and roles.value_head.weight.requires_grad
+
+
+@pytest.mark.parametrize("mode", ROLES)
+def test_each_role_scores_with_its_own_weights(tmp_path, mode):
+    """All four roles hold different weights (the trained actor and critic have moved away from their
+    frozen reference and reward copies): old log-probs come from the actor, reference log-probs from
+    the reference, values from the critic and the value head, the score from the reward model and
+    its head, each equal to a plain model holding only that role's weights."""
+    roles, reward_head, move = ROLES[mode](tmp_path)
+    value_head = nn.Linear(64, 1)
+    with torch.no_grad():
+        value_head.weight.copy_(torch.randn(1, 64, generator=torch.Generator().manual_seed(12)))
+        value_head.bias.fill_(-0.25)
+        roles.value_head.load_state_dict(value_head.state_dict())
+    want = move()
+    ids, T, _ = hand_built()
+    r = train_ppo.score_rollout(roles, dist.Dist(), ids, T, SimpleNamespace(micro_batch_size=3, temperature=0.8))
+    with torch.no_grad():
+        h = {role: m(ids, return_hidden=True) for role, m in want.items()}  # [B, L, C]
+        logp = {role: torch.log_softmax(want[role].lm_head(h[role][:, :-1]).double() / 0.8, -1).gather(
+            -1, ids[:, 1:, None])[..., 0] for role in ("actor", "reference")}  # [B, L-1]
+        values = value_head(h["critic"][:, :-1])[..., 0]
+        at_end = lambda role: h[role][torch.arange(ids.shape[0]), r["end"]]  # [B, C]
+        score = reward_head(at_end("reward"))[:, 0]
+        torch.testing.assert_close(r["logp"].double(), logp["actor"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(r["ref_logp"].double(), logp["reference"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(r["values"], values, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(r["score"], score, atol=1e-5, rtol=1e-5)
+        # each check tells the roles apart: another role's weights or head give other numbers
+        assert (logp["actor"] - logp["reference"]).abs().max() > 1e-2
+        assert (value_head(h["reward"][:, :-1])[..., 0] - values).abs().max() > 1e-2
+        assert (reward_head(at_end("critic"))[:, 0] - score).abs().max() > 1e-2
+        assert (value_head(at_end("reward"))[:, 0] - score).abs().max() > 1e-2
+        # switching in another order (LoRA roles share one model): each role still runs its own weights
+        for role in ("reward", "critic", "reference", "actor"):
+            torch.testing.assert_close(roles.use(role)(ids, return_hidden=True), h[role], atol=1e-5, rtol=1e-5,
+                                       msg=role)
+
+
+# -----------------------------------------------------------------------------
 # PPO raises the reward
 
 
-def reward_curve(toy, out):
-    """Twelve seeded full-mode steps of 64 rollouts of 2 tokens; the mean reward of each step.
+def reward_curve(toy, out, steps=8):
+    """Eight seeded full-mode steps of 64 rollouts of 2 tokens; the mean reward of each step.
     top_k 8: the random policy is near uniform over 1200 tokens, so without it no token is drawn twice
-    in a step; with it each prompt chooses among a few, and a dozen steps move the choice."""
-    train_ppo.main(argv(toy, out, max_steps=12, rollout_batch_size=64, mini_batch_size=32, micro_batch_size=32,
-                        max_new_tokens=2, ppo_epochs=1, actor_lr=1e-2, critic_lr=1e-3, kl_coef=0.01, top_k=8))
-    m = read_metrics(out)
-    assert sorted(m) == list(range(1, 13))
-    return [m[step]["reward_mean"] for step in range(1, 13)]
+    in a step; with it each prompt chooses among a few, and a few steps move the choice."""
+    train_ppo.main(ppo_argv(toy, out, max_steps=steps, rollout_batch_size=64, mini_batch_size=32, micro_batch_size=32,
+                            max_new_tokens=2, ppo_epochs=1, actor_lr=1e-2, critic_lr=1e-3, kl_coef=0.01, top_k=8))
+    m = metrics_by_step(out)
+    assert sorted(m) == list(range(1, steps + 1))
+    return [m[step]["reward_mean"] for step in range(1, steps + 1)]
 
 
 def test_ppo_raises_the_reward_and_a_flipped_advantage_does_not(tmp_path, monkeypatch, toy_dir):
     right = reward_curve(toy_dir, tmp_path / "right")
-    start, end = sum(right[:2]) / 2, sum(right[-2:]) / 2
-    # normalised scores have a std of about 1 within a step; twelve steps take the mean up by about 2
-    assert end - start > 1.0, right
+    # normalised scores have a std of about 1 within a step (about 0.1 for a step's mean of 64);
+    # eight steps take the mean up by about 1
+    assert sum(right[-2:]) / 2 - sum(right[:2]) / 2 > 0.75, right
 
     real = train_ppo.masked_whiten
     monkeypatch.setattr(train_ppo, "masked_whiten", lambda *a, **kw: -real(*a, **kw))
     flipped = reward_curve(toy_dir, tmp_path / "flipped")
     assert flipped[0] == right[0]  # the same first rollouts: only the update differs
-    assert sum(flipped[-2:]) / 2 - sum(flipped[:2]) / 2 < 0, flipped  # descends instead
+    assert sum(flipped[-2:]) / 2 - sum(flipped[:2]) / 2 < -0.5, flipped  # descends instead
 
 
 # -----------------------------------------------------------------------------
@@ -393,27 +518,27 @@ def pipeline_runs(toy, out):
     """{mode: flags} of the compared runs: two steps, two PPO epochs, 1F1B over two micro-batches a
     mini-batch; the full run adds the PPO-ptx term and an adaptive beta."""
     ptx = write_jsonl(os.path.join(out, "ptx.jsonl"), head_lines(TOY_SFT, 8))
-    return {"full": argv(toy, os.path.join(out, "full"), "full", ptx_coef=0.5, ptx_data=ptx, ptx_batch_size=2,
+    return {"full": ppo_argv(toy, os.path.join(out, "full"), "full", ptx_coef=0.5, ptx_data=ptx, ptx_batch_size=2,
                          target_kl=0.01, kl_horizon=100),
-            "lora": argv(toy, os.path.join(out, "lora"), "lora", actor_lr=1e-2, critic_lr=1e-2)}
+            "lora": ppo_argv(toy, os.path.join(out, "lora"), "lora", actor_lr=1e-2, critic_lr=1e-2)}
 
 
-def test_torchrun_p2_ppo_steps_equal_one_process(tmp_path, toy_dir, torchrun_mains):
+def test_gloo_p2_ppo_steps_equal_one_process(tmp_path, toy_dir, gloo_mains):
     one, two = tmp_path / "p1", tmp_path / "p2"
     os.makedirs(one)
     os.makedirs(two)
     single, piped = pipeline_runs(toy_dir, str(one)), pipeline_runs(toy_dir, str(two))
     for flags in single.values():
         train_ppo.main(flags)
-    torchrun_mains("train_ppo", [flags + ["--pp", "2"] for flags in piped.values()])
+    gloo_mains("train_ppo", [flags + ["--pp", "2"] for flags in piped.values()])
     for mode in ("full", "lora"):
-        a, b = read_metrics(one / mode), read_metrics(two / mode)
+        a, b = metrics_by_step(one / mode), metrics_by_step(two / mode)
         assert sorted(a) == sorted(b) == [1, 2]
         for step in (1, 2):
             for key in METRICS:
                 assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-6), (mode, step, key)
         assert a[2]["kl"] != 0  # the policy moved away from the reference: step 2 compares trained weights
-    assert read_metrics(one / "full")[2]["beta"] != 0.05  # the adaptive beta moved (and matched)
+    assert metrics_by_step(one / "full")[2]["beta"] != 0.05  # the adaptive beta moved (and matched)
 
 
 # -----------------------------------------------------------------------------
@@ -428,16 +553,16 @@ def test_resumed_run_continues_with_the_same_steps(tmp_path, toy_dir, mode):
     so it has to be restored too."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", head_lines(os.path.join(toy_dir, "prompts.jsonl"), 20))
     ptx = write_jsonl(tmp_path / "ptx.jsonl", head_lines(TOY_SFT, 10))
-    run = lambda out, *extra, **kw: train_ppo.main(argv(
+    run = lambda out, *extra, **kw: train_ppo.main(ppo_argv(
         toy_dir, out, mode, *extra, data=prompts, ptx_coef=0.2, ptx_data=ptx, ptx_batch_size=4, target_kl=0.01,
-        kl_horizon=100, save_every=2, actor_lr=1e-2, critic_lr=1e-2, **kw))
+        kl_horizon=100, save_every=2, actor_lr=1e-2, critic_lr=1e-2, micro_batch_size=4, **kw))
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     run(whole, max_steps=4)
     run(cut, max_steps=2)
     with open(cut / "checkpoint" / "train_state.json", encoding="utf-8") as f:
         assert json.load(f)["step"] == 2
     run(cut, "--resume", max_steps=4)
-    a, b = read_metrics(whole), read_metrics(cut)
+    a, b = metrics_by_step(whole), metrics_by_step(cut)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in (1, 2, 3, 4):
         for key in METRICS:
@@ -445,10 +570,68 @@ def test_resumed_run_continues_with_the_same_steps(tmp_path, toy_dir, mode):
     assert a[4]["beta"] != a[2]["beta"]
     # the checkpoints at step 4 hold the same policy, critic and value head
     for sub in ("policy", "critic", ""):
-        sa, sb = load_dir(whole / "checkpoint" / sub), load_dir(cut / "checkpoint" / sub)
+        sa, sb = load_tensors(whole / "checkpoint" / sub), load_tensors(cut / "checkpoint" / sub)
         assert sa and sa.keys() == sb.keys()
         for key in sa:
             assert torch.equal(sa[key], sb[key]), (sub, key)
+
+
+# -----------------------------------------------------------------------------
+# the toy run: the quickstart's last step
+
+
+def test_toy_run_uses_the_toy_sft_and_rm_results_beside_out(toy_chain):
+    """`python train_ppo.py` after the toy SFT and RM runs: the toy preset in full mode on those two
+    results and the held-out toy questions, the before/after table, the trained policy in final/."""
+    runs, printed = toy_chain.runs, toy_chain.toy_ppo.printed
+    cfg = printed_config(printed)
+    assert (cfg["mode"], cfg["actor"], cfg["rm_dir"], cfg["data"]) == \
+        ("full", str(runs / "toy_sft" / "final"), str(runs / "toy_rm" / "final"), data.toy_file("sft_eval"))
+    assert (cfg["max_new_tokens"], cfg["kl_coef"], cfg["rollout_batch_size"]) == \
+        (data.TOY_PPO["max_new_tokens"], data.TOY_PPO["kl_coef"], 8)
+    assert sorted(metrics_by_step(runs / "toy_ppo")) == [1]
+    for row in ("accuracy of the greedy answers", "RM score of the greedy answers", "greedy answers that changed"):
+        assert row in printed, row
+    # final/ is the policy: the SFT model after one PPO step
+    sft, final = load_tensors(runs / "toy_sft" / "final"), load_tensors(runs / "toy_ppo" / "final")
+    assert sft.keys() == final.keys() and any(not torch.equal(sft[k], final[k]) for k in sft)
+
+
+def test_toy_prerequisites_are_trained_by_their_own_scripts(tmp_path, monkeypatch, capsys):
+    """A missing toy SFT or RM result is made by `python train_sft.py` / `python train_rm.py` as
+    subprocesses (scripts do not import each other); present ones are used; under torchrun (world
+    > 1) no rank starts them: the run stops and says what to run first."""
+    calls = []
+
+    def run(cmd, check):
+        calls.append(cmd)
+        os.makedirs(os.path.join(cmd[-1], "final"))
+    monkeypatch.setattr(train_ppo.subprocess, "run", run)
+    runs = tmp_path / "runs"
+    fresh = lambda: train_ppo.Config(out=str(runs / "toy_ppo"))
+    cfg = train_ppo.toy_models_and_data(fresh(), dist.Dist())
+    assert calls == [[sys.executable, os.path.join(ROOT, "train_sft.py"), "--out", str(runs / "toy_sft")],
+                     [sys.executable, os.path.join(ROOT, "train_rm.py"), "--out", str(runs / "toy_rm")]]
+    assert (cfg.actor, cfg.rm_dir, cfg.data) == \
+        (str(runs / "toy_sft" / "final"), str(runs / "toy_rm" / "final"), data.toy_file("sft_eval"))
+    calls.clear()
+    shutil.rmtree(runs / "toy_rm")
+    train_ppo.toy_models_and_data(fresh(), dist.Dist())
+    assert calls == [[sys.executable, os.path.join(ROOT, "train_rm.py"), "--out", str(runs / "toy_rm")]]
+    calls.clear()
+    train_ppo.toy_models_and_data(fresh(), dist.Dist(world=2))  # both present: nothing to start
+    shutil.rmtree(runs / "toy_sft")
+    with pytest.raises(SystemExit) as e:  # under torchrun a missing one is an error that says what to run
+        train_ppo.toy_models_and_data(fresh(), dist.Dist(world=2))
+    assert e.value.code == 2 and calls == []
+    assert f"python train_sft.py --out {runs / 'toy_sft'}" in capsys.readouterr().err
+
+
+def test_toy_prerequisites_are_found_when_out_ends_in_a_slash(tmp_path, monkeypatch):
+    """`--out runs/toy_ppo/` (as shell completion writes it) names the same run as `--out runs/toy_ppo`."""
+    monkeypatch.setattr(train_ppo.subprocess, "run", lambda cmd, check: os.makedirs(os.path.join(cmd[-1], "final")))
+    cfg = train_ppo.toy_models_and_data(train_ppo.Config(out=str(tmp_path / "runs" / "toy_ppo") + "/"), dist.Dist())
+    assert cfg.actor == str(tmp_path / "runs" / "toy_sft" / "final")
 
 
 # -----------------------------------------------------------------------------
@@ -458,13 +641,13 @@ def test_resumed_run_continues_with_the_same_steps(tmp_path, toy_dir, mode):
 def test_ptx_coef_without_ptx_data_is_a_clear_error(tmp_path, toy_dir):
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="--ptx_data"):
-        train_ppo.main(argv(toy_dir, out, ptx_coef=0.5))
+        train_ppo.main(ppo_argv(toy_dir, out, ptx_coef=0.5))
     assert not out.exists()
 
 
 @pytest.mark.parametrize("mode,drop", [("lora", "model"), ("full", "actor")])
 def test_missing_model_flag_is_a_clear_error(tmp_path, toy_dir, mode, drop):
-    flags = argv(toy_dir, tmp_path / "run", mode)
+    flags = ppo_argv(toy_dir, tmp_path / "run", mode)
     i = flags.index(f"--{drop}")
     del flags[i:i + 2]
     with pytest.raises(ValueError, match=f"--{drop}"):
@@ -473,7 +656,7 @@ def test_missing_model_flag_is_a_clear_error(tmp_path, toy_dir, mode, drop):
 
 
 def test_unknown_mode_is_a_clear_error(tmp_path, toy_dir):
-    flags = argv(toy_dir, tmp_path / "run", "full")
+    flags = ppo_argv(toy_dir, tmp_path / "run", "full")
     flags[flags.index("--mode") + 1] = "lroa"
     with pytest.raises(ValueError, match="--mode 'lroa'"):
         train_ppo.main(flags)

@@ -6,37 +6,26 @@ import json
 import math
 import os
 import re
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import ckpt
 import data
-import dist
 import glm
 import lora
 import train_rm
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-FIXTURE = os.path.join(HERE, "fixtures", "case_small")
-TOK_PATH = os.path.join(FIXTURE, "ice_text.model")
-TOY_RM_TRAIN = os.path.join(ROOT, "data", "toy_rm_train.jsonl")
-TOY_RM_EVAL = os.path.join(ROOT, "data", "toy_rm_eval.jsonl")
+from conftest import (TOK_PATH, head_lines, load_tensors, losses, make_base, printed_config, read_metrics,
+                      rm_argv, write_jsonl)
+
+TOY_RM_TRAIN, TOY_RM_EVAL = data.toy_file("rm_train"), data.toy_file("rm_eval")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -----------------------------------------------------------------------------
 # helpers
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Toy-sized ops gain nothing from threads (and lose much on a busy 2-core machine); restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -47,38 +36,13 @@ def tok():
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A random 2-block toy ChatGLM as an HF folder (std 0.1, so rewards differ between answers)."""
-    path = tmp_path_factory.mktemp("base") / "toy"
-    glm.ChatGLM(glm.GLMConfig.toy()).init_weights(0, std=0.1).save_pretrained(path, tokenizer=glm.Tokenizer(TOK_PATH))
-    return str(path)
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows)
-    return str(path)
-
-
-def head_lines(path, n):
-    with open(path, encoding="utf-8") as f:
-        return [next(f).rstrip("\n") for _ in range(n)]
+    return make_base(tmp_path_factory.mktemp("base") / "toy", std=0.1)
 
 
 @pytest.fixture(scope="module")
 def data12(tmp_path_factory):
     """12 toy prompts of 3 ranked answers: 3 steps an epoch at 2 micro-batches of 2 prompts."""
     return write_jsonl(tmp_path_factory.mktemp("data") / "rm12.jsonl", head_lines(TOY_RM_TRAIN, 12))
-
-
-def argv(base, data_file, out, *extra, **flags):
-    opts = dict(model=base, data=data_file, eval_data=data_file, out=str(out), max_len=48, micro_batch_size=2,
-                grad_accum=2, lr=3e-3, warmup_steps=2, max_steps=4, log_every=1, eval_every=1000, save_every=1000)
-    opts.update(flags)
-    return [x for k, v in opts.items() for x in (f"--{k}", str(v))] + list(extra)
-
-
-def losses(out):
-    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
 def softplus64(x):
@@ -106,7 +70,7 @@ EXAMPLES = [  # K = 2, 3, 4; one margin; a history turn
 
 def test_loss_equals_float64_loop_over_pairs(base, tok):
     model = glm.ChatGLM.from_pretrained(base).eval()
-    head = train_rm.make_head(model.config.hidden_size, seed=1)
+    head = glm.reward_head(model.config.hidden_size, seed=1)
     enc = train_rm.encode_examples(tok, EXAMPLES, 64, data.TruncationStats(), train_rm.RankStats())
     mbs = train_rm.microbatches(enc, [0, 1, 2], 2, tok, "cpu")  # [ex 0, ex 1] and [ex 2]
     n = train_rm.count_pairs(mbs)
@@ -142,7 +106,7 @@ def test_pair_loss_is_stable_for_huge_gaps():
 def test_loss_is_invariant_to_stored_order_when_ranks_travel(base, tok):
     """B > A > D > C, stored four ways: best first, as A B C D with ranks, shuffled with ranks."""
     model = glm.ChatGLM.from_pretrained(base).eval()
-    head = train_rm.make_head(model.config.hidden_size, seed=2)
+    head = glm.reward_head(model.config.hidden_size, seed=2)
     A, B, C, D = "7", "It is 7", "I am not sure", "12"
     stored = [dict(answers=[B, A, D, C]),
               dict(answers=[A, B, C, D], ranks=[2, 1, 4, 3]),
@@ -167,15 +131,15 @@ def test_loss_is_invariant_to_stored_order_when_ranks_travel(base, tok):
 
 def test_score_is_read_at_eop_under_left_and_right_padding(base, tok):
     model = glm.ChatGLM.from_pretrained(base).eval()
-    head = train_rm.make_head(model.config.hidden_size, seed=3)
+    head = glm.reward_head(model.config.hidden_size, seed=3)
     seqs = data.encode_ranked(tok, EXAMPLES[2], 64) + data.encode_ranked(tok, EXAMPLES[1], 64)  # lengths differ
     T = max(map(len, seqs))
     left = glm.left_pad(seqs, tok.pad_id)
     right = torch.tensor([s + [tok.pad_id] * (T - len(s)) for s in seqs])
-    assert train_rm.eop_index(left, tok.eop_id).tolist() == [T - 1] * len(seqs)
-    assert train_rm.eop_index(right, tok.eop_id).tolist() == [len(s) - 1 for s in seqs]
+    assert glm.eop_index(left, tok.eop_id).tolist() == [T - 1] * len(seqs)
+    assert glm.eop_index(right, tok.eop_id).tolist() == [len(s) - 1 for s in seqs]
     with torch.no_grad():
-        r = {name: train_rm.rewards_at_eop(head, model(ids, return_hidden=True), train_rm.eop_index(ids, tok.eop_id))
+        r = {name: glm.rewards_at(head, model(ids, return_hidden=True), glm.eop_index(ids, tok.eop_id))
              for name, ids in (("left", left), ("right", right))}
     alone = torch.tensor([reward_alone(model, head, s) for s in seqs], dtype=torch.float32)
     assert alone.std() > 1e-3  # the answers do get different scores
@@ -183,7 +147,7 @@ def test_score_is_read_at_eop_under_left_and_right_padding(base, tok):
     torch.testing.assert_close(r["right"], alone, atol=1e-5, rtol=1e-5)
     # a row with no <eop> has no place to read its score
     with pytest.raises(ValueError, match="no <eop>"):
-        train_rm.eop_index(torch.tensor([[5, 8, 20, 21]]), tok.eop_id)
+        glm.eop_index(torch.tensor([[5, 8, 20, 21]]), tok.eop_id)
 
 
 # -----------------------------------------------------------------------------
@@ -208,9 +172,9 @@ def language_ranking(src, dst):
 def test_toy_ranking_held_out_accuracy_rises_above_90_percent(tmp_path, base):
     train = language_ranking(TOY_RM_TRAIN, tmp_path / "train.jsonl")
     held = language_ranking(TOY_RM_EVAL, tmp_path / "eval.jsonl")  # prompts of held-out wordings and sums
-    flags = dict(eval_data=held, max_len=64, micro_batch_size=16, grad_accum=1, lr=1e-3, warmup_steps=10)
-    before = train_rm.main(argv(base, train, tmp_path / "before", max_steps=1, **{**flags, "lr": 0.0}))
-    after = train_rm.main(argv(base, train, tmp_path / "after", max_steps=60, **flags))
+    flags = dict(eval_data=held, max_len=64, micro_batch_size=16, grad_accum=1, lr=3e-3, warmup_steps=5)
+    before = train_rm.main(rm_argv(base, train, tmp_path / "before", max_steps=1, **{**flags, "lr": 0.0}))
+    after = train_rm.main(rm_argv(base, train, tmp_path / "after", max_steps=20, **flags))
     assert before["pair_acc"] < 0.8, before
     assert after["pair_acc"] > 0.9, after
     assert after["rank_acc"] > 0.8, after
@@ -220,39 +184,38 @@ def test_toy_ranking_held_out_accuracy_rises_above_90_percent(tmp_path, base):
 # -----------------------------------------------------------------------------
 # the pipeline and data parallelism against one process
 
-def test_torchrun_p2_and_d2_give_the_single_process_losses(tmp_path, base, data12, torchrun_mains):
+def test_gloo_p2_and_d2_give_the_single_process_losses(tmp_path, base, data12, gloo_mains):
     """One step = 4 prompts: 2 micro-batches of 2 (one process, or P = 2), or 1 micro-batch of 2 on
     each of D = 2 replicas; the global pair count makes the step's loss the same mean."""
     eval_file = write_jsonl(tmp_path / "eval.jsonl", head_lines(TOY_RM_EVAL, 6))
     common = dict(max_steps=4, eval_every=2, eval_data=eval_file)
-    one = argv(base, data12, tmp_path / "one", **common)
-    runs = {"p2": argv(base, data12, tmp_path / "p2", "--pp", "2", **common),
-            "d2": argv(base, data12, tmp_path / "d2", **{**common, "grad_accum": 1})}
+    one = rm_argv(base, data12, tmp_path / "one", **common)
+    runs = {"p2": rm_argv(base, data12, tmp_path / "p2", "--pp", "2", **common),
+            "d2": rm_argv(base, data12, tmp_path / "d2", **{**common, "grad_accum": 1})}
     train_rm.main(one)
-    torchrun_mains("train_rm", list(runs.values()))
+    gloo_mains("train_rm", list(runs.values()))
 
-    def metrics(out):
-        with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
-
-    want = metrics(tmp_path / "one")
+    want = read_metrics(tmp_path / "one")
     assert [r["step"] for r in want if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in want if "eval_loss" in r] == [2, 4]
+    final_one = load_tensors(tmp_path / "one" / "final")  # the backbone and the reward head
+    assert {"reward_head.safetensors", "model.safetensors.index.json"} <= set(os.listdir(tmp_path / "one" / "final"))
     for name in runs:
-        got = metrics(tmp_path / name)
+        got = read_metrics(tmp_path / name)
         assert len(got) == len(want), name
         for a, b in zip(got, want):
             assert a.keys() == b.keys() and a["step"] == b["step"], (name, a, b)
             for key in ("loss", "pairs", "eval_loss", "eval_pair_acc", "eval_rank_acc", "reward_mean", "reward_std"):
                 if key in b:
                     assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (name, a["step"], key)
-        # the same head and statistics land in final/, written by the last stage
-        ha, hb = load_file(tmp_path / name / "final" / "reward_head.safetensors"), \
-            load_file(tmp_path / "one" / "final" / "reward_head.safetensors")
-        for k in hb:
-            torch.testing.assert_close(ha[k], hb[k], atol=1e-5, rtol=1e-4)
+        # final/ holds what one process writes: the stages' weights joined into one folder, the
+        # head the last stage wrote, the same statistics
+        final = load_tensors(tmp_path / name / "final")
+        assert final.keys() == final_one.keys(), name
+        for key in final_one:
+            torch.testing.assert_close(final[key], final_one[key], atol=1e-5, rtol=1e-4, msg=f"{name}: {key}")
         sa, sb = (json.loads((tmp_path / n / "final" / "reward_stats.json").read_text()) for n in (name, "one"))
         assert sa["mean"] == pytest.approx(sb["mean"], abs=1e-4) and sa["std"] == pytest.approx(sb["std"], rel=1e-4)
-        assert glm.ChatGLM.from_pretrained(tmp_path / name / "final") is not None  # stages joined into one folder
 
 
 # -----------------------------------------------------------------------------
@@ -268,16 +231,16 @@ def test_torchrun_p2_and_d2_give_the_single_process_losses(tmp_path, base, data1
 def test_resumed_run_continues_the_same_loss_curve(tmp_path, killed_after_step, base, data12, mode):
     N, k = 7, 4  # 3 steps an epoch: the resumed run starts in the second epoch and crosses into the third
     whole = tmp_path / "whole"
-    train_rm.main(argv(base, data12, whole, *mode, max_steps=N, save_every=k))
+    train_rm.main(rm_argv(base, data12, whole, *mode, max_steps=N, save_every=k))
     want = losses(whole)
     assert sorted(want) == list(range(1, N + 1))
 
     cut = tmp_path / "cut"
     with killed_after_step(k):
-        train_rm.main(argv(base, data12, cut, *mode, max_steps=N, save_every=k))
+        train_rm.main(rm_argv(base, data12, cut, *mode, max_steps=N, save_every=k))
     assert json.loads((cut / "checkpoint" / "train_state.json").read_text())["step"] == k
     assert os.path.isfile(cut / "checkpoint" / "reward_head.safetensors")
-    train_rm.main(argv(base, data12, cut, *mode, "--resume", max_steps=N, save_every=k))
+    train_rm.main(rm_argv(base, data12, cut, *mode, "--resume", max_steps=N, save_every=k))
     got = losses(cut)
     assert sorted(got) == list(range(1, N + 1))
     for step in range(1, N + 1):
@@ -297,14 +260,14 @@ def test_resumed_run_continues_the_same_loss_curve(tmp_path, killed_after_step, 
 
 def test_full_result_scores_back_and_its_statistics(tmp_path, base, data12, capsys):
     out = tmp_path / "run"
-    ev = train_rm.main(argv(base, data12, out, max_steps=3))
+    ev = train_rm.main(rm_argv(base, data12, out, max_steps=3))
     final = out / "final"
     assert {"config.json", "model.safetensors.index.json", "ice_text.model", "reward_head.safetensors",
             "reward_stats.json"} <= set(os.listdir(final))
     assert set(load_file(final / "reward_head.safetensors")) == {"weight", "bias"}
     stats = json.loads((final / "reward_stats.json").read_text())
-    assert stats["count"] == 36 and stats["pair_accuracy"] == ev["pair_acc"]
-    # independently: the saved backbone and head, one unpadded answer at a time
+    assert stats["count"] == 36 and stats["step"] == 3 and stats["data"] == data12
+    # independently: the saved backbone and head, one unpadded answer at a time (best first)
     model = glm.ChatGLM.from_pretrained(final).eval()
     head = torch.nn.Linear(model.config.hidden_size, 1)
     head.load_state_dict(load_file(final / "reward_head.safetensors"))
@@ -314,15 +277,21 @@ def test_full_result_scores_back_and_its_statistics(tmp_path, base, data12, caps
     flat = torch.tensor([r for rs in want for r in rs], dtype=torch.float64)
     assert stats["mean"] == pytest.approx(float(flat.mean()), abs=1e-5)
     assert stats["std"] == pytest.approx(float(flat.std(unbiased=False)), abs=1e-5)
+    right = [[rs[i] > rs[j] for i in range(3) for j in range(i + 1, 3)] for rs in want]
+    pair_acc, rank_acc = sum(map(sum, right)) / 36, sum(map(all, right)) / 12
+    assert 0 < pair_acc < 1  # a partly right ranking: both kinds of pairs are counted
+    assert (stats["pair_accuracy"], stats["ranking_accuracy"]) == pytest.approx((pair_acc, rank_acc))
+    assert (ev["pair_acc"], ev["rank_acc"], ev["count"]) == pytest.approx((pair_acc, rank_acc, 36))
     capsys.readouterr()
-    got = train_rm.main(["score", "--model", str(final), "--data", data12, "--max_len", "48"])
+    got = train_rm.score(["--model", str(final), "--data", data12, "--max_len", "48"])
     torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
                                atol=1e-5, rtol=1e-5)
     printed = capsys.readouterr().out
-    assert f"{data12}:1" in printed and "rank 1" in printed and "pairwise accuracy" in printed and " z " in printed
+    assert f"{data12}:1" in printed and "rank 1" in printed and " z " in printed
+    assert f"pairwise accuracy {pair_acc:.1%} over 36 pairs" in printed
     # an SFT file scores its responses, one answer each
     sft = write_jsonl(tmp_path / "sft.jsonl", [dict(prompt="What is 3 plus 4?", response="7")])
-    assert len(train_rm.main(["score", "--model", str(final), "--data", sft])[0]) == 1
+    assert len(train_rm.score(["--model", str(final), "--data", sft])[0]) == 1
 
 
 def sft_adapter(base, path, r=4, targets=("query_key_value",), seed=0):
@@ -341,7 +310,7 @@ def test_lora_starts_from_the_sft_adapter_and_scores_back(tmp_path, base, data12
     sft = sft_adapter(base, tmp_path / "sft", targets=("query_key_value", "dense"))
     # lr 0: the saved adapter must be the SFT adapter itself (its r, alpha and targets adopted)
     out = tmp_path / "frozen"
-    train_rm.main(argv(base, data12, out, "--sft_adapter", sft, max_steps=1, lr=0.0))
+    train_rm.main(rm_argv(base, data12, out, "--sft_adapter", sft, max_steps=1, lr=0.0))
     a, b = load_file(tmp_path / "sft" / lora.ADAPTER_FILE), load_file(out / "final" / lora.ADAPTER_FILE)
     assert a.keys() == b.keys()
     for k in a:
@@ -349,32 +318,49 @@ def test_lora_starts_from_the_sft_adapter_and_scores_back(tmp_path, base, data12
     assert not any(n.startswith("model") for n in os.listdir(out / "final"))  # the adapter, not the base
     # trained: the adapter moves on from the SFT one, and base + adapter + head score back
     out = tmp_path / "trained"
-    train_rm.main(argv(base, data12, out, "--sft_adapter", sft, max_steps=3))
+    train_rm.main(rm_argv(base, data12, out, "--sft_adapter", sft, max_steps=3))
     b = load_file(out / "final" / lora.ADAPTER_FILE)
     assert max(float((b[k] - a[k]).abs().max()) for k in a) > 1e-4
     got = train_rm.score(["--model", base, "--adapter", str(out / "final"), "--data", data12, "--max_len", "48"])
     model = lora.load_adapter(glm.ChatGLM.from_pretrained(base), out / "final").eval()
-    head = train_rm.make_head(model.config.hidden_size)
-    dist.load_head(head, str(out / "final"), "reward_head")
+    head = glm.reward_head(model.config.hidden_size)
+    ckpt.load_head(head, str(out / "final"), "reward_head")
     tok = glm.Tokenizer(TOK_PATH)
     seqs = data.encode_ranked(tok, data.load_ranked(data12)[0], 48)
     torch.testing.assert_close(torch.tensor(got[0]), torch.tensor([reward_alone(model, head, s) for s in seqs],
                                                                   dtype=torch.float32), atol=1e-5, rtol=1e-5)
 
 
-def test_toy_default_run(tmp_path, capsys):
-    out = tmp_path / "toy_rm"
-    ev = train_rm.main(["--max_steps", "3", "--out", str(out)])
-    printed = capsys.readouterr().out
-    assert "toy, before training: held-out pairwise accuracy" in printed
-    assert "toy, after training: held-out pairwise accuracy" in printed
-    # no toy SFT result beside --out: the random toy base is made there
+def test_toy_default_run_starts_from_the_toy_sft_result(toy_chain):
+    """`python train_rm.py --max_steps 2` after the toy SFT run: the RM starts from its result and
+    trains on the bundled rankings; lm_head (an RM computes no logits) stays the SFT model's."""
+    runs, rm = toy_chain.runs, toy_chain.toy_rm
+    cfg = printed_config(rm.printed)
+    assert (cfg["model"], cfg["sft_adapter"], cfg["data"], cfg["eval_data"]) == \
+        (str(runs / "toy_sft" / "final"), "", TOY_RM_TRAIN, TOY_RM_EVAL)
+    assert (cfg["max_steps"], cfg["lr"], cfg["micro_batch_size"]) == \
+        (2, data.TOY_RM["lr"], data.TOY_RM["micro_batch_size"])  # the flag, then the preset's values
+    assert "toy, before training: held-out pairwise accuracy" in rm.printed
+    assert "toy, after training: held-out pairwise accuracy" in rm.printed
+    assert rm.result["count"] == 3 * len(data.load_ranked(TOY_RM_EVAL))
+    base, sft, out = (load_tensors(runs / p) for p in ("toy_base", "toy_sft/final", "toy_rm/final"))
+    assert not torch.equal(sft["lm_head.weight"], base["lm_head.weight"])
+    assert torch.equal(out["lm_head.weight"], sft["lm_head.weight"])
+    assert not torch.equal(out["transformer.final_layernorm.weight"], sft["transformer.final_layernorm.weight"])
+
+
+def test_toy_model_and_data_without_a_toy_sft_result_or_with_a_lora_one(tmp_path):
+    # nothing beside --out: a random toy base is written there
+    cfg = train_rm.toy_model_and_data(train_rm.Config(out=str(tmp_path / "toy_rm")))
+    assert (cfg.model, cfg.sft_adapter, cfg.data, cfg.eval_data) == \
+        (str(tmp_path / "toy_base"), "", TOY_RM_TRAIN, TOY_RM_EVAL)
     assert glm.GLMConfig.from_json(tmp_path / "toy_base" / "config.json") == glm.GLMConfig.toy()
-    assert ev["count"] == 3 * len(data.load_ranked(TOY_RM_EVAL))
-    # with a toy SFT result beside --out, the RM starts from it
-    shutil.copytree(out / "final", tmp_path / "toy_sft" / "final")
-    cfg = train_rm.apply_toy_defaults(train_rm.Config(out=str(out)))
-    assert cfg.model == str(tmp_path / "toy_sft" / "final") and cfg.data == TOY_RM_TRAIN
+    # a LoRA toy SFT result: its adapter on the toy base; a --data given stays
+    sft_adapter(cfg.model, tmp_path / "toy_sft" / "final")
+    mine = write_jsonl(tmp_path / "mine.jsonl", head_lines(TOY_RM_TRAIN, 2))
+    cfg = train_rm.toy_model_and_data(train_rm.Config(out=str(tmp_path / "toy_rm"), data=mine))
+    assert (cfg.model, cfg.sft_adapter, cfg.data, cfg.eval_data) == \
+        (str(tmp_path / "toy_base"), str(tmp_path / "toy_sft" / "final"), mine, "")
 
 
 # -----------------------------------------------------------------------------
@@ -390,7 +376,7 @@ def test_bad_ranked_lines_fail_before_training(tmp_path, base, data12, line, wor
     bad = write_jsonl(tmp_path / "bad.jsonl", head_lines(data12, 2) + [json.dumps(line)])
     out = tmp_path / "run"
     with pytest.raises(data.DataError) as e:
-        train_rm.main(argv(base, bad, out))
+        train_rm.main(rm_argv(base, bad, out))
     assert f"{bad}:3:" in str(e.value) and "HINT" in str(e.value)
     for w in words:
         assert w in str(e.value), (w, str(e.value))
@@ -417,14 +403,14 @@ def test_truncation_keeps_eop_and_counts_what_it_cut(tmp_path, base, tok, capsys
     assert (stats.seqs, stats.truncated, stats.prompt_cut) == (8, 7, 3)
     # a run reports both counts before training (the file is its own held-out set here: counted twice)
     path = write_jsonl(tmp_path / "cut.jsonl", rows)
-    train_rm.main(argv(base, path, tmp_path / "run", max_len=24, max_steps=1))
+    train_rm.main(rm_argv(base, path, tmp_path / "run", max_len=24, max_steps=1))
     printed = capsys.readouterr().out
     assert "truncated 14 of 16 sequences" in printed
     assert "4 identical to a better answer after truncation (dropped), 2 prompts skipped" in printed
     # nothing left to train on is an error, not an empty run
     only = write_jsonl(tmp_path / "only.jsonl", rows[1:2])
     with pytest.raises(data.DataError, match="raise --max_len"):
-        train_rm.main(argv(base, only, tmp_path / "none", max_len=24, eval_data=path))
+        train_rm.main(rm_argv(base, only, tmp_path / "none", max_len=24, eval_data=path))
 
 
 def test_sft_checkpoint_that_does_not_match_is_a_clear_error(tmp_path, base, data12):
@@ -434,13 +420,13 @@ def test_sft_checkpoint_that_does_not_match_is_a_clear_error(tmp_path, base, dat
     glm.ChatGLM(cfg).init_weights(0).save_pretrained(other, tokenizer=glm.Tokenizer(TOK_PATH))
     wrong = sft_adapter(str(other), tmp_path / "wide_sft")
     with pytest.raises(ValueError, match="different base model"):
-        train_rm.main(argv(base, data12, tmp_path / "a", "--sft_adapter", wrong))
+        train_rm.main(rm_argv(base, data12, tmp_path / "a", "--sft_adapter", wrong))
     right = sft_adapter(base, tmp_path / "sft", r=4)
     with pytest.raises(ValueError, match="r=8.*r=4"):  # an explicit rank that is not the adapter's
-        train_rm.main(argv(base, data12, tmp_path / "b", "--sft_adapter", right, "--lora_rank", "8"))
+        train_rm.main(rm_argv(base, data12, tmp_path / "b", "--sft_adapter", right, "--lora_rank", "8"))
     with pytest.raises(ValueError, match="--sft_adapter"):  # the adapter folder passed as the model
-        train_rm.main(argv(right, data12, tmp_path / "c"))
+        train_rm.main(rm_argv(right, data12, tmp_path / "c"))
     with pytest.raises(ValueError, match="pick one"):
-        train_rm.main(argv(base, data12, tmp_path / "d", "--sft_adapter", right, "--train_layers", "1"))
+        train_rm.main(rm_argv(base, data12, tmp_path / "d", "--sft_adapter", right, "--train_layers", "1"))
     with pytest.raises(FileNotFoundError, match="reward_head.safetensors"):  # a model that is no RM
         train_rm.score(["--model", base, "--data", data12])

@@ -8,59 +8,26 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import ckpt
 import data
-import dist
 import glm
 import lora
 import train_sft
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-TOK_PATH = os.path.join(HERE, "fixtures", "case_small", "ice_text.model")
-TOY_TRAIN = os.path.join(ROOT, "data", "toy_sft_train.jsonl")
+from conftest import (TOK_PATH, head_lines, load_tensors, losses, make_base, printed_config, read_metrics,
+                      sft_argv, write_jsonl)
+
 LAYERS = 4
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -----------------------------------------------------------------------------
 # helpers
 
 
-def make_base(path, num_layers=LAYERS, seed=0):
-    """A randomly initialised toy ChatGLM of num_layers blocks, saved as an HF folder with the tokenizer."""
-    cfg = glm.GLMConfig.toy()
-    cfg.num_layers = num_layers
-    glm.ChatGLM(cfg).init_weights(seed).save_pretrained(path, tokenizer=glm.Tokenizer(TOK_PATH))
-    return str(path)
-
-
-def write_jsonl(path, lines):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in lines))
-    return str(path)
-
-
 def toy_lines(n):
     """The first n lines of the bundled toy task (some carry a history turn)."""
-    with open(TOY_TRAIN, encoding="utf-8") as f:
-        return [next(f).rstrip("\n") for _ in range(n)]
-
-
-def read_metrics(out):
-    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-def losses(out):
-    """{step: training loss} from metrics.jsonl (a resumed run appends to the same file)."""
-    return {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
-
-
-def load_tensors(model_dir):
-    """Every tensor of an HF folder (sharded or not), by checkpoint key."""
-    state = {}
-    for path in sorted(set(glm.safetensors_files(model_dir).values())):
-        state.update(load_file(path))
-    return state
+    return head_lines(data.toy_file("sft_train"), n)
 
 
 def probe_ids():
@@ -80,34 +47,15 @@ def logits_of(model, ids=None):
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Toy-sized ops gain nothing from threads, and on a busy 2-core machine every op of a 2-thread pool
-    waits for a descheduled thread (about 5x slower here); restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return make_base(tmp_path_factory.mktemp("base") / "toy4")
+    return make_base(tmp_path_factory.mktemp("base") / "toy4", num_layers=LAYERS)
 
 
 @pytest.fixture(scope="module")
 def data16(tmp_path_factory):
     """16 toy examples: 4 steps an epoch at 2 micro-batches of 2."""
     return write_jsonl(tmp_path_factory.mktemp("data") / "train16.jsonl", toy_lines(16))
-
-
-def argv(base, data_file, out, *extra, **flags):
-    """train_sft flags for a small fast run; keyword flags override the defaults here."""
-    opts = dict(model=base, data=data_file, eval_data=data_file, out=str(out), max_len=48, micro_batch_size=2,
-                grad_accum=2, lr=1e-2, warmup_steps=2, max_steps=6, log_every=1, eval_every=1000,
-                save_every=1000)
-    opts.update(flags)
-    return [x for k, v in opts.items() for x in (f"--{k}", str(v))] + list(extra)
 
 
 # -----------------------------------------------------------------------------
@@ -117,11 +65,11 @@ def argv(base, data_file, out, *extra, **flags):
 def test_single_batch_overfits(tmp_path, base):
     path = write_jsonl(tmp_path / "four.jsonl", toy_lines(4))
     out = tmp_path / "run"
-    train_sft.main(argv(base, path, out, micro_batch_size=4, grad_accum=1, max_steps=60, warmup_steps=5))
+    train_sft.main(sft_argv(base, path, out, micro_batch_size=4, grad_accum=1, max_steps=25, lr=2e-2, warmup_steps=3))
     curve = losses(out)
-    assert sorted(curve) == list(range(1, 61))
+    assert sorted(curve) == list(range(1, 26))
     assert curve[1] > 4.0  # about ln(1200) for a random 1200-token model
-    assert curve[60] < 0.01, curve
+    assert curve[25] < 0.01, curve
     # eval on the same four examples: the trained model reproduces them
     assert [r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r][-1] < 0.01
 
@@ -135,34 +83,33 @@ def test_single_batch_overfits(tmp_path, base):
 def test_resumed_run_continues_the_same_loss_curve(tmp_path, killed_after_step, base, data16, mode):
     N, k = 8, 3  # 4 steps an epoch: the resumed run starts mid-epoch and crosses into the next
     whole = tmp_path / "whole"
-    train_sft.main(argv(base, data16, whole, *mode, max_steps=N, save_every=k))
+    train_sft.main(sft_argv(base, data16, whole, *mode, max_steps=N, save_every=k))
     want = losses(whole)
     assert sorted(want) == list(range(1, N + 1))
 
     cut = tmp_path / "cut"
     with killed_after_step(k):
-        train_sft.main(argv(base, data16, cut, *mode, max_steps=N, save_every=k))
+        train_sft.main(sft_argv(base, data16, cut, *mode, max_steps=N, save_every=k))
     with open(cut / "checkpoint" / "train_state.json", encoding="utf-8") as f:
         assert json.load(f)["step"] == k
     assert sorted(losses(cut)) == list(range(1, k + 1))
     assert not (cut / "final").exists()
 
-    train_sft.main(argv(base, data16, cut, *mode, "--resume", max_steps=N, save_every=k))
+    train_sft.main(sft_argv(base, data16, cut, *mode, "--resume", max_steps=N, save_every=k))
     got = losses(cut)
     assert sorted(got) == list(range(1, N + 1))  # steps 1..k once from the first run, k+1..N from the second
     for step in range(1, N + 1):
         assert got[step] == want[step], (step, got[step], want[step])
     # the resumed run's result is the uninterrupted run's result (the adapter, or the HF weights)
-    read = (lambda d: load_file(d / lora.ADAPTER_FILE)) if "--lora_rank" in mode else load_tensors
-    sa, sb = read(whole / "final"), read(cut / "final")
-    assert sa.keys() == sb.keys()
+    sa, sb = load_tensors(whole / "final"), load_tensors(cut / "final")
+    assert sa and sa.keys() == sb.keys()
     for key in sa:
         torch.testing.assert_close(sb[key], sa[key], atol=0, rtol=0, msg=key)
 
 
 def test_train_layers_leaves_every_frozen_tensor_bit_identical(tmp_path, base, data16):
     out = tmp_path / "run"
-    train_sft.main(argv(base, data16, out, "--train_layers", "2", max_steps=3))
+    train_sft.main(sft_argv(base, data16, out, "--train_layers", "2", max_steps=3))
     before, after = load_tensors(base), load_tensors(out / "final")
     assert before.keys() == after.keys()
     for key in before:
@@ -180,20 +127,20 @@ def test_train_layers_leaves_every_frozen_tensor_bit_identical(tmp_path, base, d
 def capture_final_logits(monkeypatch):
     """Record the logits the in-memory model gives on probe_ids() when the run writes final/."""
     seen = {}
-    real = dist.save_weights
+    real = ckpt.save
 
-    def save_and_record(out_dir, model, *a, **kw):
+    def save_and_record(out_dir, d, tok_path, models, *a, **kw):
         if os.path.basename(out_dir) == "final":
-            seen["logits"] = logits_of(model)
-        return real(out_dir, model, *a, **kw)
-    monkeypatch.setattr(dist, "save_weights", save_and_record)
+            seen["logits"] = logits_of(models[""][0])
+        return real(out_dir, d, tok_path, models, *a, **kw)
+    monkeypatch.setattr(ckpt, "save", save_and_record)
     return seen
 
 
 def test_full_finetune_result_loads_back(tmp_path, monkeypatch, base, data16):
     seen = capture_final_logits(monkeypatch)
     out = tmp_path / "run"
-    train_sft.main(argv(base, data16, out, max_steps=3))
+    train_sft.main(sft_argv(base, data16, out, max_steps=3))
     model = glm.ChatGLM.from_pretrained(out / "final")
     assert os.path.isfile(out / "final" / "ice_text.model")
     got = logits_of(model)
@@ -204,7 +151,7 @@ def test_full_finetune_result_loads_back(tmp_path, monkeypatch, base, data16):
 def test_lora_result_loads_back_and_merges(tmp_path, monkeypatch, base, data16):
     seen = capture_final_logits(monkeypatch)
     out = tmp_path / "run"
-    train_sft.main(argv(base, data16, out, "--lora_rank", "4", "--lora_targets", "query_key_value,dense_h_to_4h",
+    train_sft.main(sft_argv(base, data16, out, "--lora_rank", "4", "--lora_targets", "query_key_value,dense_h_to_4h",
                         max_steps=3))
     final = out / "final"
     with open(final / lora.CONFIG_FILE, encoding="utf-8") as f:
@@ -223,26 +170,39 @@ def test_lora_result_loads_back_and_merges(tmp_path, monkeypatch, base, data16):
     torch.testing.assert_close(logits_of(merged), got, atol=1e-5, rtol=1e-5)
 
 
-def test_toy_default_run(tmp_path):
-    out = tmp_path / "toy"
-    train_sft.main(["--max_steps", "5", "--out", str(out)])
-    # the toy base is made next to --out, from the bundled tokenizer, with the toy shape
-    toy_base = tmp_path / "toy_base"
-    assert glm.GLMConfig.from_json(toy_base / "config.json") == glm.GLMConfig.toy()
-    assert sorted(losses(out)) == [5]  # TOY logs every 10 steps, and always the last
-    assert all(torch.isfinite(torch.tensor(r.get("loss", r.get("eval_loss")))) for r in read_metrics(out))
-    glm.ChatGLM.from_pretrained(out / "final")
+def test_toy_default_run(toy_chain):
+    """`python train_sft.py --max_steps 3`: the toy preset fills every flag not given, the toy base is
+    made beside --out, and the result is a whole HF folder trained away from that base."""
+    runs, printed = toy_chain.runs, toy_chain.toy_sft.printed
+    cfg = printed_config(printed)
+    assert cfg["max_steps"] == 3  # the flag wins over the preset's 2000
+    assert {k: cfg[k] for k in data.TOY_SFT if k not in ("max_steps", "out")} == \
+        {k: v for k, v in data.TOY_SFT.items() if k not in ("max_steps", "out")}
+    assert (cfg["model"], cfg["data"], cfg["eval_data"]) == \
+        (str(runs / "toy_base"), data.toy_file("sft_train"), data.toy_file("sft_eval"))
+    assert glm.GLMConfig.from_json(runs / "toy_base" / "config.json") == glm.GLMConfig.toy()
+    out = runs / "toy_sft"
+    assert losses(out).keys() == losses(out, "eval_loss").keys() == {3}  # the preset logs every 10 steps, and the last
+    assert "toy held-out accuracy before training: " in printed and "toy held-out accuracy after training: " in printed
+    before, after = load_tensors(runs / "toy_base"), load_tensors(out / "final")
+    assert before.keys() == after.keys()
+    assert [k for k in before if torch.equal(before[k], after[k])] == []  # full fine-tuning moved every tensor
+    assert glm.ChatGLM.from_pretrained(out / "final").config == glm.GLMConfig.toy()
 
 
-def test_small_file_without_eval_data_trains_to_the_end(tmp_path, base):
-    """Fewer than 10 examples: the 5 % holdout rounds to none, and the run must still finish."""
+def test_small_file_without_eval_data_trains_to_the_end(tmp_path, capsys, base):
+    """Fewer than 10 examples: the 5 % holdout rounds to none; the run says so, trains all four
+    examples to the end and evaluates nothing."""
     path = write_jsonl(tmp_path / "four.jsonl", toy_lines(4))
     out = tmp_path / "run"
-    flags = argv(base, path, out, micro_batch_size=4, grad_accum=1, max_steps=2)
+    flags = sft_argv(base, path, out, micro_batch_size=4, grad_accum=1, max_steps=2)
     i = flags.index("--eval_data")
     del flags[i:i + 2]
     train_sft.main(flags)
-    assert os.path.isdir(out / "final")
+    printed = capsys.readouterr().out
+    assert "data: 4 train / 0 held-out examples" in printed and "evaluation is off" in printed
+    assert sorted(losses(out)) == [1, 2] and not losses(out, "eval_loss")
+    assert os.path.isfile(out / "final" / "config.json")
 
 
 # -----------------------------------------------------------------------------
@@ -255,7 +215,7 @@ def test_malformed_line_fails_before_training(tmp_path, base, which):
     bad_line = '{"prompt": "What is 1 plus 1?", "response": 2}'
     bad = write_jsonl(tmp_path / "bad.jsonl", toy_lines(2) + [bad_line] + toy_lines(1))
     out = tmp_path / "run"
-    flags = argv(base, good, out, max_steps=2)
+    flags = sft_argv(base, good, out, max_steps=2)
     flags[flags.index(f"--{which}") + 1] = bad
     with pytest.raises(data.DataError) as e:
         train_sft.main(flags)
@@ -273,15 +233,26 @@ def test_malformed_line_fails_before_training(tmp_path, base, which):
 def test_bad_flags_are_clear_errors(tmp_path, base, data16, flags, words):
     out = tmp_path / "run"
     with pytest.raises(ValueError) as e:
-        train_sft.main(argv(base, data16, out, *flags, max_steps=2))
+        train_sft.main(sft_argv(base, data16, out, *flags, max_steps=2))
     for w in words:
         assert w in str(e.value), (w, str(e.value))
     assert not out.exists()
 
 
-def test_unknown_flag_is_rejected(tmp_path, base, data16):
-    with pytest.raises(SystemExit):
-        train_sft.main(argv(base, data16, tmp_path / "run", "--lora_rnak", "4"))
+@pytest.mark.parametrize("flags,message", [
+    (["--lora_rnak", "4"], "unrecognized arguments: --lora_rnak 4"),
+    # a typo in a boolean must not silently mean False
+    (["--resume", "ture"], "argument --resume: expected true or false, got 'ture'"),
+    (["--max_steps", "2.5"], "argument --max_steps: invalid int value: '2.5'"),
+], ids=["unknown_flag", "bad_boolean", "bad_int"])
+def test_flag_errors_exit_with_a_usage_message(tmp_path, capsys, base, data16, flags, message):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train_sft.main(sft_argv(base, data16, out, *flags))
+    assert e.value.code == 2  # argparse's usage error
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ") and message in err, err
+    assert not out.exists()
 
 
 # -----------------------------------------------------------------------------
