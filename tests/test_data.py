@@ -4,7 +4,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import data
 import glm
