@@ -33,11 +33,12 @@ import plan
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s per H100 (datasheet), the MFU denominator
 
 
-def build_model(toy, dtype, device):
-    cfg = glm.GLMConfig.toy() if toy else glm.GLMConfig()
+def random_model(cfg, dtype, device, seed=0, **stage):
+    """A model (or a pipeline stage: layer_ids, first, last) with random weights, built on the meta
+    device and drawn in place."""
     with torch.device("meta"):
-        model = glm.ChatGLM(cfg)
-    return model.to_empty(device=device).to(dtype).init_weights(seed=0)
+        model = glm.ChatGLM(cfg, **stage)
+    return model.to_empty(device=device).to(dtype).init_weights(seed=seed)
 
 
 def random_prompts(cfg, B, T, device, seed=0):
@@ -63,7 +64,7 @@ def timed(fn, device):
 
 
 def bench_generate(args, device, dtype):
-    model = build_model(args.toy, dtype, device).eval()
+    model = random_model(glm.GLMConfig.toy() if args.toy else glm.GLMConfig(), dtype, device).eval()
     cfg, results = model.config, []
     for B in [int(b) for b in args.batches.split(",")]:
         ids = random_prompts(cfg, B, args.prompt_len, device)
@@ -105,7 +106,7 @@ def decode_step_ms(model, ids, N, use_graph, device):
 
 def bench_forward(args, device, dtype):
     """Forward + backward of full fine-tuning (all weights get gradients), no optimiser step."""
-    model = build_model(args.toy, dtype, device).train()
+    model = random_model(glm.GLMConfig.toy() if args.toy else glm.GLMConfig(), dtype, device).train()
     model.checkpoint_activations = frozenset(range(model.config.num_layers) if args.checkpoint else ())
     cfg = model.config
     ids = random_prompts(cfg, args.batch, args.seq, device)
@@ -134,13 +135,6 @@ def bench_forward(args, device, dtype):
                peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None)
     print(json.dumps(res), flush=True)
     return [res]
-
-
-def random_stage(cfg, stage, d, dtype, seed=0):
-    """A pipeline stage with random weights, built on the meta device and initialised in place."""
-    with torch.device("meta"):
-        model = glm.ChatGLM(cfg, **stage.model_kwargs())
-    return model.to_empty(device=d.device).to(dtype).init_weights(seed=seed + d.pp_rank)
 
 
 def train_batches(cfg, args, M, device, seed):
@@ -196,7 +190,7 @@ def training_setup(args, cfg, d, method, dtype):
                                   mem_budget=budget, method=method, lm_head=args.mode != "rm")
     dist.print0(the_plan.format_table())
     stage = the_plan.stages[d.pp_rank]
-    model = random_stage(cfg, stage, d, dtype)
+    model = random_model(cfg, dtype, d.device, d.pp_rank, **stage.model_kwargs())
     model.checkpoint_activations = frozenset(stage.layers if args.checkpoint else stage.checkpoint_layers)
     optim.select_trainable(model, args.train, train_layers=args.train_layers)
     head = None
@@ -295,9 +289,7 @@ def make_model(args, device, dtype):
     cfg = glm.GLMConfig(bos_token_id=8, eos_token_id=9, mask_token_id=4, gmask_token_id=5, pad_token_id=3)
     if args.toy:
         cfg = glm.GLMConfig.toy()
-    with torch.device("meta"):
-        model = glm.ChatGLM(cfg)
-    model = model.to_empty(device=device).to(dtype).init_weights(seed=0)
+    model = random_model(cfg, dtype, device)
     tok = glm.Tokenizer(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "ice_text.model"))
     model.save_pretrained(args.dir, tokenizer=tok)
     head = {"weight": torch.randn(1, cfg.hidden_size) * cfg.hidden_size ** -0.5, "bias": torch.zeros(1)}
