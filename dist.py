@@ -331,7 +331,6 @@ def stage_dtype(model):
     return next(iter(model.transformer.layers.values())).input_layernorm.weight.dtype
 
 
-
 def first_trainable_stage(model, d):
     """Lowest stage index of this replica that holds a trainable parameter (P if none does)."""
     mine = d.pp_rank if any(p.requires_grad for p in model.parameters()) else d.P

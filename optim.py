@@ -297,7 +297,6 @@ def optimizer_step(opt, loss, lr, grad_clip, d, bad_steps, step, max_bad=10):
     return loss, norm, bad_steps
 
 
-
 # -----------------------------------------------------------------------------
 # weight gradients summed straight into fp32 accumulators
 
