@@ -21,8 +21,9 @@ Token layout of one SFT example, and the label convention used by every trainer 
 
 labels[t] is what the token AT position t should be (aligned with ids, -100 = no loss), so the
 loss shifts: the logits at t predict labels[:, t + 1] (`lm_loss`). The prompt goes through
-`glm.chat_prompt` first; answers of earlier rounds are part of the prompt and take no loss. Over-long examples are truncated, the prompt from the left (its end and
-[gMASK] <sop> always stay), and counted in a `TruncationStats` for the caller to print.
+`glm.chat_prompt` first; answers of earlier rounds are part of the prompt and take no loss.
+Over-long examples are truncated, the prompt from the left (its end and [gMASK] <sop> always
+stay), and counted in a `TruncationStats` for the caller to print.
 
 Batches are padded on the LEFT with the pad id (the reference tokenizer's convention, which
 `glm.derive_layout` masks) to the longest row of the batch. `Batches` gives deterministic,
@@ -38,6 +39,7 @@ import math
 import os
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -128,13 +130,11 @@ def _history(obj, where):
     if not isinstance(h, list):
         _fail(where, f"field 'history' is a {_jtype(h)}, not a list",
               'write history as [["earlier question", "earlier answer"], ...] or leave it out')
-    out = []
     for i, turn in enumerate(h):
         if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(s, str) for s in turn)):
             _fail(where, f"history[{i}] is {json.dumps(turn, ensure_ascii=False)[:60]}, not a "
                   "[query, answer] pair of strings", 'write each past turn as ["question", "answer"]')
-        out.append((turn[0], turn[1]))
-    return out
+    return [(q, a) for q, a in h]
 
 
 def _prompt(obj, where, shape):
@@ -159,12 +159,9 @@ PROMPT_SHAPE = '{"prompt": "...", "history": []}'
 
 def load_sft(path):
     """SFT lines -> [{"prompt", "response", "history", "source"}]; Alpaca lines are mapped."""
-    out = []
-    for where, obj in read_jsonl(path):
-        prompt = _prompt(obj, where, SFT_SHAPE)
-        response = _text(obj, "output" if "instruction" in obj else "response", where, SFT_SHAPE)
-        out.append(dict(prompt=prompt, response=response, history=_history(obj, where), source=where))
-    return out
+    return [dict(prompt=_prompt(obj, where, SFT_SHAPE),
+                 response=_text(obj, "output" if "instruction" in obj else "response", where, SFT_SHAPE),
+                 history=_history(obj, where), source=where) for where, obj in read_jsonl(path)]
 
 
 def load_ranked(path):
@@ -301,8 +298,7 @@ def encode_sft(tok, ex, max_len, stats=None, min_prompt_share=0.5):
 
 def encode_ranked(tok, ex, max_len, stats=None, min_prompt_share=0.5):
     """One id list per answer (best first), each prompt [gMASK] <sop> answer <eop>, always ending in <eop>."""
-    prompt = _prompt_ids(tok, ex)
-    out = []
+    prompt, out = _prompt_ids(tok, ex), []
     for ans in ex["answers"]:
         p, a = truncate_pair(prompt, tok.encode_text(ans), [tok.gmask_id, tok.sop_id], tok.eop_id, max_len,
                    True, min_prompt_share, stats, ex.get("source", ""))
@@ -368,17 +364,12 @@ def count_labels(labels):
 class Batches:
     """Deterministic, resumable shuffled batches of example indices, sharded for data parallelism.
 
-    Each step takes a global batch of batch_size * world indices from the epoch's permutation
-    (torch.randperm seeded by (seed, epoch)); replica `rank` gets the contiguous slice
-    [rank * batch_size, (rank + 1) * batch_size) of it, so replicas are disjoint and together
-    cover the global batch. The last partial global batch is dropped with drop_last; else, when
-    world > 1, it is topped up from the epoch's start to a multiple of world, so every replica
-    gets the same (smaller) count.
-
-    `for idx in batches:` yields the rest of the current epoch. The position advances as each
-    batch is handed out, so `state_dict()` taken after a step has used its batch resumes with the
-    next one; it records the global batch size, so a run may resume with a different `world`
-    as long as batch_size * world is unchanged."""
+    Each step takes a global batch of batch_size * world indices from the epoch's permutation;
+    replica `rank` gets its contiguous slice, so replicas are disjoint and cover the global batch.
+    The last partial global batch is dropped with drop_last, else topped up from the epoch's start
+    to a multiple of world, so every replica gets the same count. `for idx in batches:` yields the
+    rest of the epoch; a `state_dict()` taken after a step resumes with the next batch, also under
+    another `world` as long as batch_size * world is unchanged."""
 
     def __init__(self, n_examples, batch_size, seed=0, drop_last=False, rank=0, world=1, shuffle=True):
         if not (0 <= rank < world):
@@ -406,17 +397,12 @@ class Batches:
         g = torch.Generator().manual_seed(int.from_bytes(h[:8], "little") >> 1)
         return torch.randperm(self.n, generator=g).tolist()
 
-    def global_batch(self, epoch, step):
-        order = self.order(epoch)
-        g = order[step * self.global_bs:(step + 1) * self.global_bs]
-        if len(g) % self.world:  # top up the last partial batch so replicas stay in step
-            g += order[:self.world - len(g) % self.world]
-        return g
-
     def __iter__(self):
-        epoch, start = self.epoch, self.step
+        epoch, start, order = self.epoch, self.step, self.order(self.epoch)
         for step in range(start, len(self)):
-            g = self.global_batch(epoch, step)
+            g = order[step * self.global_bs:(step + 1) * self.global_bs]
+            if len(g) % self.world:  # top up the last partial batch so replicas stay in step
+                g += order[:self.world - len(g) % self.world]
             k = len(g) // self.world
             # advance before yielding: a checkpoint saved after this batch's step resumes after it
             self.epoch, self.step = (epoch + 1, 0) if step + 1 == len(self) else (epoch, step + 1)
@@ -500,12 +486,6 @@ def toy_accuracy(examples, answers):
     return sum(toy_answer_correct(e["prompt"], a) for e, a in zip(examples, answers)) / max(len(examples), 1)
 
 
-def _toy_text(rng, template, a, b):
-    names = TOY_NAMES["zh" if re.search(r"[\u4e00-\u9fff]", template) else "en"]
-    x, y = rng.sample(names, 2)
-    return template.format(a=a, b=b, x=x, y=y)
-
-
 def _toy_ranked(rng, answer):
     """[correct, near miss (off by one), wrong (off by 2 or more)]: the RM learns both gaps."""
     c = int(answer)
@@ -520,10 +500,7 @@ def toy_task(seed=0, holdout=0.15, history_share=0.2):
     combos = [(t, a, b) for t, (op, _) in enumerate(TOY_TEMPLATES)
               for a in range(10) for b in range(10) if op == "+" or a >= b]
     # hold back whole (template, a, b) combinations, but never the last template of an (op, a, b)
-    left = {}
-    for t, a, b in combos:
-        key = (TOY_TEMPLATES[t][0], a, b)
-        left[key] = left.get(key, 0) + 1
+    left = Counter((TOY_TEMPLATES[t][0], a, b) for t, a, b in combos)  # training templates per (op, a, b)
     held, target = set(), round(holdout * len(combos))
     for t, a, b in rng.sample(combos, len(combos)):
         key = (TOY_TEMPLATES[t][0], a, b)
@@ -536,7 +513,9 @@ def toy_task(seed=0, holdout=0.15, history_share=0.2):
         for t, a, b in combos:
             if ((t, a, b) in held) != (split == "eval"):
                 continue
-            prompt = _toy_text(rng, TOY_TEMPLATES[t][1], a, b)
+            template = TOY_TEMPLATES[t][1]
+            x, y = rng.sample(TOY_NAMES["zh" if re.search(r"[\u4e00-\u9fff]", template) else "en"], 2)
+            prompt = template.format(a=a, b=b, x=x, y=y)
             answer = toy_answer(prompt)
             history = [list(rng.choice(train_turns))] if train_turns and rng.random() < history_share else []
             if split == "train":
@@ -556,8 +535,7 @@ def write_toy(out_dir, seed=0):
     for name, rows in toy_task(seed).items():
         path = os.path.join(out_dir, f"toy_{name}.jsonl")
         with open(path, "w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         paths.append(path)
     return paths
 

@@ -166,8 +166,9 @@ _DIST = Dist()  # the process-group handle: set once by setup()
 
 
 def all_reduce(t, op="sum", group=None):
-    """In-place all-reduce over `group` (a no-op in one process); returns t. The wait for the
-    other ranks counts as idle time (at a step's end the stages that finished first wait here)."""
+    """In-place all-reduce over `group` (None: every rank; a no-op in one process); returns t. The
+    wait for the other ranks counts as idle time (at a step's end the stages that finished first
+    wait here)."""
     if tdist.is_initialized() and tdist.get_world_size(group) > 1:
         with get().idle.waiting(get().device):
             tdist.all_reduce(t, op=tdist.ReduceOp.SUM if op == "sum" else tdist.ReduceOp.MAX, group=group)

@@ -13,6 +13,7 @@ import argparse
 import math
 import sys
 from dataclasses import dataclass, field, replace
+from itertools import accumulate
 
 import torch
 
@@ -164,9 +165,6 @@ class _Spans:
             self.blocks.append(self.blocks[-1] + (p.layer is not None))
         self.cache = {}
 
-    def nblocks(self, i, j):
-        return self.blocks[j] - self.blocks[i]
-
     def movable(self, i, j):
         """Bytes of optimiser state (master + moments) pieces [i, j) could keep on other stages."""
         m = self.model
@@ -218,14 +216,12 @@ def _search(spans, P, value, combine=max):
     best = [[math.inf] * (n + 1) for _ in range(P)]
     arg = [[None] * (n + 1) for _ in range(P)]
     for s in range(P):
-        for j in range(1, n + 1):
-            if s == P - 1 and j != n:
-                continue
+        for j in (n,) if s == P - 1 else range(1, n + 1):  # the last stage ends the model
             # stages 0..s need s+1 blocks before j; the rest need P-1-s blocks after it
             if spans.blocks[j] < s + 1 or L - spans.blocks[j] < P - 1 - s:
                 continue
             for i in range(0, j) if s else (0,):
-                if spans.nblocks(i, j) < 1 or (s and best[s - 1][i] == math.inf):
+                if spans.blocks[j] == spans.blocks[i] or (s and best[s - 1][i] == math.inf):
                     continue
                 v = value(s, i, j)
                 v = combine(best[s - 1][i], v) if s else v
@@ -250,14 +246,13 @@ def _check_P(pieces, P):
 
 
 def _build(pieces, P, model, ends, limit, method, title=""):
-    spans, stages, i = _Spans(pieces, model), [], 0
-    for s, j in enumerate(ends):
+    spans, stages, m = _Spans(pieces, model), [], model
+    for s, (i, j) in enumerate(zip([0] + ends, ends)):
         mem_total, time, c = spans.cost(s, P, i, j, limit)
-        ps, m = pieces[i:j], model
+        ps = pieces[i:j]
         blocks = [p.layer for p in ps if p.layer is not None]
         trainable = sum(p.trainable for p in ps)
-        copies = m.trained_copies + m.frozen_copies
-        mem = dict(params=sum(p.params for p in ps) * m.param_bytes * copies,
+        mem = dict(params=sum(p.params for p in ps) * m.param_bytes * (m.trained_copies + m.frozen_copies),
                    grads=trainable * m.grad_bytes * m.trained_copies,
                    optim=trainable * m.optim_bytes * m.trained_copies, act=0.0,
                    logits=sum(p.once_bytes for p in ps))
@@ -267,7 +262,6 @@ def _build(pieces, P, model, ends, limit, method, title=""):
                             checkpoint_layers=tuple(sorted(p.layer for p in spans.span(i, j)[2][:c])),
                             in_flight=min(P - s, m.micro_batches), mem=mem, mem_total=mem_total,
                             flops=time * m.flops_per_s, time=time))
-        i = j
     return Plan(stages, method, model, title)
 
 
@@ -275,14 +269,17 @@ def partition(pieces, P, model, mem_slack=0.05, mem_target=0.85, title=""):
     """The balanced plan over generic pieces (objective at the top of this section). A plan that
     cannot fit the budget is still returned, with plan.fits False, at its smallest peak."""
     _check_P(pieces, P)
-    spans = _Spans(pieces, model)
-    budget = model.mem_budget
+    spans, budget = _Spans(pieces, model), model.mem_budget
+
+    def build(ends, limit):
+        return _level(_build(pieces, P, model, ends, limit, "auto", title), pieces)
+
     recompute = model.checkpoint and budget is not None  # with no budget there is nothing to fit
     # pass 1: the least peak memory any plan reaches, recomputing every block if allowed
     least = -math.inf if recompute else None
     best_mem, ends = _search(spans, P, lambda s, i, j: spans.cost(s, P, i, j, least)[0])
     if budget is not None and best_mem > budget:  # nothing fits: the least-memory plan, levelled
-        return _level(_build(pieces, P, model, ends, least, "auto", title), pieces)
+        return build(ends, least)
     bound = best_mem * (1 + mem_slack)
     if budget is not None:
         bound = min(budget, max(bound, mem_target * budget))
@@ -291,53 +288,42 @@ def partition(pieces, P, model, mem_slack=0.05, mem_target=0.85, title=""):
     if model.level_optim:
         # optimiser states can leave a stage, so only what stays must meet the bound: time decides
         # the cut and _level evens out memory after it; if that does not fit, cut for memory
-        plan = _level(_build(pieces, P, model, _fastest(spans, P, bound, None, movable=True), None, "auto",
-                             title), pieces)
+        plan = build(_fastest(spans, P, bound, None, movable=True), None)
         if plan.fits:
             return plan
-    return _level(_build(pieces, P, model, _fastest(spans, P, bound, limit), limit, "auto", title), pieces)
+    return build(_fastest(spans, P, bound, limit), limit)
 
 
 def _fastest(spans, P, bound, limit, movable=False):
     """Passes 2-4 of the objective: the cut whose slowest stage is fastest with every stage's
     memory within bound (less its movable optimiser state if `movable`), then the least memory at
     that speed, then the most even stages."""
-    def cost(s, i, j):
-        mem, time, _ = spans.cost(s, P, i, j, limit)
-        return mem - (spans.movable(i, j) if movable else 0.0), time
+    def within(objective, mbound, tbound=math.inf):  # objective(mem, time) of a stage inside both bounds
+        def value(s, i, j):
+            mem, time, _ = spans.cost(s, P, i, j, limit)
+            mem -= spans.movable(i, j) if movable else 0.0
+            return objective(mem, time) if mem <= mbound and time <= tbound else math.inf
+        return value
 
-    def time_within(s, i, j):  # pass 2: the fastest slowest stage within the memory bound
-        mem, time = cost(s, i, j)
-        return time if mem <= bound else math.inf
-
-    best_time, _ = _search(spans, P, time_within)
+    # pass 2: the fastest slowest stage within the memory bound; pass 3: the least memory at that speed
+    best_time, _ = _search(spans, P, within(lambda mem, time: time, bound))
     tbound = best_time * (1 + 1e-9)
+    peak, _ = _search(spans, P, within(lambda mem, time: mem, bound, tbound))
 
-    def mem_within(s, i, j):  # pass 3: the least memory at that speed
-        mem, time = cost(s, i, j)
-        return mem if mem <= bound and time <= tbound else math.inf
-
-    peak, _ = _search(spans, P, mem_within)
-    mbound = peak * (1 + 1e-9)
-
-    def even_within(s, i, j):  # pass 4: the most even stages among those (least sum of squares)
-        mem, time = cost(s, i, j)
-        if mem > mbound or time > tbound:
-            return math.inf
+    def even(mem, time):  # pass 4: the most even stages among those (least sum of squares)
         return (time / (best_time or 1.0)) ** 2 + (mem / (peak or 1.0)) ** 2
 
-    return _search(spans, P, even_within, combine=lambda a, b: a + b)[1]
+    return _search(spans, P, within(even, peak * (1 + 1e-9), tbound), combine=lambda a, b: a + b)[1]
 
 
 def _level(plan, pieces):
-    """Even out memory after the cut: move the optimiser state (fp32 master + moments) of whole
-    units (a block's attention or MLP half, the embedding, the head) from the fullest stage to
-    the emptiest, each move the unit nearest half their gap, while one of 1/32 to 1 times the gap
-    exists (so every move lowers the sum of squared stage memories and the loop ends). Records
-    plan.hosts and the stages' new optim/total bytes."""
-    if not plan.model.level_optim:
-        return plan
+    """Even out memory after the cut: move the optimiser state of whole units (a block's attention or
+    MLP half, the embedding, the head) from the fullest stage to the emptiest, each move the unit
+    nearest half their gap, while one of 1/32 to 1 times the gap exists (so every move lowers the sum
+    of squared stage memories and the loop ends). Records plan.hosts and the new optim/total bytes."""
     m = plan.model
+    if not m.level_optim:
+        return plan
     stage_of = {name: st.index for st in plan.stages for name in st.pieces}
     size, home = {}, {}
     for p in pieces:
@@ -367,22 +353,14 @@ def equal_partition(pieces, P, model, title=""):
     with the first stage and the head with the last, priced by the same model."""
     _check_P(pieces, P)
     L = sum(p.layer is not None for p in pieces)
-    counts = [L // P + (s < L % P) for s in range(P)]
-    return _build(pieces, P, model, _ends_from_counts(pieces, counts), model.mem_budget, "naive", title)
+    return plan_from_counts(pieces, [L // P + (s < L % P) for s in range(P)], model, "naive", title)
 
 
 def _ends_from_counts(pieces, counts):
-    """Piece index where each stage ends, given each stage's block count; leading non-blocks go
-    with the first stage, trailing ones with the last."""
-    ends, seen, want = [], 0, 0
-    for cnt in counts[:-1]:
-        want += cnt
-        j = ends[-1] if ends else 0
-        while seen < want:
-            seen += pieces[j].layer is not None
-            j += 1
-        ends.append(j)
-    return ends + [len(pieces)]
+    """Piece index where each stage ends, given each stage's block count: right after its last block,
+    so leading non-blocks go with the first stage, trailing ones with the last."""
+    after_block = [j + 1 for j, p in enumerate(pieces) if p.layer is not None]
+    return [after_block[n - 1] for n in accumulate(counts[:-1])] + [len(pieces)]
 
 
 def plan_from_counts(pieces, counts, model, method="given", title=""):
@@ -394,16 +372,11 @@ def plan_from_counts(pieces, counts, model, method="given", title=""):
                   method, title)
 
 
-# LoRA targets and their (in, out) features, by the module names glm.py uses
-def _lora_shapes(cfg):
-    h, f = cfg.hidden_size, cfg.inner_hidden_size
-    return {"query_key_value": (h, 3 * h), "dense": (h, h),
-            "dense_h_to_4h": (h, f), "dense_4h_to_h": (f, h)}
-
-
 def _lora_params(cfg, rank, targets):
     """(adapter parameters a block adds, of which in its attention half): r * (in + out) a target."""
-    shapes = _lora_shapes(cfg)
+    h, f = cfg.hidden_size, cfg.inner_hidden_size
+    shapes = {"query_key_value": (h, 3 * h), "dense": (h, h),  # (in, out) by the names glm.py uses
+              "dense_h_to_4h": (h, f), "dense_4h_to_h": (f, h)}
     for t in targets:
         if t not in shapes:
             raise ValueError(f"LoRA target {t!r} is not a block linear; choose from {sorted(shapes)}")
@@ -414,13 +387,11 @@ def _lora_params(cfg, rank, targets):
 def glm_pieces(cfg, micro_batch_size, seq_len, train="full", lora_rank=8,
                lora_targets=("query_key_value",), train_layers=0, train_head=False,
                param_bytes=2, loss_chunk=None, lm_head=True):
-    """ChatGLM's pieces [embedding, blocks, final LN + lm_head] priced for one micro-batch.
-
-    train: "full" (everything), "lora" (adapters of rank lora_rank on lora_targets in every
-    block, base frozen) or "last_n" (the last train_layers blocks; the final LN and lm_head too
-    if train_head). lm_head=False: the run never computes logits (a reward model reads hidden
-    states), so lm_head is held frozen and costs no FLOPs, gradients or logit buffers. The
-    formulas are worked through for ChatGLM-6B in docs/numbers.md."""
+    """ChatGLM's pieces [embedding, blocks, final LN + lm_head] priced for one micro-batch. train:
+    "full", "lora" (adapters in every block, base frozen) or "last_n" (the last train_layers blocks;
+    the final LN and lm_head too if train_head). lm_head=False: no logits are computed (a reward model
+    reads hidden states), so lm_head is held frozen and costs no FLOPs, gradients or logit buffers.
+    docs/numbers.md works the formulas through for ChatGLM-6B."""
     h, f, V, L = cfg.hidden_size, cfg.inner_hidden_size, cfg.vocab_size, cfg.num_layers
     T = micro_batch_size * seq_len  # tokens per micro-batch
     if train not in ("full", "lora", "last_n"):
@@ -506,12 +477,11 @@ class Request:
                                      # there the fp32 master is a separate tensor that can move)
 
     def cost_model(self):
-        optim_bytes = self.optim_bytes
-        if optim_bytes is None:
-            optim_bytes = 8 + (4 if self.param_bytes < 4 else 0)
+        narrow = self.param_bytes < 4  # weights below fp32: AdamW keeps an fp32 master copy
+        optim_bytes = 8 + 4 * narrow if self.optim_bytes is None else self.optim_bytes
         return CostModel(self.micro_batches, self.param_bytes, self.grad_bytes, optim_bytes,
                          self.mem_budget, self.checkpoint, self.flops_per_s, *self.copies,
-                         level_optim=self.level_optim and self.param_bytes < 4)
+                         level_optim=self.level_optim and narrow)
 
     def pieces(self):
         return glm_pieces(self.cfg, self.micro_batch_size, self.seq_len, train=self.train,

@@ -218,8 +218,8 @@ def microbatches(encoded, idx, micro_batch_size, tok, device):
     return out
 
 
-def count_pairs(mbs, group=None):
-    """Ordered pairs (the loss's denominator) in these micro-batches, summed over `group`."""
+def count_pairs(mbs, group):
+    """Ordered pairs (the loss's denominator) in these micro-batches, summed over the replicas of `group`."""
     n = torch.tensor(float(sum(len(mb["better"]) for mb in mbs)), device=mbs[0]["input_ids"].device)
     return dist.all_reduce(n, "sum", group).clamp(min=1)
 

@@ -95,8 +95,8 @@ def microbatches(examples, idx, micro_batch_size, pad_id, device):
 
 def count_label_tokens(mbs, group=None):
     """Response tokens (the loss's denominator) in these micro-batches, summed over `group` if given."""
-    n = sum((data.count_labels(mb["labels"]) for mb in mbs), torch.zeros((), device=mbs[0]["labels"].device))
-    return dist.all_reduce(n.float(), "sum", group).clamp(min=1)
+    n = sum((data.count_labels(mb["labels"]) for mb in mbs), torch.zeros((), device=mbs[0]["labels"].device)).float()
+    return (n if group is None else dist.all_reduce(n, "sum", group)).clamp(min=1)  # None: no reduction at all
 
 
 def toy_accuracy(model, tok, examples, max_len, d):

@@ -1,13 +1,16 @@
-"""One process of a torchrun launch of tests/test_pipeline.py: runs a list of jobs in one process
-group and writes each job's results beside the list, for the test process to check.
+"""One rank of tests/test_pipeline.py's multi-process jobs: it runs a list of jobs in one gloo
+process group (every job builds its own stages and groups) and writes each job's results beside
+the list, for the test process to check. The test forks the ranks (conftest.fork_ranks); to
+reproduce a failure by hand, run the same list under torchrun:
 
-    python -m torch.distributed.run --standalone --nproc_per_node=N tests/pipeline_worker.py JOBS.json
+    python -m torch.distributed.run --standalone --nproc_per_node=4 tests/pipeline_worker.py JOBS.json
 
-Also the fixtures both sides build from (the toy base model, the step's micro-batches, the
-prompts, the LoRA values), so the workers and the single-process references read the same.
+Also what both sides build from (the step's micro-batches, the prompts, the LoRA values), so the
+ranks and the single-process references read the same.
 """
 import json
 import os
+import shutil
 import sys
 import traceback
 import zlib
@@ -15,8 +18,7 @@ import zlib
 import torch
 import torch.distributed as tdist
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import dist  # noqa: E402
 import glm  # noqa: E402
@@ -25,9 +27,9 @@ import optim  # noqa: E402
 import plan  # noqa: E402
 import train_sft  # noqa: E402
 
-TOK_PATH = os.path.join(ROOT, "tests", "fixtures", "case_small", "ice_text.model")
-TOY_TRAIN = os.path.join(ROOT, "data", "toy_sft_train.jsonl")
-LAYERS = 4
+TOK_PATH = os.path.join(data.TOY_DIR, "ice_text.model")
+TOY_TRAIN = data.toy_file("sft_train")
+LAYERS = 4  # blocks of the test models: 4 stages of one, or 2 of two
 MICRO_BATCHES = 4  # global micro-batches of one gradient step: M per replica x D replicas
 MAX_LEN = 48
 # what trains in the gradient jobs, by mode (select_trainable reads the LoRA fields or train_layers)
@@ -37,14 +39,7 @@ PROMPTS, NEW_TOKENS = 5, 10  # generation: the first PROMPTS toy prompts, NEW_TO
 
 
 # -----------------------------------------------------------------------------
-# what the workers and the single-process references share
-
-
-def make_base(path, seed=0):
-    cfg = glm.GLMConfig.toy()
-    cfg.num_layers = LAYERS
-    glm.ChatGLM(cfg).init_weights(seed, std=0.1).save_pretrained(path, tokenizer=glm.Tokenizer(TOK_PATH))
-    return str(path)
+# what the ranks and the single-process references share
 
 
 def global_microbatches(n=MICRO_BATCHES, size=2):
@@ -105,6 +100,12 @@ def _stage(job, d, micro_batches, dtype=None):
     return dist.build_stage(job["model"], stage, d, checkpoint_all=job.get("checkpoint", False))
 
 
+def _my_share(mbs, d):
+    """This replica's disjoint slice of the global micro-batches."""
+    M = len(mbs) // d.D
+    return mbs[d.dp_rank * M:(d.dp_rank + 1) * M]
+
+
 def _save(job, out, d, result):
     torch.save(result, os.path.join(out, f"{job['name']}-rank{d.rank}.pt"))
 
@@ -112,10 +113,8 @@ def _save(job, out, d, result):
 def grads_job(job, out):
     """One 1F1B step over this replica's share of the global micro-batches; saves loss and gradients."""
     d = _setup(job["pp"])
-    mbs_all = global_microbatches(job.get("micro_batches", MICRO_BATCHES))
-    M = len(mbs_all) // d.D
-    mine = mbs_all[d.dp_rank * M:(d.dp_rank + 1) * M]  # replicas take disjoint slices
-    model = _stage(job, d, M)
+    mine = _my_share(global_microbatches(job.get("micro_batches", MICRO_BATCHES)), d)
+    model = _stage(job, d, len(mine))
     params = optim.select_trainable(model, job["mode"], **TRAINS)
     if job["mode"] == "lora":
         set_lora_values(model)
@@ -126,25 +125,27 @@ def grads_job(job, out):
     optim.sync_grads([p.grad for p in params], d)
     _save(job, out, d, {"rank": d.rank, "pp_rank": d.pp_rank, "dp_rank": d.dp_rank, "loss": loss.item(),
                         "n_tokens": n_tok.item(), "first_trainable": first,
+                        "recomputed": sorted(model.checkpoint_activations),
                         "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
                         "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad)})
 
 
 def hosted_job(job, out):
-    """HOSTED_STEPS AdamW steps of full training, some pieces' masters and moments kept on other
-    stages (job["hosts"]); saves each rank's weights and the optimiser state it keeps."""
+    """HOSTED_STEPS AdamW steps of full training over the global micro-batches, some pieces' masters
+    and moments kept on other stages (job["hosts"]); saves each rank's weights and the optimiser
+    state it keeps."""
     d = _setup(job["pp"])
-    mbs = global_microbatches()
-    model = _stage(job, d, len(mbs))
+    mine = _my_share(global_microbatches(), d)
+    model = _stage(job, d, len(mine))
     optim.select_trainable(model, "full")
     opt = optim.AdamW(optim.named_trainables(model), HOSTED_LR, HOSTED_WD, d, job["hosts"])
-    n_tok = train_sft.count_label_tokens(mbs, d.dp_group)  # D = 1: this replica's count, no sum
+    n_tok = train_sft.count_label_tokens(mine, d.dp_group)
     for step in range(HOSTED_STEPS):
-        loss = dist.train_step(model, d, mbs, train_sft.sft_loss(n_tok))
+        loss = dist.train_step(model, d, mine, train_sft.sft_loss(n_tok))
         optim.optimizer_step(opt, loss, HOSTED_LR, HOSTED_CLIP, d, 0, step)
-    _save(job, out, d, {"pp_rank": d.pp_rank, "guests": sorted(opt.guests), "away": sorted(opt.away),
-                        "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
-                        "state": opt.state_by_name()})
+    _save(job, out, d, {"pp_rank": d.pp_rank, "dp_rank": d.dp_rank, "guests": sorted(opt.guests),
+                        "away": sorted(opt.away), "state": opt.state_by_name(),
+                        "weights": {n: p.detach().clone() for n, p in model.named_parameters()}})
 
 
 def generate_job(job, out):
@@ -158,7 +159,7 @@ def generate_job(job, out):
     ids, logprobs = dist.generate(model, d, glm.left_pad(mine, tok.pad_id), NEW_TOKENS,
                                   micro_batches=job["micro_batches"])
     texts = dist.greedy_answers(model, d, tok, mine, NEW_TOKENS, batch_size=2)
-    _save(job, out, d, {"dp_rank": d.dp_rank, "ids": ids, "logprobs": logprobs.float(), "texts": texts})
+    _save(job, out, d, {"dp_rank": d.dp_rank, "ids": ids, "logprobs": logprobs, "texts": texts})
 
 
 def train_job(job, out):
@@ -171,23 +172,38 @@ def train_job(job, out):
         dist.setup, dist.teardown = saved
 
 
-JOBS = {"grads": grads_job, "hosted": hosted_job, "generate": generate_job, "train": train_job}
+def copy_job(job, out):
+    """Rank 0 copies a finished run's folder (for a run that resumes from it), the others wait."""
+    try:
+        if int(os.environ["RANK"]) == 0:
+            shutil.copytree(job["src"], job["dst"])
+    finally:  # a failed copy must not leave the other ranks waiting
+        dist.barrier()
+
+
+JOBS = {"grads": grads_job, "hosted": hosted_job, "generate": generate_job, "train": train_job, "copy": copy_job}
 
 
 def main(jobs_path):
+    """Run the jobs in order; after each, rewrite this rank's {job name: "ok" or the error}. A job
+    that fails without job["fails"] ends the launch: the other ranks may wait on this one for good,
+    and the launcher (fork_ranks, torchrun) stops them when a rank exits with an error."""
     torch.set_num_threads(1)
     with open(jobs_path, encoding="utf-8") as f:
         jobs = json.load(f)
     out = os.path.dirname(jobs_path)
-    rank, results = int(os.environ["RANK"]), {}
+    path, results = os.path.join(out, f"results-rank{os.environ['RANK']}.json"), {}
     for job in jobs:
         try:
             JOBS[job["kind"]](job, out)
             results[job["name"]] = "ok"
-        except Exception as e:  # recorded for the test; the jobs after it still run
+        except Exception as e:
             results[job["name"]] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
-    with open(os.path.join(out, f"results-rank{rank}.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(results, f)
+        if results[job["name"]] != "ok" and not job.get("fails"):
+            print(results[job["name"]], file=sys.stderr, flush=True)
+            os._exit(1)
     if tdist.is_initialized():
         tdist.barrier()
         tdist.destroy_process_group()

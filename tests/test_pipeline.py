@@ -2,17 +2,14 @@
 gradients, the same generations, checkpoints that read back under another number of stages; and a
 bf16 stage's fp32 gradient accumulators and masters.
 
-The multi-process tests are named test_torchrun_* (select them with `pytest -k torchrun`). Each
-torchrun launch costs seconds, so two launches (4 processes, then 2) each run a list of jobs of
-tests/pipeline_worker.py in one process group, and the tests here check their results against
-references computed in this process without dist.py.
+The multi-process tests are named test_gloo_* (select them with `pytest -k gloo`). Their jobs run
+in one launch: 4 ranks forked from this process (conftest.fork_ranks) run the job list of
+tests/pipeline_worker.py in one process group, as P = 4 or as P = 2 x D = 2, and the tests here
+check the results against references computed in this process without dist.py and optim.py.
 """
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -20,64 +17,41 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
+import dist
+import glm
+import lora
+import optim
 import pipeline_worker as pw
-from pipeline_worker import ROOT, global_microbatches
+import train_sft
+from conftest import fork_ranks, head_lines, losses, make_base, sft_argv, write_jsonl
 
-import data  # noqa: E402  (pipeline_worker put the repository on the path)
-import dist  # noqa: E402
-import glm  # noqa: E402
-import lora  # noqa: E402
-import optim  # noqa: E402
-import train_sft  # noqa: E402
-
-LAUNCH_TIMEOUT = 300
-
-
-def data_file(path, n=12):
-    """n toy examples: 3 steps an epoch at 2 micro-batches of 2."""
-    with open(pw.TOY_TRAIN, encoding="utf-8") as f, open(path, "w", encoding="utf-8") as g:
-        g.writelines(next(f) for _ in range(n))
-    return str(path)
-
-
-def sft_argv(base, train, out, *extra, **flags):
-    opts = dict(model=base, data=train, eval_data=train, out=str(out), max_len=pw.MAX_LEN, micro_batch_size=2,
-                grad_accum=2, lr=1e-2, warmup_steps=4, max_steps=6, log_every=1, eval_every=1000,
-                save_every=1000)
-    opts.update(flags)
-    return [x for k, v in opts.items() for x in (f"--{k}", str(v))] + list(extra)
-
-
-def losses(out, key="loss"):
-    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-        return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def launch(nproc, jobs, out):
-    """Run the jobs under torchrun with nproc processes; returns each rank's {job name: "ok" or the error}."""
+    """Run the jobs in nproc forked ranks; returns .results (each rank's {job name: "ok" or the
+    error}) and .log (the ranks' output if one failed). A failed job ends the launch: the jobs after
+    it are missing from the results, and their tests say so."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "jobs.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(jobs, f)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    # --standalone: the launcher binds a free port itself, so concurrent launches never collide
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.abspath(pw.__file__), path]
-    # a session of its own, so that a hung launch is ended with its workers (not only the launcher)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    log = ""
     try:
-        stdout, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun hung for {LAUNCH_TIMEOUT} s:\n{stdout[-3000:]}\n{stderr[-5000:]}")
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-5000:]}"
-    results = []
-    for r in range(nproc):
-        with open(os.path.join(out, f"results-rank{r}.json"), encoding="utf-8") as f:
-            results.append(json.load(f))
-    return results
+        fork_ranks(lambda rank: pw.main(path), os.path.join(out, "ranks"), nproc)
+    except pytest.fail.Exception as e:  # reported by the tests of the jobs that did not finish
+        log = str(e)
+    return SimpleNamespace(out=out, results=[read_results(os.path.join(out, f"results-rank{r}.json"))
+                                             for r in range(nproc)], log=log)
+
+
+def read_results(path):
+    """A rank's {job name: "ok" or the error}; {} if it finished no job."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def saved(out, name, nproc):
@@ -113,7 +87,7 @@ def reference_grads(base, mode, micro_batches=pw.MICRO_BATCHES):
         for name, p in model.named_parameters():
             m = glm.LAYER_KEY.fullmatch(name)
             p.requires_grad_(mode == "full" or (m is not None and int(m.group(1)) >= first_trained))
-    mbs = global_microbatches(micro_batches)
+    mbs = pw.global_microbatches(micro_batches)
     n, total = label_count(mbs), 0.0
     for mb in mbs:
         loss = step_loss(model(mb["input_ids"]), mb["labels"], n)
@@ -126,7 +100,7 @@ def reference_adamw(base):
     """The whole model after HOSTED_STEPS steps of torch's own AdamW (decay on matrices only) on
     the plain loop's gradients, clipped by torch's clip_grad_norm_: {name: weight}, {name: state}."""
     model = glm.ChatGLM.from_pretrained(base)
-    mbs = global_microbatches()
+    mbs = pw.global_microbatches()
     n = label_count(mbs)
     named = dict(model.named_parameters())
     opt = torch.optim.AdamW([{"params": [p for p in named.values() if p.dim() >= 2], "weight_decay": pw.HOSTED_WD},
@@ -141,10 +115,10 @@ def reference_adamw(base):
     return ({k: p.detach() for k, p in named.items()}, {k: opt.state[p] for k, p in named.items()})
 
 
-def reference_generation(base, replica, replicas, dtype):
+def reference_generation(model_dir, replica, replicas, dtype):
     """(ids, log-probabilities, texts) of the whole model's own KV-cached greedy generation over one
     replica's share of the prompts."""
-    model = glm.ChatGLM.from_pretrained(base, dtype=dtype).eval()
+    model = glm.ChatGLM.from_pretrained(model_dir, dtype=dtype).eval()
     tok = glm.Tokenizer(pw.TOK_PATH)
     ids = glm.left_pad(pw.prompts(replica, replicas), tok.pad_id)
     out, logprobs = model.generate(ids, max_new_tokens=pw.NEW_TOKENS, return_logprobs=True)
@@ -155,32 +129,35 @@ def reference_generation(base, replica, replicas, dtype):
 # checks of a launch's results against the references
 
 
-def ok(launch_result, name):
-    for rank, results in enumerate(launch_result.results):
+def ok(launched, name):
+    for rank, results in enumerate(launched.results):
+        assert name in results, f"job {name} did not run on rank {rank}: the launch stopped before it. {launched.log}"
         assert results[name] == "ok", f"job {name} failed on rank {rank}:\n{results[name]}"
 
 
 def check_hosted(out, name, nproc, base, hosts):
-    """Weights and optimiser states equal torch's AdamW on one process; every hosted state sits on
-    its host and nowhere else."""
+    """Every rank's weights and each replica's optimiser states equal torch's AdamW on one process;
+    every hosted state sits on its host and nowhere else."""
     ranks = saved(out, name, nproc)
     want_w, want_state = reference_adamw(base)
-    got_w, got_state = {}, {}
-    for r in ranks:
-        got_w.update(r["weights"])
-        assert not got_state.keys() & r["state"].keys(), "one state kept on two stages"
-        got_state.update(r["state"])
-        for n in r["state"]:
-            assert hosts.get(optim.unit_of(n), r["pp_rank"]) == r["pp_rank"] or n in r["guests"]
-        for n in r["guests"]:
-            assert hosts[optim.unit_of(n)] == r["pp_rank"] and n in r["state"]
-    assert sorted(n for r in ranks for n in r["guests"]) == sorted(n for r in ranks for n in r["away"])
-    assert {optim.unit_of(n) for r in ranks for n in r["guests"]} == set(hosts)
-    assert got_w.keys() == want_w.keys() == got_state.keys()
-    for k in want_w:
-        torch.testing.assert_close(got_w[k], want_w[k], atol=2e-6, rtol=1e-5, msg=k)
-        for m in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(got_state[k][m], want_state[k][m], atol=1e-7, rtol=1e-4, msg=f"{k} {m}")
+    for replica in {r["dp_rank"] for r in ranks}:
+        mine = [r for r in ranks if r["dp_rank"] == replica]
+        got_w, got_state = {}, {}
+        for r in mine:
+            got_w.update(r["weights"])
+            assert not got_state.keys() & r["state"].keys(), "one state kept on two stages"
+            got_state.update(r["state"])
+            for n in r["state"]:
+                assert hosts.get(optim.unit_of(n), r["pp_rank"]) == r["pp_rank"] or n in r["guests"]
+            for n in r["guests"]:
+                assert hosts[optim.unit_of(n)] == r["pp_rank"] and n in r["state"]
+        assert sorted(n for r in mine for n in r["guests"]) == sorted(n for r in mine for n in r["away"])
+        assert {optim.unit_of(n) for r in mine for n in r["guests"]} == set(hosts)
+        assert got_w.keys() == want_w.keys() == got_state.keys()
+        for k in want_w:
+            torch.testing.assert_close(got_w[k], want_w[k], atol=2e-6, rtol=1e-5, msg=k)
+            for m in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(got_state[k][m], want_state[k][m], atol=1e-7, rtol=1e-4, msg=f"{k} {m}")
 
 
 def merged_grads(out, name, nproc):
@@ -210,13 +187,13 @@ def check_against_reference(base, out, name, nproc, mode="full", micro_batches=p
     return ranks
 
 
-def check_generation(base, out, name, nproc, replicas, dtype=torch.float32, atol=1e-4):
+def check_generation(model_dir, out, name, nproc, replicas, dtype=torch.float32, atol=1e-4):
     """Every stage of every replica returns what the whole model generates in one process for that
     replica's prompts: the same tokens and texts, log-probabilities to atol."""
     ranks = saved(out, name, nproc)
     assert sorted(r["dp_rank"] for r in ranks) == sorted(list(range(replicas)) * (nproc // replicas))
     for replica in range(replicas):
-        ids, logprobs, texts = reference_generation(base, replica, replicas, dtype)
+        ids, logprobs, texts = reference_generation(model_dir, replica, replicas, dtype)
         assert ids.shape[1] > len(max(pw.prompts(replica, replicas), key=len))  # something was generated
         for r in (r for r in ranks if r["dp_rank"] == replica):
             assert torch.equal(r["ids"], ids), (replica, r["ids"], ids)
@@ -224,18 +201,8 @@ def check_generation(base, out, name, nproc, replicas, dtype=torch.float32, atol
             assert r["texts"] == texts
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Toy-sized ops gain nothing from threads, and on a busy 2-core machine every op of a 2-thread pool
-    waits for a descheduled thread (about 5x slower here); restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -----------------------------------------------------------------------------
-# the launches (module fixtures: each runs once, the tests read its results)
+# the launch and the single-process runs (module fixtures: each runs once, the tests read its results)
 
 
 # optimiser states kept away from their stage: P = 4 holds one block a stage, P = 2 two
@@ -246,74 +213,62 @@ HOSTS_P2 = {"embedding": 1, "layer 3/mlp": 0, "head": 0}
 @pytest.fixture(scope="module")
 def setup_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    base = pw.make_base(root / "base")
-    train = data_file(root / "train12.jsonl")
-    return SimpleNamespace(root=root, base=base, train=train)
+    base = make_base(root / "base", pw.LAYERS, std=0.1)
+    # generation's model: at std 0.1 every prompt gets nearly the same continuation, which would
+    # hide rows mixed up between micro-batches
+    gen = make_base(root / "gen", pw.LAYERS, std=0.3, seed=3)
+    train = write_jsonl(root / "train12.jsonl", head_lines(pw.TOY_TRAIN, 12))  # 3 steps an epoch
+    return SimpleNamespace(root=root, base=base, gen=gen, train=train)
 
 
 @pytest.fixture(scope="module")
-def four(setup_dir):
-    """4 processes: gradients with P = 4 and P = 2 x D = 2; generation with P = 4 and P = 2 x D = 2; a
-    --pp 4 training run of 3 steps; --pp 2 x 2 replicas training runs (full and LoRA)."""
-    s, out = setup_dir, str(setup_dir.root / "four")
+def launched(setup_dir):
+    """The one launch, 4 processes as P = 4 or P = 2 x D = 2: one step's gradients, optimiser states
+    kept on other stages, generation (fp32 and bf16 stages), train_sft.py runs, a --pp 4 checkpoint
+    resumed under --pp 2 x 2 replicas, and --pp 3."""
+    s, out = setup_dir, str(setup_dir.root / "launch")
     g = dict(kind="grads", model=s.base)
+
+    def sft(name, *extra, **flags):  # a train_sft.py run writing to root/name
+        return dict(kind="train", name=name, argv=sft_argv(s.base, s.train, s.root / name, *extra, **flags))
+
     jobs = [
         dict(g, name="p4", pp=4, mode="full"),
         dict(g, name="p4_m1", pp=4, mode="full", micro_batches=1),  # fewer micro-batches than stages
         dict(g, name="p4_last2", pp=4, mode="last_n"),
         dict(g, name="p4_lora", pp=4, mode="lora"),
         dict(g, name="p2d2", pp=2, mode="full"),
+        dict(g, name="p2d2_uneven", pp=2, mode="full", counts=[1, 3], checkpoint=True),  # and recomputed
         dict(kind="hosted", name="hosted_p4", pp=4, model=s.base, hosts=HOSTS_P4),
+        dict(kind="hosted", name="hosted_p2d2", pp=2, model=s.base, hosts=HOSTS_P2),
         # 5 prompts in 5 micro-batches of one: more micro-batches than stages circulate
-        dict(kind="generate", name="gen_p4", pp=4, model=s.base, micro_batches=5),
-        dict(kind="generate", name="gen_p2d2", pp=2, model=s.base, micro_batches=2),
+        dict(kind="generate", name="gen_p4", model=s.gen, pp=4, micro_batches=5),
+        dict(kind="generate", name="gen_p2d2", model=s.gen, pp=2, micro_batches=2),
+        # bf16 stages pass bf16 hidden states around the ring
+        dict(kind="generate", name="gen_p2d2_bf16", model=s.gen, pp=2, micro_batches=2, dtype="bfloat16"),
         # warmup 4 > 3 steps: the first three learning rates do not depend on max_steps, so this run
         # is the first half of a 6-step run and may be resumed as one
-        dict(kind="train", name="sft_p4", argv=sft_argv(s.base, s.train, s.root / "sft_p4", "--pp", "4", max_steps=3)),
+        sft("sft_p4", "--pp", "4", max_steps=3),
+        dict(kind="copy", name="copy_p4", src=str(s.root / "sft_p4"), dst=str(s.root / "sft_p4_to_p2d2")),
         # 2 replicas of 2 micro-batches: the global batch of one process with grad_accum 4
-        dict(kind="train", name="sft_p2d2",
-             argv=sft_argv(s.base, s.train, s.root / "sft_p2d2", "--pp", "2", max_steps=4)),
-        dict(kind="train", name="sft_p2d2_lora",
-             argv=sft_argv(s.base, s.train, s.root / "sft_p2d2_lora", "--pp", "2", "--lora_rank", "4", max_steps=4)),
+        sft("sft_p2d2", "--pp", "2", max_steps=4),
+        sft("sft_p2d2_lora", "--pp", "2", "--lora_rank", "4", max_steps=4),
+        sft("sft_p2d2_last2", "--pp", "2", "--train_layers", "2", max_steps=4),  # stage 0 only runs forward
+        # 2 replicas of 1 micro-batch: the 4 examples a step of the --pp 4 run
+        sft("sft_p4_to_p2d2", "--pp", "2", "--grad_accum", "1", "--resume"),
+        dict(sft("pp3", "--pp", "3"), fails=True),
     ]
-    return SimpleNamespace(out=out, results=launch(4, jobs, out))
-
-
-@pytest.fixture(scope="module")
-def two(setup_dir, four):
-    """2 processes: gradients with P = 2 (uneven split, recomputation); generation with fp32 and bf16
-    stages; --pp 2 training runs (full, LoRA, last 2 blocks); the --pp 4 checkpoint resumed with
-    --pp 2; --pp 3 on 2 processes."""
-    s, out = setup_dir, str(setup_dir.root / "two")
-    shutil.copytree(s.root / "sft_p4", s.root / "sft_p4_to_p2")
-    shutil.copytree(s.root / "sft_p4", s.root / "sft_p4_to_p1")  # resumed in the test process
-    g = dict(kind="grads", model=s.base)
-    jobs = [
-        dict(g, name="p2", pp=2, mode="full", counts=[1, 3], checkpoint=True),
-        dict(kind="hosted", name="hosted_p2", pp=2, model=s.base, hosts=HOSTS_P2),
-        dict(kind="generate", name="gen_p2", pp=2, model=s.base, micro_batches=2),
-        # bf16 stages pass bf16 hidden states around the ring
-        dict(kind="generate", name="gen_p2_bf16", pp=2, model=s.base, micro_batches=2, dtype="bfloat16"),
-        dict(kind="train", name="sft_p2", argv=sft_argv(s.base, s.train, s.root / "sft_p2", "--pp", "2")),
-        dict(kind="train", name="sft_p2_lora",
-             argv=sft_argv(s.base, s.train, s.root / "sft_p2_lora", "--pp", "2", "--lora_rank", "4", max_steps=4)),
-        dict(kind="train", name="sft_p2_last2",
-             argv=sft_argv(s.base, s.train, s.root / "sft_p2_last2", "--pp", "2", "--train_layers", "2", max_steps=4)),
-        dict(kind="train", name="sft_p4_to_p2",
-             argv=sft_argv(s.base, s.train, s.root / "sft_p4_to_p2", "--pp", "2", "--resume")),
-        dict(kind="train", name="pp3", argv=sft_argv(s.base, s.train, s.root / "pp3", "--pp", "3")),
-    ]
-    return SimpleNamespace(out=out, results=launch(2, jobs, out))
+    return launch(4, jobs, out)
 
 
 @pytest.fixture(scope="module")
 def single(setup_dir):
     """The same training runs in this process (P = D = 1)."""
     s, runs = setup_dir, {}
-    for name, extra, steps in (("sft_p1", [], 6), ("sft_p1_3", [], 3), ("sft_p1_lora", ["--lora_rank", "4"], 4),
-                               ("sft_p1_last2", ["--train_layers", "2"], 4),
+    for name, extra, steps in (("sft_p1", [], 6), ("sft_p1_3", [], 3),
                                ("sft_p1_ga4", ["--grad_accum", "4"], 4),
-                               ("sft_p1_ga4_lora", ["--grad_accum", "4", "--lora_rank", "4"], 4)):
+                               ("sft_p1_ga4_lora", ["--grad_accum", "4", "--lora_rank", "4"], 4),
+                               ("sft_p1_ga4_last2", ["--grad_accum", "4", "--train_layers", "2"], 4)):
         train_sft.main(sft_argv(s.base, s.train, s.root / name, *extra, max_steps=steps))
         runs[name] = s.root / name
     return runs
@@ -333,7 +288,7 @@ def test_train_step_in_one_process_matches_the_plain_loop(setup_dir):
     d = dist.setup(1)
     model = glm.ChatGLM.from_pretrained(setup_dir.base)
     params = optim.select_trainable(model, "full")
-    mbs = global_microbatches()
+    mbs = pw.global_microbatches()
     n_tok = train_sft.count_label_tokens(mbs)
     loss = dist.train_step(model, d, mbs, train_sft.sft_loss(n_tok))
     want_loss, n, want = reference_grads(setup_dir.base, "full")
@@ -344,49 +299,52 @@ def test_train_step_in_one_process_matches_the_plain_loop(setup_dir):
         torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=1e-5, msg=key)
 
 
-def test_torchrun_p4_optimizer_states_kept_on_other_stages_match_torch_adamw(setup_dir, four):
-    ok(four, "hosted_p4")
-    check_hosted(four.out, "hosted_p4", 4, setup_dir.base, HOSTS_P4)
+def test_gloo_p4_optimizer_states_kept_on_other_stages_match_torch_adamw(setup_dir, launched):
+    ok(launched, "hosted_p4")
+    check_hosted(launched.out, "hosted_p4", 4, setup_dir.base, HOSTS_P4)
 
 
-def test_torchrun_p2_optimizer_states_kept_on_other_stages_match_torch_adamw(setup_dir, two):
-    ok(two, "hosted_p2")
-    check_hosted(two.out, "hosted_p2", 2, setup_dir.base, HOSTS_P2)
+def test_gloo_p2_d2_optimizer_states_kept_on_other_stages_match_torch_adamw(setup_dir, launched):
+    ok(launched, "hosted_p2d2")
+    check_hosted(launched.out, "hosted_p2d2", 4, setup_dir.base, HOSTS_P2)
 
 
-def test_torchrun_p2_gradients_match_one_process(setup_dir, two):
-    ok(two, "p2")
-    ranks = check_against_reference(setup_dir.base, two.out, "p2", 2)
-    assert sorted(k.split(".")[2] for k in ranks[0]["grads"] if ".layers." in k) == ["0"] * 12  # counts [1, 3]
+def test_gloo_p4_gradients_match_one_process(setup_dir, launched):
+    ok(launched, "p4")
+    check_against_reference(setup_dir.base, launched.out, "p4", 4)
 
 
-def test_torchrun_p4_gradients_match_one_process(setup_dir, four):
-    ok(four, "p4")
-    check_against_reference(setup_dir.base, four.out, "p4", 4)
+def test_gloo_p4_with_one_micro_batch_matches_one_process(setup_dir, launched):
+    ok(launched, "p4_m1")
+    check_against_reference(setup_dir.base, launched.out, "p4_m1", 4, micro_batches=1)
 
 
-def test_torchrun_p4_with_one_micro_batch_matches_one_process(setup_dir, four):
-    ok(four, "p4_m1")
-    check_against_reference(setup_dir.base, four.out, "p4_m1", 4, micro_batches=1)
-
-
-def test_torchrun_p2_d2_gradients_match_one_process(setup_dir, four):
-    ok(four, "p2d2")
-    ranks = check_against_reference(setup_dir.base, four.out, "p2d2", 4)
+def test_gloo_p2_d2_gradients_match_one_process(setup_dir, launched):
+    ok(launched, "p2d2")
+    ranks = check_against_reference(setup_dir.base, launched.out, "p2d2", 4)
     assert sorted((r["pp_rank"], r["dp_rank"]) for r in ranks) == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 
-def test_torchrun_p4_last2_frozen_stages_get_no_gradients(setup_dir, four):
-    ok(four, "p4_last2")
-    ranks = check_against_reference(setup_dir.base, four.out, "p4_last2", 4, mode="last_n")
+def test_gloo_p2_d2_uneven_recomputed_stages_match_one_process(setup_dir, launched):
+    ok(launched, "p2d2_uneven")
+    ranks = check_against_reference(setup_dir.base, launched.out, "p2d2_uneven", 4)
+    for r in ranks:  # counts [1, 3], every block recomputed in backward
+        assert r["recomputed"] == ([0] if r["pp_rank"] == 0 else [1, 2, 3])
+        if r["pp_rank"] == 0:
+            assert sorted(k.split(".")[2] for k in r["grads"] if ".layers." in k) == ["0"] * 12
+
+
+def test_gloo_p4_last2_frozen_stages_get_no_gradients(setup_dir, launched):
+    ok(launched, "p4_last2")
+    ranks = check_against_reference(setup_dir.base, launched.out, "p4_last2", 4, mode="last_n")
     for r in ranks:  # blocks 0 and 1 (stages 0 and 1) are frozen: they only run forward
         assert r["first_trainable"] == 2
         assert bool(r["grads"]) == (r["pp_rank"] >= 2)
 
 
-def test_torchrun_p4_lora_gradients_match_one_process(setup_dir, four):
-    ok(four, "p4_lora")
-    ranks = check_against_reference(setup_dir.base, four.out, "p4_lora", 4, mode="lora")
+def test_gloo_p4_lora_gradients_match_one_process(setup_dir, launched):
+    ok(launched, "p4_lora")
+    ranks = check_against_reference(setup_dir.base, launched.out, "p4_lora", 4, mode="lora")
     assert all(".lora_" in k for r in ranks for k in r["grads"])
 
 
@@ -394,64 +352,43 @@ def test_torchrun_p4_lora_gradients_match_one_process(setup_dir, four):
 # pipelined generation
 
 
-def test_torchrun_p2_generation_equals_one_process(setup_dir, two):
-    ok(two, "gen_p2")
-    check_generation(setup_dir.base, two.out, "gen_p2", 2, replicas=1)
+def test_gloo_p4_generation_with_more_micro_batches_than_stages_equals_one_process(setup_dir, launched):
+    ok(launched, "gen_p4")
+    check_generation(setup_dir.gen, launched.out, "gen_p4", 4, replicas=1)
 
 
-def test_torchrun_p4_generation_with_more_micro_batches_than_stages_equals_one_process(setup_dir, four):
-    ok(four, "gen_p4")
-    check_generation(setup_dir.base, four.out, "gen_p4", 4, replicas=1)
+def test_gloo_p2_d2_generation_equals_one_process_per_replica(setup_dir, launched):
+    ok(launched, "gen_p2d2")
+    check_generation(setup_dir.gen, launched.out, "gen_p2d2", 4, replicas=2)
 
 
-def test_torchrun_p2_d2_generation_equals_one_process_per_replica(setup_dir, four):
-    ok(four, "gen_p2d2")
-    check_generation(setup_dir.base, four.out, "gen_p2d2", 4, replicas=2)
-
-
-def test_torchrun_p2_bf16_generation_equals_one_bf16_process(setup_dir, two):
-    ok(two, "gen_p2_bf16")
-    check_generation(setup_dir.base, two.out, "gen_p2_bf16", 2, replicas=1, dtype=torch.bfloat16, atol=2e-2)
+def test_gloo_p2_d2_bf16_generation_equals_one_bf16_process(setup_dir, launched):
+    ok(launched, "gen_p2d2_bf16")
+    check_generation(setup_dir.gen, launched.out, "gen_p2d2_bf16", 4, replicas=2, dtype=torch.bfloat16, atol=2e-2)
 
 
 # -----------------------------------------------------------------------------
-# train_sft.py under torchrun
+# train_sft.py in several processes
 
 
-def test_torchrun_sft_p2_gives_the_single_process_losses(two, single):
-    ok(two, "sft_p2")
-    root = os.path.dirname(single["sft_p1"])
-    assert_same_curve(losses(os.path.join(root, "sft_p2")), losses(single["sft_p1"]), range(1, 7))
+def test_gloo_sft_p2_d2_gives_the_single_process_losses(setup_dir, launched, single):
+    ok(launched, "sft_p2d2")
+    assert_same_curve(losses(setup_dir.root / "sft_p2d2"), losses(single["sft_p1_ga4"]), range(1, 5))
 
 
-def test_torchrun_sft_p2_d2_gives_the_single_process_losses(four, single):
-    ok(four, "sft_p2d2")
-    root = os.path.dirname(single["sft_p1"])
-    assert_same_curve(losses(os.path.join(root, "sft_p2d2")), losses(single["sft_p1_ga4"]), range(1, 5))
+def test_gloo_sft_p2_d2_eval_loss_is_the_single_process_one(setup_dir, launched, single):
+    ok(launched, "sft_p2d2")
+    assert_same_curve(losses(setup_dir.root / "sft_p2d2", "eval_loss"), losses(single["sft_p1_ga4"], "eval_loss"), [4])
 
 
-def test_torchrun_sft_p2_eval_loss_is_the_single_process_one(two, single):
-    ok(two, "sft_p2")
-    root = os.path.dirname(single["sft_p1"])
-    assert_same_curve(losses(os.path.join(root, "sft_p2"), "eval_loss"), losses(single["sft_p1"], "eval_loss"), [6])
+def test_gloo_sft_p2_d2_lora_gives_the_single_process_losses(setup_dir, launched, single):
+    ok(launched, "sft_p2d2_lora")
+    assert_same_curve(losses(setup_dir.root / "sft_p2d2_lora"), losses(single["sft_p1_ga4_lora"]), range(1, 5))
 
 
-def test_torchrun_sft_p2_lora_gives_the_single_process_losses(two, single):
-    ok(two, "sft_p2_lora")
-    root = os.path.dirname(single["sft_p1"])
-    assert_same_curve(losses(os.path.join(root, "sft_p2_lora")), losses(single["sft_p1_lora"]), range(1, 5))
-
-
-def test_torchrun_sft_p2_d2_lora_gives_the_single_process_losses(four, single):
-    ok(four, "sft_p2d2_lora")
-    root = os.path.dirname(single["sft_p1"])
-    assert_same_curve(losses(os.path.join(root, "sft_p2d2_lora")), losses(single["sft_p1_ga4_lora"]), range(1, 5))
-
-
-def test_torchrun_sft_p2_last2_gives_the_single_process_losses(two, single):
-    ok(two, "sft_p2_last2")
-    root = os.path.dirname(single["sft_p1"])
-    assert_same_curve(losses(os.path.join(root, "sft_p2_last2")), losses(single["sft_p1_last2"]), range(1, 5))
+def test_gloo_sft_p2_d2_last2_gives_the_single_process_losses(setup_dir, launched, single):
+    ok(launched, "sft_p2d2_last2")
+    assert_same_curve(losses(setup_dir.root / "sft_p2d2_last2"), losses(single["sft_p1_ga4_last2"]), range(1, 5))
 
 
 def stage_logits(model_dir, counts, ids):
@@ -468,13 +405,13 @@ def stage_logits(model_dir, counts, ids):
         return stage.lm_head(h)
 
 
-def test_torchrun_p4_checkpoint_reads_back_with_p2_and_p1(setup_dir, four, single):
-    ok(four, "sft_p4")
+def test_gloo_p4_checkpoint_reads_back_with_p2_and_p1(setup_dir, launched, single):
+    ok(launched, "sft_p4")
     root = setup_dir.root
     assert_same_curve(losses(root / "sft_p4"), losses(single["sft_p1"]), range(1, 4))
     final, ckpt = root / "sft_p4" / "final", root / "sft_p4" / "checkpoint"
     assert len([f for f in os.listdir(final) if f.endswith(".safetensors")]) == 4  # one file per stage
-    ids = global_microbatches()[2]["input_ids"]
+    ids = pw.global_microbatches()[2]["input_ids"]
     with torch.no_grad():
         whole = glm.ChatGLM.from_pretrained(final).eval()(ids)
         ref = glm.ChatGLM.from_pretrained(single["sft_p1_3"] / "final").eval()(ids)
@@ -485,23 +422,25 @@ def test_torchrun_p4_checkpoint_reads_back_with_p2_and_p1(setup_dir, four, singl
     torch.testing.assert_close(whole, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_torchrun_p4_checkpoint_resumes_with_p2_and_p1(setup_dir, two, single):
-    """The 3-step --pp 4 run continued to 6 steps under --pp 2 and in one process: the resumed steps
-    follow the uninterrupted single-process run."""
-    ok(two, "sft_p4_to_p2")
+def test_gloo_p4_checkpoint_resumes_with_p2_d2_and_p1(setup_dir, launched, single):
+    """The 3-step --pp 4 run continued to 6 steps under --pp 2 x 2 replicas and in one process: the
+    resumed steps follow the uninterrupted single-process run."""
+    ok(launched, "copy_p4")
+    ok(launched, "sft_p4_to_p2d2")
     root = setup_dir.root
+    shutil.copytree(root / "sft_p4", root / "sft_p4_to_p1")
     train_sft.main(sft_argv(setup_dir.base, setup_dir.train, root / "sft_p4_to_p1", "--resume"))
     want = losses(single["sft_p1"])
-    for name in ("sft_p4_to_p2", "sft_p4_to_p1"):
+    for name in ("sft_p4_to_p2d2", "sft_p4_to_p1"):
         assert_same_curve(losses(root / name), want, range(1, 7))
 
 
-def test_torchrun_pp_that_does_not_divide_the_world_is_a_clear_error(two):
-    for rank, results in enumerate(two.results):
+def test_gloo_pp_that_does_not_divide_the_world_is_a_clear_error(setup_dir, launched):
+    for rank, results in enumerate(launched.results):
         msg = results["pp3"]
-        assert msg.startswith("ValueError: --pp 3 does not divide the world size 2"), msg
-        assert "--pp 2" in msg.splitlines()[0]  # it says what to pass instead
-    assert not os.path.exists(os.path.join(os.path.dirname(two.out), "pp3", "metrics.jsonl"))
+        assert msg.startswith("ValueError: --pp 3 does not divide the world size 4"), msg
+        assert "--pp 4" in msg.splitlines()[0]  # it says what to pass instead
+    assert not os.path.exists(setup_dir.root / "pp3" / "metrics.jsonl")
 
 
 # -----------------------------------------------------------------------------
@@ -535,7 +474,7 @@ def test_bf16_weights_train_through_fp32_masters(setup_dir, tmp_path):
     """A bf16 stage: micro-batch gradients sum in fp32 (main_grad), AdamW updates fp32 masters and
     the bf16 weights are their rounding; saved state carries the master, so a resume is exact."""
     d = dist.setup(1)
-    mbs = global_microbatches()
+    mbs = pw.global_microbatches()
     n_tok = train_sft.count_label_tokens(mbs)
     lr, wd = 1e-3, 0.1
     want, size, want_loss = bf16_reference_grads(setup_dir.base, mbs, label_count(mbs))
@@ -543,14 +482,15 @@ def test_bf16_weights_train_through_fp32_masters(setup_dir, tmp_path):
     opt = optim.AdamW(optim.named_trainables(model), lr, wd, d)
     loss = dist.train_step(model, d, mbs, train_sft.sft_loss(n_tok))
     assert abs(loss.item() - want_loss) < 1e-4 * want_loss
+    assert {type(m) for m in model.modules() if isinstance(m, nn.Linear)} == {optim.MainGradLinear}
     named = dict(model.named_parameters())
     for k, p in named.items():
         assert p.grad is None and p.main_grad.dtype == torch.float32
-        # a MainGradLinear sums fp32 products where autograd rounds each micro-batch's to bf16
-        fused = isinstance(model.get_submodule(k.rsplit(".", 1)[0]), optim.MainGradLinear) and k.endswith("weight")
+        # the linears' weights (2-D, but the embedding) sum fp32 products, where autograd rounds each
+        # micro-batch's gradient to bf16; the other tensors sum the same bf16 gradients in fp32
+        fused = p.dim() == 2 and k != "transformer.word_embeddings.weight"
         tol = (2 ** -8 if fused else 1e-6) * size[k] + 1e-7
         assert ((p.main_grad.double() - want[k]).abs() <= tol).all(), k
-    assert isinstance(model.lm_head, optim.MainGradLinear)  # the fused path was taken
     # reference update: torch's AdamW on float32 copies of the starting weights with those gradients
     start = {k: p.detach().float().clone().requires_grad_() for k, p in named.items()}
     ref_opt = torch.optim.AdamW([{"params": [t for t in start.values() if t.dim() >= 2], "weight_decay": wd},
@@ -584,7 +524,7 @@ def test_linear_adds_its_weight_gradient_into_main_grad():
     torch.manual_seed(0)
     lin = optim.MainGradLinear(24, 40).bfloat16()
     start = None
-    for step in range(2):
+    for _ in range(2):
         x = torch.randn(3, 5, 24, dtype=torch.bfloat16, requires_grad=True)
         g = torch.randn(3, 5, 40, dtype=torch.bfloat16)
         y = lin(x)

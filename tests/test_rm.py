@@ -73,7 +73,7 @@ def test_loss_equals_float64_loop_over_pairs(base, tok):
     head = glm.reward_head(model.config.hidden_size, seed=1)
     enc = train_rm.encode_examples(tok, EXAMPLES, 64, data.TruncationStats(), train_rm.RankStats())
     mbs = train_rm.microbatches(enc, [0, 1, 2], 2, tok, "cpu")  # [ex 0, ex 1] and [ex 2]
-    n = train_rm.count_pairs(mbs)
+    n = train_rm.count_pairs(mbs, None)  # one process: nothing to sum over
     assert int(n) == 1 + 3 + 6
     with torch.no_grad():
         got = sum(train_rm.rm_loss(head, n)(model, model(mb["input_ids"], return_hidden=True), mb) for mb in mbs)
