@@ -229,6 +229,12 @@ def split_holdout(examples, holdout, seed=0):
             [e for i, e in enumerate(examples) if i in held])
 
 
+def load_train_eval(load, path, eval_path, holdout, seed):
+    """(train, held-out) examples: `load` (load_sft, load_ranked) of both files, or of one split."""
+    examples = load(path)
+    return (examples, load(eval_path)) if eval_path else split_holdout(examples, holdout, seed)
+
+
 # -----------------------------------------------------------------------------
 # tokenising, truncation and labels
 

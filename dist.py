@@ -145,13 +145,8 @@ class Dist:
     dp_group: object = None
     idle: IdleClock = field(default_factory=IdleClock)
 
-    @property
-    def first(self):
-        return self.pp_rank == 0
-
-    @property
-    def last(self):
-        return self.pp_rank == self.P - 1
+    first = property(lambda self: self.pp_rank == 0)        # holds the embedding
+    last = property(lambda self: self.pp_rank == self.P - 1)  # holds the final LN and lm_head
 
     def stage_rank(self, s):
         """Global rank of stage s of this replica."""
@@ -363,10 +358,8 @@ def generate(model, d, input_ids, max_new_tokens, do_sample=False, temperature=1
     if d.P == 1:
         return model.generate(input_ids, max_new_tokens=max_new_tokens, return_logprobs=True,
                               cuda_graph=cuda_graph, **sampling)
+    model.check_ids(input_ids, max_new_tokens)
     cfg, (B, T), N = model.config, input_ids.shape, max_new_tokens
-    if T + N > cfg.max_sequence_length:
-        raise ValueError(f"prompt of {T} tokens + max_new_tokens {N} exceeds max_sequence_length "
-                         f"{cfg.max_sequence_length}; shorten either")
     use_graph = d.device.type == "cuda" if cuda_graph is None else cuda_graph
     chunks = input_ids.tensor_split(min(B, max(micro_batches or d.P, d.P)))
     starts = [0] + torch.tensor([c.shape[0] for c in chunks]).cumsum(0).tolist()

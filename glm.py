@@ -372,16 +372,19 @@ class ChatGLM(nn.Module):
                 p.normal_(0.0, std, generator=g)
         return self
 
-    def check_ids(self, input_ids):
+    def check_ids(self, input_ids, max_new_tokens=0):
+        """Ids [B, T] inside the vocabulary, and T (+ the tokens to generate) within the positions."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary "
                              f"[0, {self.config.vocab_size}). HINT: the tokenizer does not match this model.")
-        if input_ids.shape[1] > self.config.max_sequence_length:
-            raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds max_sequence_length "
-                             f"{self.config.max_sequence_length}; truncate the prompt")
+        T, N = input_ids.shape[1], max_new_tokens
+        if T + N > self.config.max_sequence_length:
+            raise ValueError(f"{T} tokens" + (f" + max_new_tokens {N}" if N else "") + " exceed "
+                             f"max_sequence_length {self.config.max_sequence_length}; shorten the input"
+                             + (" or max_new_tokens" if N else ""))
 
     def inputs(self, input_ids, position_ids=None, attention_mask=None):
         """(rope, attend) for a forward: derived from the ids unless given in the release's form
@@ -414,11 +417,8 @@ class ChatGLM(nn.Module):
         Returns ids [B, T + N], N <= max_new_tokens (pad after a row's <eop>) and, with return_logprobs, the
         log-probabilities [B, N] of the chosen tokens under softmax(logits / temperature).
         On CUDA each decode step replays a captured CUDA graph unless cuda_graph=False."""
-        self.check_ids(input_ids)
+        self.check_ids(input_ids, max_new_tokens)
         cfg, (B, T) = self.config, input_ids.shape
-        if T + max_new_tokens > cfg.max_sequence_length:
-            raise ValueError(f"prompt of {T} tokens + max_new_tokens {max_new_tokens} exceeds "
-                             f"max_sequence_length {cfg.max_sequence_length}; shorten either")
         device = input_ids.device
         use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         decoder = Decoder(self, B, T + max_new_tokens, use_graph)

@@ -563,11 +563,6 @@ def plan_pipeline(cfg, P, micro_batch_size, seq_len, micro_batches, **options):
     return plan
 
 
-def naive_plan(cfg, P, micro_batch_size, seq_len, micro_batches, **options):
-    """Equal layer counts per stage, priced and reported like the balanced plan (--plan naive)."""
-    return plan_pipeline(cfg, P, micro_batch_size, seq_len, micro_batches, method="naive", **options)
-
-
 def plan_for_run(cfg, P, device, micro_batch_size, seq_len, micro_batches, train, lora_rank=8,
                  lora_targets=("query_key_value",), train_layers=0, gpu_mem_gib=0.0, method="auto",
                  copies=(1, 0), lm_head=True):

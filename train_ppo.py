@@ -397,6 +397,71 @@ def ppo_update(roles, opts, bad, batch, d, cfg, step, next_ptx):
     return pstats, vstats
 
 
+# -----------------------------------------------------------------------------
+# reports: step metrics, log lines, the toy run's before/after table
+
+
+def metrics(r, pstats, vstats, d):
+    """Reward, KL, entropy, clip fraction, approximate KL, value loss, explained variance, length,
+    over every replica, from a rollout's scores r and the update's summed statistics."""
+    raw_score, returns, m = r["raw_score"], r["returns"], r["mask"].float()
+    kl_seq = ((r["logp"] - r["ref_logp"]) * m).sum(1)  # [B]
+    resid = (returns - r["values"]) * m
+    n = m.sum()
+    var = lambda x: (x ** 2 * m).sum() / n - ((x * m).sum() / n) ** 2
+    local = torch.stack([raw_score.sum(), (raw_score ** 2).sum(), kl_seq.sum(), m.sum(1).sum(),
+                         torch.tensor(float(raw_score.shape[0]), device=m.device), var(resid) * n, var(returns) * n, n])
+    g = dist.all_reduce(local, "sum", d.dp_group)
+    B = g[4]
+    pstats = dist.all_reduce(dist.broadcast_from_last_stage(pstats, d), "sum", d.dp_group)
+    vstats = dist.all_reduce(dist.broadcast_from_last_stage(vstats, d), "sum", d.dp_group)
+    mean = g[0] / B
+    return dict(reward_mean=float(mean), reward_std=float((g[1] / B - mean ** 2).clamp(min=0).sqrt()),
+                kl=float(g[2] / B), response_len=float(g[3] / B),
+                explained_var=float(1 - g[5] / g[6].clamp(min=1e-8)),
+                clip_frac=float(pstats[0] / pstats[3].clamp(min=1)), approx_kl=float(pstats[1] / pstats[3].clamp(min=1)),
+                entropy=float(pstats[2] / pstats[3].clamp(min=1)), value_loss=float(vstats[0] / vstats[1].clamp(min=1)))
+
+
+def toy_report(roles, tok, d, cfg):
+    """On the toy task's held-out questions: exact-match accuracy of the policy's greedy answers,
+    the reward model's mean score of those answers, and the answers."""
+    eval_ex = data.load_sft(data.toy_file("sft_eval"))
+    model = roles.use("actor")
+    ids = glm.left_pad([data.encode_prompt(tok, e, cfg.max_prompt_len) for e in eval_ex], tok.pad_id).to(d.device)
+    model.eval()
+    out, _ = dist.generate(model, d, ids, cfg.max_new_tokens)
+    model.train()
+    answers = [tok.decode(row, skip_special_tokens=True) for row in out[:, ids.shape[1]:]]
+    score = float(score_rollout(roles, d, out, ids.shape[1], cfg)["score"].mean())
+    return data.toy_accuracy(eval_ex, answers), score, list(zip([e["prompt"] for e in eval_ex], answers))
+
+
+def print_toy_table(before, after, history):
+    first, last = history[:5], history[-5:]
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
+    print("\non the held-out questions (PPO's prompts; no labels seen in RL):")
+    print("                                          before RLHF   after RLHF")
+    print(f"accuracy of the greedy answers            {before[0]:>11.1%}   {after[0]:>10.1%}")
+    print(f"RM score of the greedy answers            {before[1]:>11.3f}   {after[1]:>10.3f}")
+    print(f"rollout reward mean (first / last 5 steps) {mean(first, 'reward_mean'):>10.3f}   {mean(last, 'reward_mean'):>10.3f}")
+    print(f"KL to the reference (first / last 5 steps) {mean(first, 'kl'):>10.3f}   {mean(last, 'kl'):>10.3f}")
+    changed = [(p, a, b) for (p, a), (_, b) in zip(before[2], after[2]) if a != b]
+    print(f"greedy answers that changed: {len(changed)} of {len(before[2])}" + (", e.g.:" if changed else ""))
+    for p, a, b in changed[:6]:
+        mark = lambda x: "right" if data.toy_answer_correct(p, x) else "wrong"
+        print(f"  {p!r}\n      before: {a!r} ({mark(a)})   after: {b!r} ({mark(b)})")
+
+
+def sample_text(tok, ids):
+    """A log line's text of ids [N]. The model's vocabulary may be larger than the tokenizer's
+    (ChatGLM-6B pads its embedding), and a sampling policy can emit those ids: they are counted,
+    not decoded, so a log line never stops a run."""
+    known = (ids >= 0) & (ids < tok.vocab_size)
+    text = tok.decode(ids[known], skip_special_tokens=True)
+    return text if known.all() else f"{text} [+{int((~known).sum())} ids outside the tokenizer]"
+
+
 def main(argv=None):
     cfg = flags.parse(Config, argv, preset=lambda c: {} if c.model or c.actor or c.rm_dir else data.TOY_PPO)
     d = dist.setup(cfg.pp)
@@ -458,7 +523,7 @@ def main(argv=None):
         t1 = time.perf_counter()
         pstats, vstats = ppo_update(roles, opts, bad, batch, d, cfg, step, next_ptx)
         step += 1
-        m = metrics(r, r["raw_score"], r["mask"], r["returns"], pstats, vstats, d)
+        m = metrics(r, pstats, vstats, d)
         kl_ctl.update(m["kl"], cfg.rollout_batch_size * d.D)
         m.update(beta=kl_ctl.beta, t_generate=r["t_generate"], t_score=r["t_score"], t_train=time.perf_counter() - t1,
                  pairs_per_s=prompt_ids.shape[0] * d.D / (time.perf_counter() - t0))
@@ -489,74 +554,6 @@ def main(argv=None):
             print_toy_table(before, after, history)
     dist.report_memory_and_busy(the_plan.stages[d.pp_rank], d, wall)
     dist.teardown()
-
-
-def metrics(r, raw_score, mask, returns, pstats, vstats, d):
-    """Reward, KL, entropy, clip fraction, approximate KL, value loss, explained variance, length."""
-    m = mask.float()
-    kl_seq = ((r["logp"] - r["ref_logp"]) * m).sum(1)  # [B]
-    resid = (returns - r["values"]) * m
-    n = m.sum()
-    var = lambda x: (x ** 2 * m).sum() / n - ((x * m).sum() / n) ** 2
-    local = torch.stack([raw_score.sum(), (raw_score ** 2).sum(), kl_seq.sum(), m.sum(1).sum(),
-                         torch.tensor(float(raw_score.shape[0]), device=m.device), var(resid) * n, var(returns) * n, n])
-    g = dist.all_reduce(local, "sum", d.dp_group)
-    B = g[4]
-    pstats = dist.all_reduce(dist.broadcast_from_last_stage(pstats, d), "sum", d.dp_group)
-    vstats = dist.all_reduce(dist.broadcast_from_last_stage(vstats, d), "sum", d.dp_group)
-    mean = g[0] / B
-    return dict(reward_mean=float(mean), reward_std=float((g[1] / B - mean ** 2).clamp(min=0).sqrt()),
-                kl=float(g[2] / B), response_len=float(g[3] / B),
-                explained_var=float(1 - g[5] / g[6].clamp(min=1e-8)),
-                clip_frac=float(pstats[0] / pstats[3].clamp(min=1)), approx_kl=float(pstats[1] / pstats[3].clamp(min=1)),
-                entropy=float(pstats[2] / pstats[3].clamp(min=1)), value_loss=float(vstats[0] / vstats[1].clamp(min=1)))
-
-
-# -----------------------------------------------------------------------------
-# the toy run's before/after report
-
-
-def toy_report(roles, tok, d, cfg):
-    """On the toy task's held-out questions: exact-match accuracy of the policy's greedy answers,
-    the reward model's mean score of those answers, and the answers."""
-    eval_ex = data.load_sft(data.toy_file("sft_eval"))
-    model = roles.use("actor")
-    ids = glm.left_pad([data.encode_prompt(tok, e, cfg.max_prompt_len) for e in eval_ex], tok.pad_id).to(d.device)
-    model.eval()
-    out, _ = dist.generate(model, d, ids, cfg.max_new_tokens)
-    model.train()
-    answers = [tok.decode(row, skip_special_tokens=True) for row in out[:, ids.shape[1]:]]
-    score = float(score_rollout(roles, d, out, ids.shape[1], cfg)["score"].mean())
-    return data.toy_accuracy(eval_ex, answers), score, list(zip([e["prompt"] for e in eval_ex], answers))
-
-
-def print_toy_table(before, after, history):
-    first, last = history[:5], history[-5:]
-    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
-    print("\non the held-out questions (PPO's prompts; no labels seen in RL):")
-    print("                                          before RLHF   after RLHF")
-    print(f"accuracy of the greedy answers            {before[0]:>11.1%}   {after[0]:>10.1%}")
-    print(f"RM score of the greedy answers            {before[1]:>11.3f}   {after[1]:>10.3f}")
-    print(f"rollout reward mean (first / last 5 steps) {mean(first, 'reward_mean'):>10.3f}   {mean(last, 'reward_mean'):>10.3f}")
-    print(f"KL to the reference (first / last 5 steps) {mean(first, 'kl'):>10.3f}   {mean(last, 'kl'):>10.3f}")
-    changed = [(p, a, b) for (p, a), (_, b) in zip(before[2], after[2]) if a != b]
-    print(f"greedy answers that changed: {len(changed)} of {len(before[2])}" + (", e.g.:" if changed else ""))
-    for p, a, b in changed[:6]:
-        mark = lambda x: "right" if data.toy_answer_correct(p, x) else "wrong"
-        print(f"  {p!r}\n      before: {a!r} ({mark(a)})   after: {b!r} ({mark(b)})")
-
-
-# -----------------------------------------------------------------------------
-# log lines
-
-
-def sample_text(tok, ids):
-    """A log line's text of ids [N]. The model's vocabulary may be larger than the tokenizer's
-    (ChatGLM-6B pads its embedding), and a sampling policy can emit those ids: they are counted,
-    not decoded, so a log line never stops a run."""
-    known = (ids >= 0) & (ids < tok.vocab_size)
-    text = tok.decode(ids[known], skip_special_tokens=True)
-    return text if known.all() else f"{text} [+{int((~known).sum())} ids outside the tokenizer]"
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ SFT adapter's share included), reward_head.safetensors (weight [1, C], bias [1])
 reward_stats.json (mean and std of the rewards on the held-out answers; PPO normalises by them).
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -227,11 +228,7 @@ def count_pairs(mbs, group):
 def load_rankings(cfg, tok):
     """The train and held-out rankings, read, checked and encoded; what truncation did is printed.
     With no held-out prompts the training prompts stand in for them."""
-    train_ex = data.load_ranked(cfg.data)
-    if cfg.eval_data:
-        eval_ex = data.load_ranked(cfg.eval_data)
-    else:
-        train_ex, eval_ex = data.split_holdout(train_ex, cfg.holdout, cfg.seed)
+    train_ex, eval_ex = data.load_train_eval(data.load_ranked, cfg.data, cfg.eval_data, cfg.holdout, cfg.seed)
     stats, ranks = data.TruncationStats(), RankStats()
     train_enc = encode_examples(tok, train_ex, cfg.max_len, stats, ranks)
     eval_enc = encode_examples(tok, eval_ex, cfg.max_len, stats, ranks)
@@ -395,9 +392,9 @@ def load_reward_model(model_dir, adapter_dir="", device="cpu", dtype=torch.float
     head_dir = adapter_dir or model_dir
     head = glm.reward_head(model.config.hidden_size, device=device)
     ckpt.load_head(head, head_dir, HEAD)
-    stats = None
-    if os.path.isfile(os.path.join(head_dir, STATS_FILE)):
-        with open(os.path.join(head_dir, STATS_FILE), encoding="utf-8") as f:
+    stats_path, stats = os.path.join(head_dir, STATS_FILE), None
+    if os.path.isfile(stats_path):
+        with open(stats_path, encoding="utf-8") as f:
             stats = json.load(f)
     return model, head, stats
 
@@ -448,10 +445,9 @@ def score(argv=None):
         for k, (a, r) in enumerate(zip(ex["answers"], rs)):
             label = f"rank {order.index(a) + 1}" if len(rs) > 1 else "answer"
             print(f"    {r:+9.4f}{z(r)}  {label}: {a[:70]!r}")
-        by_label = sorted(zip(ex["answers"], rs), key=lambda t: order.index(t[0]))
-        for i in range(len(by_label)):
-            for j in range(i + 1, len(by_label)):
-                right, pairs = right + (by_label[i][1] > by_label[j][1]), pairs + 1
+        by_label = [r for _, r in sorted(zip(ex["answers"], rs), key=lambda t: order.index(t[0]))]
+        for better, worse in itertools.combinations(by_label, 2):
+            right, pairs = right + (better > worse), pairs + 1
     if pairs:
         print(f"pairwise accuracy {right / pairs:.1%} over {pairs} pairs")
     return scores

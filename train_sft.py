@@ -115,11 +115,7 @@ def main(argv=None):
 
     # ---- tokenizer and data (checked in full before any model is built)
     tok = glm.Tokenizer.from_dir(cfg.model)
-    train_ex = data.load_sft(cfg.data)
-    if cfg.eval_data:
-        eval_ex = data.load_sft(cfg.eval_data)
-    else:
-        train_ex, eval_ex = data.split_holdout(train_ex, cfg.holdout, cfg.seed)
+    train_ex, eval_ex = data.load_train_eval(data.load_sft, cfg.data, cfg.eval_data, cfg.holdout, cfg.seed)
     stats = data.TruncationStats()
     train_enc = [data.encode_sft(tok, e, cfg.max_len, stats) for e in train_ex]
     eval_enc = [data.encode_sft(tok, e, cfg.max_len, stats) for e in eval_ex]

@@ -188,7 +188,7 @@ def test_uniform_pieces_give_equal_counts(L):
 def test_equal_partition_counts():
     pieces = plan.glm_pieces(SIX_B, 4, 512)
     assert plan.equal_partition(pieces, 8, plan.CostModel(16)).layer_counts == [4, 4, 4, 4, 3, 3, 3, 3]
-    assert plan.naive_plan(SIX_B, 4, 4, 512, 8).layer_counts == [7, 7, 7, 7]
+    assert plan.plan_pipeline(SIX_B, 4, 4, 512, 8, method="naive").layer_counts == [7, 7, 7, 7]
 
 
 # ---- ChatGLM-6B, checked against the arithmetic of docs/numbers.md ----------------------------
@@ -294,7 +294,7 @@ def test_last_n_keeps_nothing_for_frozen_blocks():
 def test_6b_p8_balances_memory_better_than_equal_counts():
     P, M, b, seq = 8, 16, 4, 512
     pl = plan.plan_pipeline(SIX_B, P, b, seq, M, level_optim=False)  # the layer split alone
-    naive = plan.naive_plan(SIX_B, P, b, seq, M)
+    naive = plan.plan_pipeline(SIX_B, P, b, seq, M, method="naive")
     assert pl.mem_imbalance < naive.mem_imbalance
     # the stages carrying the embedding / lm_head (and 1F1B's deepest queue on stage 0) get fewer blocks
     assert pl.layer_counts[0] < naive.layer_counts[0] and pl.layer_counts[-1] < naive.layer_counts[-1]
@@ -334,14 +334,14 @@ def test_6b_optimizer_states_even_out_what_layer_counts_cannot(P, M, b, budget):
     assert pl.hosts.keys() <= state.keys() and all(host != home[u] for u, host in pl.hosts.items())
     # nothing moves for LoRA-sized states that cannot even anything out, or with fp32 weights
     assert plan.plan_pipeline(SIX_B, P, b, seq, M, param_bytes=4).hosts == {}
-    assert plan.naive_plan(SIX_B, P, b, seq, M).hosts == {}
+    assert plan.plan_pipeline(SIX_B, P, b, seq, M, method="naive").hosts == {}
 
 
 def test_6b_p8_with_room_to_spare_goes_for_speed():
     # 80 GiB: every split's peak is far below 85 % of it, so the slowest stage decides
     P, M, b, seq = 8, 16, 4, 512
     pl = plan.plan_pipeline(SIX_B, P, b, seq, M, mem_budget=80 * GiB)
-    naive = plan.naive_plan(SIX_B, P, b, seq, M, mem_budget=80 * GiB)
+    naive = plan.plan_pipeline(SIX_B, P, b, seq, M, mem_budget=80 * GiB, method="naive")
     assert pl.fits and pl.step_time < naive.step_time and pl.mem_imbalance < naive.mem_imbalance
     # 28 blocks over 8 stages put 4 on some stage, and a stage of 4 is the slowest: 6n + 12sh
     # FLOPs a block and token at 400 TFLOP/s (docs/numbers.md, "Compute" and "Time")
@@ -376,7 +376,7 @@ def test_plan_that_cannot_fit_says_what_to_change():
     for hint in ("--pp", "--checkpoint", "--micro_batch_size", "LoRA", "--train_layers"):
         assert hint in msg, hint
     with pytest.raises(plan.PlanError, match="--plan auto"):
-        plan.naive_plan(SIX_B, 8, 4, 512, 16, mem_budget=int(20.5 * GiB))
+        plan.plan_pipeline(SIX_B, 8, 4, 512, 16, mem_budget=int(20.5 * GiB), method="naive")
 
 
 def test_each_tip_is_what_replanning_finds():
