@@ -2,13 +2,14 @@
 
 Fixtures: fixture_dir, golden_model, tok (the golden fixture); one_thread (module scope);
 toy_chain (session: the quickstart's three toy runs); killed_after_step; gloo_mains (ranks forked
-from the test process); torchrun_mains (ranks of a real torchrun launch).
+from the test process).
 
 Plain functions (import them: `from conftest import write_jsonl, sft_argv`):
     single_thread()                                   a context: one intra-op thread inside it
     make_base(path, num_layers=2, std=0.02, seed=0)   a random toy ChatGLM folder with the tokenizer
     write_jsonl(path, rows)                           rows: str lines as they are, or JSON objects
     head_lines(path, n)                               the first n lines of a file
+    torchrun(script, flags, nproc=2)                  a script launched as a user launches it
     as_argv(opts, *extra)                             {name: value} -> ["--name", "value", ...] + extra
     sft_argv / rm_argv (base, data_file, out, *extra, **flags), ppo_argv(toy_dir, out, mode, *extra, **flags)
                                                       flags of a small, fast run; keywords override
@@ -242,22 +243,6 @@ def free_port():
         return s.getsockname()[1]
 
 
-_MAINS_WORKER = r'''
-import importlib, json, sys
-import torch.distributed as tdist
-import dist
-# several runs in one process group: dist.setup reuses it, and the runs' teardowns keep it
-init = tdist.init_process_group
-tdist.init_process_group = lambda *a, **kw: None if tdist.is_initialized() else init(*a, **kw)
-dist.teardown = dist.barrier
-main = importlib.import_module(sys.argv[1]).main
-for flags in json.load(open(sys.argv[2])):
-    main(flags)
-tdist.barrier()
-tdist.destroy_process_group()
-'''
-
-
 def fork_ranks(target, log_dir, nproc=2, timeout=300):
     """target(rank) in nproc processes forked from this one, with torchrun's environment variables
     (dist.setup or init_process_group("gloo") in target makes them one group) and one intra-op
@@ -337,22 +322,17 @@ def forked_mains(module, runs, log_dir, nproc=2, timeout=300):
 
 @pytest.fixture
 def gloo_mains(tmp_path):
-    """run(module, [flags, ...]): as torchrun_mains, in 2 ranks forked from the test process
-    (forked_mains): the same runs without a launch's seconds of start-up."""
+    """run(module, [flags, ...]): module.main(flags) for each run, in order, in 2 ranks forked from
+    the test process (forked_mains): what a torchrun launch runs, without its seconds of start-up."""
     return lambda module, runs, nproc=2: forked_mains(module, runs, tmp_path / f"{module}-ranks", nproc)
 
 
-@pytest.fixture
-def torchrun_mains(tmp_path):
-    """run(module, [flags, ...]): module.main(flags) for each run, in order, under one torchrun
-    launch of 2 CPU processes (gloo); fails the test with the launch's output if any run fails."""
-    def run(module, runs, nproc=2):
-        jobs, worker = tmp_path / f"{module}-jobs.json", tmp_path / f"{module}-worker.py"
-        jobs.write_text(json.dumps(runs))
-        worker.write_text(_MAINS_WORKER)
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                               f"--master_port={free_port()}", str(worker), module, str(jobs)],
-                              env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"), cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return run
+def torchrun(script, flags, nproc=2):
+    """`torchrun --nproc_per_node=nproc script flags...` as a user types it (gloo on CPU); fails the
+    test with the launch's output if it fails."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                           f"--master_port={free_port()}", os.path.join(ROOT, script), *map(str, flags)],
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout
