@@ -62,8 +62,7 @@ def rng_state(d):
 
 
 def checkpoint_dir(out, resume):
-    """OUT/checkpoint when --resume finds one there, else None: a fresh run (said when --resume
-    was given)."""
+    """OUT/checkpoint when --resume finds one there; else None: a fresh run (said if --resume was given)."""
     path = os.path.join(out, "checkpoint")
     if resume and os.path.isdir(path):
         return path
@@ -103,8 +102,7 @@ def load_train_state(ckpt_dir, d):
 
 
 def load_weights(model, path, d, lora_name=None):
-    """Resume a stage's trained weights from a checkpoint's folder: its adapter, or its own
-    tensors (the optimiser's state restores their fp32 masters)."""
+    """A stage's trained weights (its adapter, or its own tensors) from a checkpoint's folder."""
     if lora_name is not None:
         lora.load_adapter(model, path, name=lora_name)
     else:

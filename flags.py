@@ -13,10 +13,9 @@ TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no")
 def boolean(value):
     """A boolean flag's value: true/false, 1/0, yes/no; anything else is an error (a typo such as
     `--resume ture` must not silently mean False)."""
-    v = value.lower()
-    if v in TRUE or v in FALSE:
-        return v in TRUE
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    if value.lower() not in TRUE + FALSE:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return value.lower() in TRUE
 
 
 def parse(cls, argv=None, preset=None):

@@ -7,7 +7,6 @@ A master and its moments may be kept on another stage of the replica (the planne
     loss = dist.train_step(model, d, microbatches, loss_fn)  # gradients accumulate
     loss, norm, bad = optim.optimizer_step(opt, loss, lr, grad_clip, d, bad, step)
 """
-import functools
 import glob
 import math
 import os
@@ -301,19 +300,18 @@ def optimizer_step(opt, loss, lr, grad_clip, d, bad_steps, step, max_bad=10):
 # weight gradients summed straight into fp32 accumulators
 
 
-def add_weight_grad(main_grad, g, x):
-    """main_grad [out, in] (fp32) += g^T x, with g [N, out] and x [N, in] in bf16: on GPUs one
+def add_weight_grad(main_grad, g, x, fp32_gemm=False):
+    """main_grad [out, in] (fp32) += g^T x, with g [N, out] and x [N, in] in bf16: with fp32_gemm one
     GEMM that reads and writes the fp32 accumulator itself (no bf16 gradient tensor, no second
-    pass to add it), elsewhere an fp32 matmul."""
-    if main_grad.is_cuda and fp32_accumulating_gemm(main_grad.device):
+    pass to add it), else an fp32 matmul."""
+    if fp32_gemm:
         torch.addmm(main_grad, g.t(), x, out_dtype=torch.float32, out=main_grad)
     else:
         main_grad.addmm_(g.t().float(), x.float())
 
 
-@functools.cache
 def fp32_accumulating_gemm(device):
-    """Does this torch build sum a bf16 GEMM into an fp32 output in place? Checked once per device
+    """Does this torch build sum a bf16 GEMM into an fp32 output in place on `device`? Checked
     against a float64 product, so a build without it (or with other semantics) takes the fallback."""
     try:
         a, b = (torch.randn(64, 32, device=device).bfloat16(), torch.randn(32, 48, device=device).bfloat16())
@@ -329,9 +327,9 @@ class _LinearIntoMainGrad(torch.autograd.Function):
     """y = x W^T + b whose backward adds dL/dW straight into W.main_grad."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, fp32_gemm):
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.fp32_gemm = bias is not None, fp32_gemm
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -341,24 +339,31 @@ class _LinearIntoMainGrad(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # the weight trains (it may have been frozen after fusing)
             if getattr(weight, "main_grad", None) is None:
                 weight.main_grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            add_weight_grad(weight.main_grad, g2, x.reshape(-1, x.shape[-1]))
+            add_weight_grad(weight.main_grad, g2, x.reshape(-1, x.shape[-1]), ctx.fp32_gemm)
         gx = g @ weight if ctx.needs_input_grad[0] else None  # [..., in]
-        return gx, None, g2.sum(0) if ctx.has_bias else None
+        return gx, None, g2.sum(0) if ctx.has_bias else None, None
 
 
 class MainGradLinear(nn.Linear):
     """nn.Linear whose trained bf16 weight receives its gradient straight into `main_grad`."""
 
+    fp32_gemm = False  # may its GEMM add into the fp32 accumulator itself? (set by fuse_weight_grads)
+
     def forward(self, x):
         if torch.is_grad_enabled():
-            return _LinearIntoMainGrad.apply(x, self.weight, self.bias)
+            return _LinearIntoMainGrad.apply(x, self.weight, self.bias, self.fp32_gemm)
         return F.linear(x, self.weight, self.bias)
 
 
 def fuse_weight_grads(model):
-    """Turn every plain nn.Linear whose bf16 weight trains into a MainGradLinear, in place (the
-    class changes, the tensors stay), as lora.py turns layers into LoRA layers."""
+    """Turn every plain nn.Linear whose bf16 weight trains into a MainGradLinear, in place (the class
+    changes, the tensors stay), as lora.py turns layers into LoRA layers; the fused GEMM checked once."""
+    checked = {}  # {device: does the fused GEMM work there?}
     for m in model.modules():
         if type(m) is nn.Linear and m.weight.requires_grad and m.weight.dtype != torch.float32:
             m.__class__ = MainGradLinear
+            dev = m.weight.device
+            if dev not in checked:
+                checked[dev] = dev.type == "cuda" and fp32_accumulating_gemm(dev)
+            m.fp32_gemm = checked[dev]
     return model
