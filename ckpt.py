@@ -3,12 +3,14 @@
 Weights or LoRA adapters (every stage writes its share), heads, optimiser states, RNG, the loop's
 state and the metrics log; a checkpoint reads back with any number of pipeline stages.
 
-    OUT/checkpoint/   the latest checkpoint (replaced atomically)   OUT/final/   the result
-    OUT/metrics.jsonl one JSON object per logged step                OUT/tb/      TensorBoard, if installed
+    OUT/run.json               which script, which settings      OUT/final/         the result
+    OUT/checkpoint-STEP/       the last --keep_checkpoints ones  OUT/latest_checkpoint  names the newest
+    OUT/metrics.jsonl          one JSON object per logged step   OUT/tb/            TensorBoard, if installed
 """
 import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -19,6 +21,16 @@ from safetensors.torch import load_file, save_file
 import dist
 import glm
 import lora
+
+STATE_FILE = "train_state.json"        # the loop's state; written last, so it marks a complete checkpoint
+POINTER = "latest_checkpoint"          # a text file naming the newest checkpoint folder
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+RUN_FILE = "run.json"                  # which script wrote this folder, with which settings
+# settings a run may change when it continues (or restarts) in the same folder: the split over GPUs
+# and micro-batches (the data position checks the global batch itself), lengths, logs
+VOLATILE = {"out", "resume", "overwrite", "max_steps", "epochs", "log_every", "eval_every", "save_every",
+            "sample_every", "save_final", "keep_checkpoints", "pp", "plan", "gpu_mem_gib", "checkpoint",
+            "micro_batch_size", "grad_accum"}
 
 
 def save(out_dir, d, tokenizer_path, models, heads=None, optimizers=None, train_state=None, extra_json=None):
@@ -45,8 +57,27 @@ def save(out_dir, d, tokenizer_path, models, heads=None, optimizers=None, train_
         for name, obj in (extra_json or {}).items():
             write_json(os.path.join(tmp, name), obj)
         if train_state is not None:
-            write_json(os.path.join(tmp, "train_state.json"), {**train_state, "world": d.world, "pp": d.P})
+            write_json(os.path.join(tmp, STATE_FILE), {**train_state, "world": d.world, "pp": d.P})  # written last
     atomic_dir_all(out_dir, write, d)
+
+
+def save_checkpoint(out, step, d, tokenizer_path, models, heads=None, optimizers=None, train_state=None, keep=2):
+    """OUT/checkpoint-STEP (see save), then the pointer OUT/latest_checkpoint names it, then all but
+    the newest `keep` checkpoints go. Every file and rename is on disk before the next step, so a
+    kill at any instant leaves the previous checkpoint complete."""
+    path = os.path.join(out, f"checkpoint-{step:06d}")
+    save(path, d, tokenizer_path, models, heads, optimizers, train_state)
+    if dist.is_main():
+        tmp = os.path.join(out, f".tmp-{POINTER}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(os.path.basename(path) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(out, POINTER))
+        _fsync_dir(out)
+        for _, old in checkpoints(out)[:-keep] if keep > 0 else ():
+            shutil.rmtree(old)
+    dist.barrier()
 
 
 def rng_state(d):
@@ -61,14 +92,80 @@ def rng_state(d):
 # resuming
 
 
+def check_out(out, script, config, resume, overwrite):
+    """Before any work: refuse an --out that holds something this run would replace without being
+    asked: a folder that is not a run of `script`, a run with other settings, or (for a fresh
+    run) one that could be resumed. --overwrite allows all of these."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file. HINT: pass a folder for the run's outputs")
+    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if not entries or overwrite:
+        return
+    run = os.path.join(out, RUN_FILE)
+    if not os.path.isfile(run):
+        raise ValueError(f"--out {out} is not empty ({', '.join(entries[:3])}{', ...' * (len(entries) > 3)}) and "
+                         f"holds no run of {script}. HINT: choose a new folder, or pass --overwrite to write into it")
+    with open(run, encoding="utf-8") as f:
+        earlier = json.load(f)
+    if earlier["script"] != script:
+        raise ValueError(f"--out {out} holds a run of {earlier['script']}, not of {script}. HINT: choose "
+                         "another --out, or pass --overwrite")
+    was = earlier["config"]
+    differ = [k for k in sorted(set(was) | set(config)) if k not in VOLATILE and was.get(k) != config.get(k)]
+    if differ:
+        raise ValueError(f"--out {out} holds a {script} run with other settings (" + "; ".join(
+            f"--{k} {was.get(k)!r} there, {config.get(k)!r} now" for k in differ[:4]) + "). HINT: use the same "
+            "flags, choose another --out, or pass --overwrite")
+    if not resume and checkpoints(out):
+        raise ValueError(f"--out {out} holds a {script} run with checkpoints up to step {checkpoints(out)[-1][0]}. "
+                         "HINT: pass --resume to continue it, or --overwrite to start afresh there")
+
+
+def start_run(out, script, config, resume_step):
+    """OUT once every check has passed: run.json records the run; a fresh run removes what an earlier
+    one left (checkpoints, pointer, metrics), a resumed one keeps the metrics up to its checkpoint's
+    step; temporary folders of saves a kill interrupted go. Returns the metrics log."""
+    if dist.is_main():
+        os.makedirs(out, exist_ok=True)
+        for name in os.listdir(out):
+            stale = name.startswith((".tmp-checkpoint", f".tmp-{POINTER}"))
+            earlier = resume_step is None and (CHECKPOINT.fullmatch(name) or name in ("checkpoint", POINTER))
+            path = os.path.join(out, name)
+            if stale or earlier:
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        write_json(os.path.join(out, RUN_FILE), {"script": script, "config": config})
+    dist.barrier()
+    return MetricsLog(out, resume_step)
+
+
+def checkpoints(out):
+    """[(step, folder)] of the complete checkpoints under OUT, oldest first: OUT/checkpoint-STEP (and
+    the single OUT/checkpoint of earlier versions). A folder appears only complete: it is written
+    under a temporary name and renamed into place."""
+    found = []
+    for name in os.listdir(out) if os.path.isdir(out) else ():
+        path = os.path.join(out, name)
+        if (CHECKPOINT.fullmatch(name) or name == "checkpoint") and os.path.isfile(os.path.join(path, STATE_FILE)):
+            with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+                found.append((int(json.load(f)["step"]), path))
+    return sorted(found)
+
+
 def checkpoint_dir(out, resume):
-    """OUT/checkpoint when --resume finds one there; else None: a fresh run (said if --resume was given)."""
-    path = os.path.join(out, "checkpoint")
-    if resume and os.path.isdir(path):
-        return path
-    if resume:
-        dist.print0(f"--resume: no checkpoint in {path}, starting afresh")
-    return None
+    """The checkpoint --resume continues from: the newest complete one (said when the pointer file
+    names another); None for a fresh run (said when --resume found nothing)."""
+    if not resume:
+        return None
+    found = checkpoints(out)
+    if not found:
+        dist.print0(f"--resume: no checkpoint in {out}, starting afresh")
+        return None
+    newest = found[-1][1]
+    pointer = os.path.join(out, POINTER)
+    named = open(pointer, encoding="utf-8").read().strip() if os.path.isfile(pointer) else None
+    if named != os.path.basename(newest):
+        dist.print0(f"--resume: {pointer} names {named or 'nothing'}; the newest complete checkpoint is {newest}")
+    return newest
 
 
 def resume(ckpt_dir, d, optimizers, batches):
@@ -86,9 +183,9 @@ def resume(ckpt_dir, d, optimizers, batches):
 
 def load_train_state(ckpt_dir, d):
     """The loop's state; this rank's RNG is restored when the checkpoint had the same ranks."""
-    path = os.path.join(ckpt_dir, "train_state.json")
+    path = os.path.join(ckpt_dir, STATE_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{ckpt_dir} has no train_state.json: it is not a complete checkpoint. "
+        raise FileNotFoundError(f"{ckpt_dir} has no {STATE_FILE}: it is not a complete checkpoint. "
                                 "HINT: remove it, or resume from a folder a finished save wrote")
     with open(path, encoding="utf-8") as f:
         state = json.load(f)
@@ -124,19 +221,37 @@ def atomic_dir_all(out_dir, write, d):
     write(tmp)
     dist.barrier()
     if dist.is_main():
-        glm.atomic_dir(out_dir, lambda t: _move_contents(tmp, t))
-        shutil.rmtree(tmp, ignore_errors=True)
+        publish(tmp, out_dir)
     dist.barrier()
+
+
+def publish(tmp, out_dir):
+    """Rename the finished folder tmp to out_dir, with its files and the rename on disk (fsync)."""
+    for root, _, files in os.walk(tmp):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(root)
+    if os.path.exists(out_dir):  # written again (a result): the old one aside, the new one in, the old one gone
+        os.rename(out_dir, tmp + ".old")
+        os.rename(tmp, out_dir)
+        shutil.rmtree(tmp + ".old")
+    else:
+        os.rename(tmp, out_dir)
+    _fsync_dir(os.path.dirname(out_dir))
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path, obj):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
-
-
-def _move_contents(src, dst):
-    for name in os.listdir(src):
-        os.rename(os.path.join(src, name), os.path.join(dst, name))
 
 
 def write_stage_weights(model, tmp, d, lora_name=None):
@@ -201,15 +316,22 @@ def load_head(module, ckpt_dir, prefix):
 
 
 class MetricsLog:
-    """metrics.jsonl (and TensorBoard events when the package is installed), on rank 0 only."""
+    """metrics.jsonl (and TensorBoard events when the package is installed), on rank 0 only. A fresh
+    run starts it afresh; a resumed one drops the rows logged after its checkpoint's step (a killed
+    run logged them, and the resumed run logs those steps again)."""
 
-    def __init__(self, out_dir, resume=False):
+    def __init__(self, out_dir, resume_step=None):
         self.path, self.tb = os.path.join(out_dir, "metrics.jsonl"), None
         if not dist.is_main():
             return
         os.makedirs(out_dir, exist_ok=True)
-        if not resume and os.path.exists(self.path):  # a fresh run starts a fresh log
-            os.remove(self.path)
+        rows = []
+        if resume_step is not None and os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                rows = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+        with open(self.path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(rows)
+        os.replace(self.path + ".tmp", self.path)
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(out_dir, "tb"))

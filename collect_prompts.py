@@ -37,6 +37,7 @@ import threading
 import time
 import unicodedata
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -327,6 +328,14 @@ def parse_reply(text):
 # -----------------------------------------------------------------------------
 # generators: an OpenAI-compatible endpoint, or a local checkpoint
 
+SECRET = re.compile(r"(?i)\b(bearer\s+)[\w.~+/=-]+|\bsk-[\w-]+")  # a bearer token (RFC 6750), an sk-... key
+
+
+def mask_secrets(text, key=""):
+    """`text` with the API key, bearer tokens and sk-... keys replaced by ***: servers echo headers in errors."""
+    text = text.replace(key, "***") if len(key) >= 4 else text  # shorter: a placeholder, not a secret
+    return SECRET.sub(lambda m: (m[1] or "") + "***", text)
+
 
 class ApiBackend:
     """Chat completions over HTTP from a bounded thread pool, with timeouts and retries."""
@@ -362,10 +371,10 @@ class ApiBackend:
                         return text
                     problem = "the reply's content is not a string"
                 except (ValueError, LookupError, TypeError):
-                    problem = f"malformed reply: {raw[:120]!r}"
+                    problem = f"malformed reply: {mask_secrets(raw.decode('utf-8', 'replace'), self.key)[:120]!r}"
             except urllib.error.HTTPError as e:
                 if e.code != 429 and e.code < 500:  # our request is wrong: retrying will not help
-                    detail = e.read()[:300].decode("utf-8", "replace")
+                    detail = mask_secrets(e.read().decode("utf-8", "replace"), self.key)[:300]
                     hint = {401: f"the key in {a.api_key_env} was refused",
                             403: f"the key in {a.api_key_env} may not use this model",
                             404: "check --api_base (it ends before /chat/completions, e.g. .../v1) "
@@ -578,6 +587,7 @@ def parse_args(argv=None):
     g.add_argument("--api_base", help="e.g. https://api.openai.com/v1")
     g.add_argument("--api_model", help="model name to request")
     g.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the key")
+    g.add_argument("--allow_http", action="store_true", help="send the key unencrypted to a non-loopback host")
     g.add_argument("--workers", type=int, default=8, help=f"requests in flight (at most {LAG})")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds before a request is retried")
     g.add_argument("--retries", type=int, default=6, help="retries on 429, 5xx, timeouts, malformed replies")
@@ -592,6 +602,7 @@ def parse_args(argv=None):
     g.add_argument("--max_units", type=int, default=150, help="longest prompt, in the same units")
     g.add_argument("--blacklist_file", help="keywords to reject, one a line (replaces the built-in list)")
     p.add_argument("--bench_filter", type=int, metavar="N", help="time the filters on N synthetic prompts")
+    p.print_usage = lambda file=None: None  # a bad flag gets argparse's one-line error, not the whole usage
     return p.parse_args(argv)
 
 
@@ -606,6 +617,21 @@ def check_args(a):
         raise CollectError("need --k >= 1, 0 <= --k_generated <= --k, --per_request >= 1, --target >= 1")
     if not 1 <= a.min_units <= a.max_units:
         raise CollectError("need 1 <= --min_units <= --max_units")
+    if a.retries < 0 or not a.timeout > 0 or not a.backoff >= 0 or a.max_new_tokens < 1:
+        raise CollectError("need --retries >= 0, --timeout > 0, --backoff >= 0, --max_new_tokens >= 1")
+    url = urllib.parse.urlsplit(a.api_base or "")  # the key travels in a header: only https hides it
+    loopback = url.hostname in ("127.0.0.1", "::1", "localhost")
+    if a.api_base and url.scheme != "https" and not loopback and not a.allow_http:
+        raise CollectError(f"--api_base {a.api_base}: the key would travel unencrypted. HINT: use https://, "
+                           "or --allow_http on a network you trust (http to 127.0.0.1, ::1, localhost is fine)")
+    try:  # fail now, not after loading a model: a folder, a path under a file, no permission
+        new = not os.path.exists(a.out)
+        open(a.out, "ab").close()  # appends nothing; a file made just for the check is removed
+        if new:
+            os.remove(a.out)
+    except OSError as e:
+        raise CollectError(f"--out {a.out}: cannot write a file there ({e.strerror}). HINT: name a .jsonl "
+                           "file in a folder that exists and that you can write to") from None
 
 
 def read_blacklist(path):
@@ -717,7 +743,7 @@ def main(argv=None):
             return
         collect(a)
     except CollectError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {mask_secrets(str(e), os.environ.get(a.api_key_env, ''))}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print(f"\ninterrupted: every accepted prompt is in {a.out}; rerun the same command to continue",

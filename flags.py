@@ -5,6 +5,7 @@
 """
 import argparse
 import dataclasses
+import os
 import sys
 
 TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no")
@@ -18,13 +19,21 @@ def boolean(value):
     return value.lower() in TRUE
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, whose errors are one line like every other user error (not the usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}. HINT: {self.prog} --help lists the flags\n")
+
+
 def parse(cls, argv=None, preset=None):
     """A flat config dataclass -> --name value flags that keep each default's type; unknown
     flags are errors; a boolean flag alone means true. preset(cfg) -> {field: value} fills the
     fields no flag set (the toy run's values): an explicit flag always wins over a preset."""
-    p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS)  # the namespace holds only given flags
+    module = sys.modules[cls.__module__]
+    p = Parser(prog=os.path.basename(module.__file__), description=module.__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter,
+               argument_default=argparse.SUPPRESS)  # the namespace holds only given flags
     for f in dataclasses.fields(cls):
         if f.type in (bool, "bool"):
             p.add_argument(f"--{f.name}", nargs="?", const=True, type=boolean)
@@ -36,3 +45,17 @@ def parse(cls, argv=None, preset=None):
     unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
     assert not unknown, f"the preset names fields the config lacks: {sorted(unknown)}"
     return dataclasses.replace(cfg, **{k: v for k, v in values.items() if k not in given})
+
+
+def run(main, *args):
+    """A command's entry point: a user's mistake (a flag, file, folder or setting: ValueError, OSError,
+    KeyError, with a message that says what to do) ends in one line on stderr and exit code 2, not a
+    traceback; DEBUG=1 shows the traceback."""
+    try:
+        return main(*args)
+    except (ValueError, OSError, KeyError) as e:
+        if os.environ.get("DEBUG"):
+            raise
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same mistake
+            print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        sys.exit(2)

@@ -98,7 +98,9 @@ class Config:
     sample_every: int = 10          # print a sample every N steps (0: never)
     save_every: int = 20            # checkpoint every N steps and at the end (0: never)
     save_final: bool = True         # write the trained policy to OUT/final
-    resume: bool = False
+    resume: bool = False           # continue from the newest complete checkpoint in --out
+    overwrite: bool = False        # write into an --out that holds something else
+    keep_checkpoints: int = 2      # the newest N checkpoints stay on disk
 
 
 def toy_models_and_data(cfg, d):
@@ -468,6 +470,7 @@ def main(argv=None):
     toy = not (cfg.model or cfg.actor or cfg.rm_dir)
     cfg = toy_models_and_data(cfg, d) if toy else cfg
     check_models(cfg)
+    ckpt.check_out(cfg.out, "train_ppo", asdict(cfg), cfg.resume, cfg.overwrite)  # before any work
     torch.manual_seed(cfg.seed + d.rank)
     dist.print0(f"config: {asdict(cfg)}")
 
@@ -510,7 +513,7 @@ def main(argv=None):
     kl_ctl = KLController(state.get("beta", cfg.kl_coef), cfg.target_kl, cfg.kl_horizon)
 
     # ---- loop
-    log = ckpt.MetricsLog(cfg.out, resume=resume_dir is not None)
+    log = ckpt.start_run(cfg.out, "train_ppo", asdict(cfg), state["step"] if resume_dir else None)
     gen = torch.Generator(device=d.device)
     before, history = toy_report(roles, tok, d, cfg) if toy else None, []
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
@@ -537,11 +540,11 @@ def main(argv=None):
             dist.print0(f"\nstep {step}: reward {m['reward_mean']:.3f} kl {m['kl']:.4f} | sample: "
                         f"{sample_text(tok, batch['input_ids'][0, :T])!r} -> {sample_text(tok, batch['input_ids'][0, T:])!r}")
         if cfg.save_every > 0 and (step % cfg.save_every == 0 or step == cfg.max_steps):
-            ckpt.save(os.path.join(cfg.out, "checkpoint"), d, tok.path, roles.checkpointed(),
-                      {"value_head": roles.value_head} if roles.value_head else None, saved_opts,
-                      dict(step=step, bad=bad, beta=kl_ctl.beta, data=batches.state_dict(),
-                           ptx_data=ptx_batches.state_dict() if ptx_batches else None, config=asdict(cfg),
-                           rm_stats=rm_stats))
+            ckpt.save_checkpoint(cfg.out, step, d, tok.path, roles.checkpointed(),
+                                 {"value_head": roles.value_head} if roles.value_head else None, saved_opts,
+                                 dict(step=step, bad=bad, beta=kl_ctl.beta, data=batches.state_dict(),
+                                      ptx_data=ptx_batches.state_dict() if ptx_batches else None,
+                                      config=asdict(cfg), rm_stats=rm_stats), keep=cfg.keep_checkpoints)
     bar.close()
     wall = time.perf_counter() - t_run
     if cfg.save_final:
@@ -557,4 +560,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    flags.run(main)

@@ -8,7 +8,7 @@ of a prompt's K answers.
     python train_rm.py --model SFT_DIR --data FILE --out DIR --train_layers 4   # only the last 4 blocks (and the head)
     python train_rm.py --model BASE_DIR --sft_adapter SFT_OUT/final --data FILE --out DIR --lr 1e-4   # LoRA, from the SFT adapter
     torchrun --nproc_per_node=8 train_rm.py --model DIR --data FILE --out DIR --pp 4   # 4 stages x 2 replicas
-    ... --resume                                          # continue from OUT/checkpoint
+    ... --resume                                          # continue from the newest OUT/checkpoint-STEP
     python train_rm.py score --model DIR --data FILE [--adapter DIR]          # print the score of every (prompt, answer)
 
 One optimiser step = grad_accum micro-batches of micro_batch_size prompts on each of the D
@@ -81,7 +81,9 @@ class Config:
     log_every: int = 10
     eval_every: int = 100
     save_every: int = 200
-    resume: bool = False
+    resume: bool = False           # continue from the newest complete checkpoint in --out
+    overwrite: bool = False        # write into an --out that holds something else
+    keep_checkpoints: int = 2      # the newest N checkpoints stay on disk
 
 
 HEAD = "reward_head"        # the head's file prefix: reward_head.safetensors
@@ -288,6 +290,7 @@ def main(argv=None):
     toy = not cfg.model
     d = dist.setup(cfg.pp)
     cfg = check_init(toy_model_and_data(cfg) if toy else cfg)  # after setup: only rank 0 writes a toy model
+    ckpt.check_out(cfg.out, "train_rm", asdict(cfg), cfg.resume, cfg.overwrite)  # before any work
     torch.manual_seed(cfg.seed + d.rank)
     dist.print0(f"config: {asdict(cfg)}")
 
@@ -326,7 +329,7 @@ def main(argv=None):
     eval_mbs = microbatches(eval_enc, list(range(len(eval_enc))), cfg.micro_batch_size, tok, d.device)
 
     # ---- loop
-    log = ckpt.MetricsLog(cfg.out, resume=resume_dir is not None)
+    log = ckpt.start_run(cfg.out, "train_rm", asdict(cfg), state["step"] if resume_dir else None)
     if toy and not resume_dir:
         report(evaluate(model, head, d, eval_mbs), "toy, before training")
     model.train()
@@ -354,9 +357,9 @@ def main(argv=None):
                     reward_mean=ev["mean"], reward_std=ev["std"])
             report(ev, f"\nstep {step}")
         if step % cfg.save_every == 0 or step == total_steps:
-            ckpt.save(os.path.join(cfg.out, "checkpoint"), d, tok.path, {"": (model, lora_name)}, heads,
-                      {"optim": opt}, dict(step=step, bad_steps=bad_steps, data=batches.state_dict(),
-                                           reward_stats=reward_stats, config=asdict(cfg)))
+            ckpt.save_checkpoint(cfg.out, step, d, tok.path, {"": (model, lora_name)}, heads, {"optim": opt},
+                                 dict(step=step, bad_steps=bad_steps, data=batches.state_dict(),
+                                      reward_stats=reward_stats, config=asdict(cfg)), keep=cfg.keep_checkpoints)
     bar.close()
     wall = time.perf_counter() - t_start
 
@@ -455,4 +458,4 @@ def score(argv=None):
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    score(args[1:]) if args[:1] == ["score"] else main(args)
+    flags.run(score, args[1:]) if args[:1] == ["score"] else flags.run(main, args)

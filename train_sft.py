@@ -5,7 +5,7 @@
     python train_sft.py --model DIR --data FILE --out DIR --train_layers 4
     torchrun --nproc_per_node=8 train_sft.py --model DIR --data FILE --out DIR --pp 8
     torchrun --nproc_per_node=8 train_sft.py --model DIR --data FILE --out DIR --pp 4   # 4 stages x 2 replicas
-    ... --resume                                          # continue from OUT/checkpoint
+    ... --resume                                          # continue from the newest OUT/checkpoint-STEP
 
 One optimiser step = grad_accum micro-batches of micro_batch_size examples on each of the D
 data-parallel replicas; the loss is the mean over every response token of that global batch.
@@ -63,7 +63,9 @@ class Config:
     log_every: int = 10
     eval_every: int = 100
     save_every: int = 200
-    resume: bool = False
+    resume: bool = False           # continue from the newest complete checkpoint in --out
+    overwrite: bool = False        # write into an --out that holds something else
+    keep_checkpoints: int = 2      # the newest N checkpoints stay on disk
 
 
 def toy_model_and_data(cfg):
@@ -110,6 +112,7 @@ def main(argv=None):
     toy = not cfg.model
     d = dist.setup(cfg.pp)
     cfg = toy_model_and_data(cfg) if toy else cfg
+    ckpt.check_out(cfg.out, "train_sft", asdict(cfg), cfg.resume, cfg.overwrite)  # before any work
     torch.manual_seed(cfg.seed + d.rank)
     dist.print0(f"config: {asdict(cfg)}")
 
@@ -149,7 +152,7 @@ def main(argv=None):
         return float(sum(dist.forward(model, d, mbs, sft_loss(count_label_tokens(mbs)), lambda mb: ())))
 
     # ---- loop
-    log = ckpt.MetricsLog(cfg.out, resume=resume_dir is not None)
+    log = ckpt.start_run(cfg.out, "train_sft", asdict(cfg), state["step"] if resume_dir else None)
     if toy and not resume_dir:
         dist.print0(f"toy held-out accuracy before training: {toy_accuracy(model, tok, eval_ex, cfg.max_len, d):.1%}")
     model.train()
@@ -174,9 +177,9 @@ def main(argv=None):
             log.log(step, eval_loss=ev, eval_ppl=math.exp(min(ev, 50)))
             dist.print0(f"\nstep {step}: eval loss {ev:.4f} (perplexity {math.exp(min(ev, 50)):.2f})")
         if step % cfg.save_every == 0 or step == total_steps:
-            ckpt.save(os.path.join(cfg.out, "checkpoint"), d, tok.path, {"": (model, lora_name)},
-                      optimizers={"optim": opt}, train_state=dict(step=step, bad_steps=bad_steps,
-                                                                  data=batches.state_dict(), config=asdict(cfg)))
+            ckpt.save_checkpoint(cfg.out, step, d, tok.path, {"": (model, lora_name)}, optimizers={"optim": opt},
+                                 train_state=dict(step=step, bad_steps=bad_steps, data=batches.state_dict(),
+                                                  config=asdict(cfg)), keep=cfg.keep_checkpoints)
     bar.close()
     wall = time.perf_counter() - t_start
 
@@ -192,4 +195,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    flags.run(main)

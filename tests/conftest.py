@@ -10,6 +10,7 @@ Plain functions (import them: `from conftest import write_jsonl, sft_argv`):
     write_jsonl(path, rows)                           rows: str lines as they are, or JSON objects
     head_lines(path, n)                               the first n lines of a file
     torchrun(script, flags, nproc=2)                  a script launched as a user launches it
+    newest_checkpoint(out)                            OUT/checkpoint-STEP of the highest step
     as_argv(opts, *extra)                             {name: value} -> ["--name", "value", ...] + extra
     sft_argv / rm_argv (base, data_file, out, *extra, **flags), ppo_argv(toy_dir, out, mode, *extra, **flags)
                                                       flags of a small, fast run; keywords override
@@ -28,6 +29,7 @@ import glob
 import io
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -325,6 +327,14 @@ def gloo_mains(tmp_path):
     """run(module, [flags, ...]): module.main(flags) for each run, in order, in 2 ranks forked from
     the test process (forked_mains): what a torchrun launch runs, without its seconds of start-up."""
     return lambda module, runs, nproc=2: forked_mains(module, runs, tmp_path / f"{module}-ranks", nproc)
+
+
+def newest_checkpoint(out):
+    """The newest complete checkpoint folder a run wrote under out (OUT/checkpoint-STEP)."""
+    import ckpt
+    found = ckpt.checkpoints(str(out))
+    assert found, f"no checkpoint under {out}"
+    return pathlib.Path(found[-1][1])
 
 
 def torchrun(script, flags, nproc=2):

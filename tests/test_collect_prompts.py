@@ -366,3 +366,117 @@ def test_bench_filter_runs():
     r = cp.bench_filter(2000)
     assert r["prompts"] == 2000 and r["kept"] > 1000
     assert all(r.get(reason, 0) > 0 for reason in cp.PromptFilter.REASONS)
+
+
+# -----------------------------------------------------------------------------
+# the key is never printed; user errors end main() with one or two lines, exit 2, nothing written
+
+
+def run_main(argv, monkeypatch, capsys):
+    """main(argv)'s exit code and stderr (main ends errors with os._exit, raised here instead)."""
+    def exit_(code):
+        raise SystemExit(code)
+    monkeypatch.setattr(os, "_exit", exit_)
+    with pytest.raises(SystemExit) as e:
+        cp.main(argv)
+    return e.value.code, capsys.readouterr().err
+
+
+def snapshot(folder):
+    return {str(p): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_mask_secrets():
+    text = ('Authorization: Bearer abc.DEF-123_x=; {"authorization": "bearer sk-zz"} key sk-proj-XyZ_9 '
+            'raw Secret/42, task-based scikit-learn')
+    assert cp.mask_secrets(text, "Secret/42") == ('Authorization: Bearer ***; {"authorization": "bearer ***"} '
+                                                  'key *** raw ***, task-based scikit-learn')
+    assert cp.mask_secrets("max x", "x") == "max x"  # a one-letter placeholder key is not masked everywhere
+
+
+@pytest.mark.parametrize("code", [400, 401, 404, 200, 500])
+@pytest.mark.parametrize("key", ["sk-proj-Abc123_secretkey", "plain.Secret/42"])
+def test_key_echoed_by_server_is_never_printed(code, key, seeds, tmp_path, monkeypatch, capsys):
+    """A server (or proxy) that puts the request's headers and key in its error body, or in a
+    malformed 200 reply: what main() prints has them masked."""
+    class Echo(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            token = self.headers["Authorization"].split()[-1]
+            data = json.dumps({"error": f"no model for key {token}", "headers": dict(self.headers)}).encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("FAKE_KEY", key)
+    try:
+        status, err = run_main(["--seeds", seeds, "--out", str(tmp_path / "o.jsonl"), "--api_base",
+                                f"http://127.0.0.1:{server.server_address[1]}/v1", "--api_model", "fake",
+                                "--api_key_env", "FAKE_KEY", "--retries", "0", "--timeout", "5"],
+                               monkeypatch, capsys)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 2 and (f"HTTP {code}" in err or "malformed reply" in err), err
+    for part in (key, "Abc123", "Secret/42", "secretkey"):
+        assert part not in err
+    if code != 500:  # a 5xx body is not shown at all
+        assert "no model for key ***" in err
+
+
+@pytest.mark.parametrize("base", ["http://api.example.com/v1", "http://10.0.0.5:8000/v1", "api.example.com/v1"])
+def test_plain_http_to_another_host_is_refused(base, seeds, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_KEY", "sk-remote-key")
+    monkeypatch.setattr(cp.urllib.request, "urlopen", lambda *a, **k: pytest.fail("a request was sent"))
+    code, err = run_main(["--seeds", seeds, "--out", str(tmp_path / "o.jsonl"), "--api_base", base,
+                          "--api_model", "m", "--api_key_env", "FAKE_KEY"], monkeypatch, capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "--allow_http" in err and "https://" in err
+    assert not (tmp_path / "o.jsonl").exists()
+    for ok in ["https://api.example.com/v1", "http://localhost:8000/v1", "http://[::1]:8000/v1",
+               "http://127.0.0.1/v1", base + " --allow_http"]:
+        url, *extra = ok.split()
+        cp.check_args(cp.parse_args(["--seeds", seeds, "--out", str(tmp_path / "o.jsonl"), "--api_base", url,
+                                     "--api_model", "m", *extra]))
+    assert not (tmp_path / "o.jsonl").exists()  # the writability check left nothing behind
+
+
+def test_user_errors_end_main_in_one_or_two_lines(seeds, tmp_path, monkeypatch, capsys):
+    """Bad flags, a missing seed file, an --out that cannot be written: exit 2, one or two lines
+    naming the flag or file, no traceback, nothing written."""
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    if os.geteuid() == 0:  # root writes anywhere: simulate the refusal the folder's mode gives others
+        def deny(path, *args, **kwargs):
+            if str(path).startswith(str(locked)):
+                raise PermissionError(13, "Permission denied", str(path))
+            return open(path, *args, **kwargs)
+        monkeypatch.setattr(cp, "open", deny, raising=False)
+    monkeypatch.setenv("FAKE_KEY", "sk-local-key")
+    out = str(tmp_path / "o.jsonl")
+    cases = [(["--target", "abc"], "--target: invalid int value"),
+             (["--tragte", "5"], "unrecognized arguments: --tragte"),
+             (["--retries", "-1"], "--retries >= 0"),
+             (["--timeout", "nan"], "--timeout > 0"),
+             (["--rouge", "1.5"], "--rouge 1.5"),
+             (["--seeds", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
+             (["--api_key_env", "NO_SUCH_VARIABLE_SET"], "NO_SUCH_VARIABLE_SET is not set"),
+             (["--out", str(tmp_path / "outdir")], "Is a directory"),
+             (["--out", str(tmp_path / "afile" / "o.jsonl")], "Not a directory"),
+             (["--out", str(tmp_path / "nofolder" / "o.jsonl")], "No such file or directory"),
+             (["--out", str(locked / "o.jsonl")], "Permission denied")]
+    before = snapshot(tmp_path)
+    for extra, message in cases:
+        argv = ["--seeds", seeds, "--out", out, "--api_base", "http://127.0.0.1:9/v1", "--api_model", "m",
+                "--api_key_env", "FAKE_KEY", *extra]
+        code, err = run_main(argv, monkeypatch, capsys)
+        assert code == 2 and 1 <= len(err.splitlines()) <= 2 and "Traceback" not in err, (extra, err)
+        assert message in err and (extra[0] in err or extra[1] in err), (extra, err)
+        assert snapshot(tmp_path) == before, extra

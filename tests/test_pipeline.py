@@ -24,7 +24,7 @@ import lora
 import optim
 import pipeline_worker as pw
 import train_sft
-from conftest import fork_ranks, head_lines, losses, make_base, sft_argv, write_jsonl
+from conftest import fork_ranks, head_lines, losses, make_base, newest_checkpoint, sft_argv, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -409,7 +409,7 @@ def test_gloo_p4_checkpoint_reads_back_with_p2_and_p1(setup_dir, launched, singl
     ok(launched, "sft_p4")
     root = setup_dir.root
     assert_same_curve(losses(root / "sft_p4"), losses(single["sft_p1"]), range(1, 4))
-    final, ckpt = root / "sft_p4" / "final", root / "sft_p4" / "checkpoint"
+    final, ckpt = root / "sft_p4" / "final", newest_checkpoint(root / "sft_p4")
     assert len([f for f in os.listdir(final) if f.endswith(".safetensors")]) == 4  # one file per stage
     ids = pw.global_microbatches()[2]["input_ids"]
     with torch.no_grad():

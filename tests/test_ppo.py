@@ -28,8 +28,8 @@ import lora
 import plan
 import train_ppo
 
-from conftest import (ROOT, head_lines, load_tensors, make_base, metrics_by_step, ppo_argv, printed_config,
-                      write_jsonl)
+from conftest import (ROOT, head_lines, load_tensors, make_base, metrics_by_step, newest_checkpoint, ppo_argv,
+                      printed_config, write_jsonl)
 
 TOY_SFT = data.toy_file("sft_train")
 # what a rerun of the same seeded steps must reproduce (timings and throughput are not)
@@ -559,7 +559,7 @@ def test_resumed_run_continues_with_the_same_steps(tmp_path, toy_dir, mode):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     run(whole, max_steps=4)
     run(cut, max_steps=2)
-    with open(cut / "checkpoint" / "train_state.json", encoding="utf-8") as f:
+    with open(newest_checkpoint(cut) / "train_state.json", encoding="utf-8") as f:
         assert json.load(f)["step"] == 2
     run(cut, "--resume", max_steps=4)
     a, b = metrics_by_step(whole), metrics_by_step(cut)
@@ -570,7 +570,7 @@ def test_resumed_run_continues_with_the_same_steps(tmp_path, toy_dir, mode):
     assert a[4]["beta"] != a[2]["beta"]
     # the checkpoints at step 4 hold the same policy, critic and value head
     for sub in ("policy", "critic", ""):
-        sa, sb = load_tensors(whole / "checkpoint" / sub), load_tensors(cut / "checkpoint" / sub)
+        sa, sb = load_tensors(newest_checkpoint(whole) / sub), load_tensors(newest_checkpoint(cut) / sub)
         assert sa and sa.keys() == sb.keys()
         for key in sa:
             assert torch.equal(sa[key], sb[key]), (sub, key)

@@ -17,8 +17,8 @@ import glm
 import lora
 import train_rm
 
-from conftest import (TOK_PATH, head_lines, load_tensors, losses, make_base, printed_config, read_metrics,
-                      rm_argv, write_jsonl)
+from conftest import (TOK_PATH, head_lines, load_tensors, losses, make_base, newest_checkpoint,
+                      printed_config, read_metrics, rm_argv, write_jsonl)
 
 TOY_RM_TRAIN, TOY_RM_EVAL = data.toy_file("rm_train"), data.toy_file("rm_eval")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -238,8 +238,8 @@ def test_resumed_run_continues_the_same_loss_curve(tmp_path, killed_after_step, 
     cut = tmp_path / "cut"
     with killed_after_step(k):
         train_rm.main(rm_argv(base, data12, cut, *mode, max_steps=N, save_every=k))
-    assert json.loads((cut / "checkpoint" / "train_state.json").read_text())["step"] == k
-    assert os.path.isfile(cut / "checkpoint" / "reward_head.safetensors")
+    assert json.loads((newest_checkpoint(cut) / "train_state.json").read_text())["step"] == k
+    assert os.path.isfile(newest_checkpoint(cut) / "reward_head.safetensors")
     train_rm.main(rm_argv(base, data12, cut, *mode, "--resume", max_steps=N, save_every=k))
     got = losses(cut)
     assert sorted(got) == list(range(1, N + 1))

@@ -1,0 +1,165 @@
+"""A run never loses what is already on disk, and a user's mistake ends in one line and exit code 2.
+
+Each case runs an entry point as the command line does (flags.run: one line on stderr, exit 2) and
+checks that nothing under --out changed (a hash of every file before and after).
+"""
+import hashlib
+import json
+import os
+
+import pytest
+
+import ckpt
+import data
+import flags
+import train_ppo
+import train_rm
+import train_sft
+from conftest import RunKilled, head_lines, losses, make_base, newest_checkpoint, sft_argv, write_jsonl
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_base(tmp_path_factory.mktemp("base") / "toy")
+
+
+@pytest.fixture(scope="module")
+def data8(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "sft8.jsonl", head_lines(data.toy_file("sft_train"), 8))
+
+
+def tree_hash(folder):
+    """{relative path: sha256} of every file under folder ({} if there is none)."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def refused(main, argv, out, capsys, *words):
+    """main(argv) through flags.run ends with exit 2 and one line naming `words`; out is unchanged."""
+    before = tree_hash(out)
+    capsys.readouterr()  # what earlier runs printed
+    with pytest.raises(SystemExit) as e:
+        flags.run(main, argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2, err
+    assert err.startswith("error: ") and len(err.splitlines()) <= 2 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+    assert tree_hash(out) == before
+    return err
+
+
+# -----------------------------------------------------------------------------
+# what is already under --out
+
+
+def test_a_typo_in_a_boolean_flag_is_an_error_not_false(tmp_path, base, data8, capsys):
+    out = tmp_path / "run"
+    train_sft.main(sft_argv(base, data8, out, max_steps=2, save_every=2))
+    refused(train_sft.main, sft_argv(base, data8, out, "--resume", "ture", max_steps=4), out, capsys,
+            "--resume", "ture")
+
+
+def test_an_out_folder_holding_other_things_is_refused_unless_overwrite(tmp_path, base, data8, capsys):
+    out = tmp_path / "mine"
+    (out / "final").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1, "my": "numbers"}\n')
+    (out / "final" / "readme.txt").write_text("keep me")
+    refused(train_sft.main, sft_argv(base, data8, out, max_steps=2), out, capsys, str(out), "--overwrite")
+    train_sft.main(sft_argv(base, data8, out, "--overwrite", max_steps=2))  # asked for: written over
+    assert sorted(losses(out)) == [1, 2]
+
+
+def test_a_run_of_another_script_or_other_settings_is_refused(tmp_path, base, data8, capsys):
+    out = tmp_path / "run"
+    train_sft.main(sft_argv(base, data8, out, max_steps=2, save_every=2))
+    rm_argv = ["--model", base, "--data", data.toy_file("rm_train"), "--out", str(out), "--max_steps", "1"]
+    refused(train_rm.main, rm_argv, out, capsys, "train_sft", "train_rm")
+    refused(train_sft.main, sft_argv(base, data8, out, "--resume", max_steps=4, lr=0.5), out, capsys,
+            "--lr 0.01 there, 0.5 now")
+    # a fresh run over a run that could be resumed: it says how to resume, or to start afresh
+    refused(train_sft.main, sft_argv(base, data8, out, max_steps=4), out, capsys, "--resume", "step 2")
+    train_sft.main(sft_argv(base, data8, out, "--resume", max_steps=4, save_every=2))  # more steps: allowed
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, base, data8, capsys):
+    out = tmp_path / "afile"
+    out.write_text("not a folder")
+    refused(train_sft.main, sft_argv(base, data8, out, max_steps=1), tmp_path, capsys, "is a file")
+
+
+def test_toy_presets_never_override_an_explicit_flag():
+    """--lr 1e-4 equals the 6B default; the toy preset (lr 1e-2) must not replace it."""
+    cfg = flags.parse(train_sft.Config, ["--lr", "1e-4"], preset=lambda c: data.TOY_SFT)
+    assert cfg.lr == 1e-4 and cfg.max_steps == data.TOY_SFT["max_steps"]
+    cfg = flags.parse(train_ppo.Config, ["--mode", "lora"], preset=lambda c: data.TOY_PPO)
+    assert cfg.mode == "lora" and cfg.max_new_tokens == data.TOY_PPO["max_new_tokens"]
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: safe at every instant of a save
+
+
+def test_only_the_newest_checkpoints_stay_and_the_pointer_names_the_newest(tmp_path, base, data8):
+    out = tmp_path / "run"
+    train_sft.main(sft_argv(base, data8, out, max_steps=6, save_every=1, keep_checkpoints=2))
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-000005", "checkpoint-000006"]
+    assert (out / ckpt.POINTER).read_text().strip() == "checkpoint-000006"
+
+
+def test_a_kill_inside_the_rename_leaves_the_previous_checkpoint(tmp_path, base, data8, monkeypatch, capsys):
+    """The run dies while checkpoint 4 is being renamed into place (after the folder was written in
+    full): resume finds checkpoint 2, says nothing is lost but those steps, and reaches the same
+    losses; the stale temporary folder is removed at the start."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train_sft.main(sft_argv(base, data8, whole, max_steps=6, save_every=2))
+    real = os.rename
+
+    def rename(src, dst):
+        if os.path.basename(dst) == "checkpoint-000004":
+            raise RunKilled
+        return real(src, dst)
+    monkeypatch.setattr(ckpt.os, "rename", rename)
+    with pytest.raises(RunKilled):
+        train_sft.main(sft_argv(base, data8, cut, max_steps=6, save_every=2))
+    monkeypatch.setattr(ckpt.os, "rename", real)
+    assert [n for n in os.listdir(cut) if n.startswith(".tmp-checkpoint")]  # the complete new one, unnamed
+    assert newest_checkpoint(cut).name == "checkpoint-000002"
+    capsys.readouterr()
+    train_sft.main(sft_argv(base, data8, cut, "--resume", max_steps=6, save_every=2))
+    assert f"resumed from {cut / 'checkpoint-000002'} at step 2" in capsys.readouterr().out
+    assert not [n for n in os.listdir(cut) if n.startswith(".tmp-")]
+    assert losses(cut) == losses(whole)
+
+
+def test_a_kill_before_the_pointer_moves_resumes_from_the_newest_complete(tmp_path, base, data8, monkeypatch, capsys):
+    """Checkpoint 4 is in place but the pointer still names checkpoint 2: resume takes checkpoint 4
+    and says so; the metrics logged after the checkpoint's step are dropped, not repeated."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train_sft.main(sft_argv(base, data8, whole, max_steps=6, save_every=2))
+    real = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == ckpt.POINTER and (cut / "checkpoint-000004").exists():
+            raise RunKilled
+        return real(src, dst)
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    with pytest.raises(RunKilled):
+        train_sft.main(sft_argv(base, data8, cut, max_steps=6, save_every=2))
+    monkeypatch.setattr(ckpt.os, "replace", real)
+    assert (cut / ckpt.POINTER).read_text().strip() == "checkpoint-000002"
+    capsys.readouterr()
+    train_sft.main(sft_argv(base, data8, cut, "--resume", max_steps=6, save_every=2))
+    printed = capsys.readouterr().out
+    assert "names checkpoint-000002; the newest complete checkpoint is" in printed and "at step 4" in printed
+    rows = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # steps 3-4 logged once, not twice
+    assert losses(cut) == losses(whole)
