@@ -8,6 +8,7 @@ state and the metrics log; a checkpoint reads back with any number of pipeline s
     OUT/metrics.jsonl          one JSON object per logged step   OUT/tb/            TensorBoard, if installed
 """
 import glob
+import hashlib
 import json
 import os
 import re
@@ -30,7 +31,7 @@ RUN_FILE = "run.json"                  # which script wrote this folder, with wh
 # and micro-batches (the data position checks the global batch itself), lengths, logs
 VOLATILE = {"out", "resume", "overwrite", "max_steps", "epochs", "log_every", "eval_every", "save_every",
             "sample_every", "save_final", "keep_checkpoints", "pp", "plan", "gpu_mem_gib", "checkpoint",
-            "micro_batch_size", "grad_accum"}
+            "micro_batch_size", "grad_accum", "allow_data_change"}
 
 
 def save(out_dir, d, tokenizer_path, models, heads=None, optimizers=None, train_state=None, extra_json=None):
@@ -168,10 +169,30 @@ def checkpoint_dir(out, resume):
     return newest
 
 
-def resume(ckpt_dir, d, optimizers, batches):
+def file_hashes(files):
+    """{flag: sha256 of its file} of the data a run trains on; a checkpoint records them."""
+    out = {}
+    for flag, path in files.items():
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        out[flag] = h.hexdigest()
+    return out
+
+
+def resume(ckpt_dir, d, optimizers, batches, data_hashes=None, allow_data_change=False):
     """Restore the optimisers {file prefix: AdamW}, the data positions {state key: data.Batches}
-    and this rank's RNG from a checkpoint; return the loop's state (step, ...)."""
+    and this rank's RNG from a checkpoint; return the loop's state (step, ...). Data files whose
+    contents changed since the checkpoint (data_hashes: file_hashes now) are refused unless allowed."""
     state = load_train_state(ckpt_dir, d)
+    was = state.get("data_hashes", {})
+    for flag in [f for f in data_hashes or {} if f in was and was[f] != data_hashes[f]]:
+        if not allow_data_change:
+            raise ValueError(f"--{flag}: the file's contents differ from those {ckpt_dir} was trained on (sha256 "
+                             f"{was[flag][:12]}... then, {data_hashes[flag][:12]}... now). HINT: resume with the same "
+                             "data, or pass --allow_data_change to continue on the new one")
+        dist.print0(f"--allow_data_change: --{flag} differs from the data {ckpt_dir} was trained on")
     for prefix, opt in optimizers.items():
         opt.load(ckpt_dir, prefix)
     for key, b in batches.items():

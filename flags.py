@@ -5,6 +5,7 @@
 """
 import argparse
 import dataclasses
+import math
 import os
 import sys
 
@@ -26,10 +27,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}. HINT: {self.prog} --help lists the flags\n")
 
 
-def parse(cls, argv=None, preset=None):
+def parse(cls, argv=None, preset=None, positive=(), non_negative=()):
     """A flat config dataclass -> --name value flags that keep each default's type; unknown
     flags are errors; a boolean flag alone means true. preset(cfg) -> {field: value} fills the
-    fields no flag set (the toy run's values): an explicit flag always wins over a preset."""
+    fields no flag set (the toy run's values): an explicit flag always wins over a preset. Every
+    number must be finite, those named in `positive` > 0 and in `non_negative` >= 0."""
     module = sys.modules[cls.__module__]
     p = Parser(prog=os.path.basename(module.__file__), description=module.__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -44,7 +46,14 @@ def parse(cls, argv=None, preset=None):
     values = preset(cfg) if preset else {}
     unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
     assert not unknown, f"the preset names fields the config lacks: {sorted(unknown)}"
-    return dataclasses.replace(cfg, **{k: v for k, v in values.items() if k not in given})
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in values.items() if k not in given})
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not (
+                math.isfinite(v) and (v > 0 or f.name not in positive) and (v >= 0 or f.name not in non_negative)):
+            p.error(f"argument --{f.name}: {v} is not " + ("> 0" if f.name in positive else ">= 0" if
+                                                             f.name in non_negative else "a finite number"))
+    return cfg
 
 
 def run(main, *args):

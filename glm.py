@@ -40,6 +40,14 @@ class GLMConfig:
     pad_token_id: int = 3              # <pad>
 
     def __post_init__(self):
+        for fd in fields(self):  # types and ranges first: config.json is read as it is written
+            v, is_id = getattr(self, fd.name), fd.name.endswith("_id")
+            ok = type(v) is int or (fd.type is float and type(v) is float and math.isfinite(v))  # no bools
+            if not ok or not (0 <= v < self.vocab_size if is_id else v > 0):
+                kind = "a whole number" if fd.type is int else "a finite number"
+                rule = f"in [0, vocab_size {self.vocab_size})" if is_id else "> 0"
+                raise ValueError(f"{fd.name} is {v!r}; it must be {kind} {rule}. HINT: ChatGLM-6B's "
+                                 f"config.json has \"{fd.name}\": {fd.default}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
@@ -61,11 +69,11 @@ class GLMConfig:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file. HINT: a model folder needs the "
                                     "config.json of the HF release next to its weights.")
-        with open(path, encoding="utf-8") as f:
-            try:
-                raw = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(read_json(path, "HINT: restore the release's config.json."), path)
+
+    @classmethod
+    def from_dict(cls, raw, path):
+        """The config of config.json's contents `raw`; errors name `path`."""
         if raw.get("position_encoding_2d", True) is not True:
             raise ValueError(f"{path}: position_encoding_2d is false; only ChatGLM-6B v1 "
                              "(2-D rotary positions) is supported")
@@ -74,8 +82,11 @@ class GLMConfig:
             if fd.name not in raw:
                 raise KeyError(f"{path}: field '{fd.name}' is missing. HINT: use the "
                                "config.json of the ChatGLM-6B release (or `glm.py convert`).")
-            kwargs[fd.name] = fd.type(raw[fd.name]) if fd.type in (int, float) else raw[fd.name]
-        return cls(**kwargs)
+            kwargs[fd.name] = raw[fd.name]
+        try:
+            return cls(**kwargs)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_json(self):
         d = {fd.name: getattr(self, fd.name) for fd in fields(self)}
@@ -114,7 +125,11 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, model_dir):
-        return cls(os.path.join(model_dir, "ice_text.model"))
+        """The model folder's ice_text.model, checked against its config.json when it has one."""
+        tok = cls(os.path.join(check_model_dir(model_dir), "ice_text.model"))
+        if os.path.isfile(os.path.join(model_dir, "config.json")):
+            check_tokenizer(tok, GLMConfig.from_json(os.path.join(model_dir, "config.json")), model_dir)
+        return tok
 
     mask_id = property(lambda self: self.special["[MASK]"])
     gmask_id = property(lambda self: self.special["[gMASK]"])
@@ -162,6 +177,30 @@ class Tokenizer:
         for n in range(2, self.MAX_BLANK + 1):
             text = text.replace(f"<|blank_{n}|>", " " * n)
         return text
+
+
+CONFIG_SPECIAL = {"bos_token_id": "<sop>", "eos_token_id": "<eop>", "mask_token_id": "[MASK]",
+                  "gmask_token_id": "[gMASK]", "pad_token_id": "<pad>"}  # config.json field -> piece
+
+
+def check_model_dir(model_dir):
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"{model_dir}: no such model folder. HINT: pass the folder that "
+                                "holds config.json and model*.safetensors (see `glm.py convert`).")
+    return model_dir
+
+
+def check_tokenizer(tok, cfg, model_dir):
+    """Refuse a tokenizer that does not fit the model's config.json: ids past its embedding rows
+    (an IndexError deep inside the model otherwise), or special ids that differ."""
+    config, hint = os.path.join(model_dir, "config.json"), "HINT: use the tokenizer and config.json of one release."
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{tok.path} has {tok.vocab_size} pieces but {config} has vocab_size {cfg.vocab_size}, "
+                         f"so some ids have no embedding row. {hint}")
+    for field, piece in CONFIG_SPECIAL.items():
+        if getattr(cfg, field) != tok.special[piece]:
+            raise ValueError(f"{config}: {field} is {getattr(cfg, field)}, but {tok.path} has "
+                             f"'{piece}' at id {tok.special[piece]}. {hint}")
 
 
 def chat_prompt(query, history=()):
@@ -448,15 +487,16 @@ class ChatGLM(nn.Module):
     @classmethod
     def from_pretrained(cls, model_dir, dtype=torch.float32, device="cpu", layer_ids=None,
                         first=True, last=True):
-        """Build on the meta device, then read this model's (or stage's) tensors straight into place."""
-        if not os.path.isdir(model_dir):
-            raise FileNotFoundError(f"{model_dir}: no such model folder. HINT: pass the folder that "
-                                    "holds config.json and model*.safetensors (see `glm.py convert`).")
-        cfg = GLMConfig.from_json(os.path.join(model_dir, "config.json"))
+        """Build on the meta device, then read this model's (or stage's) tensors straight into place;
+        a tokenizer in the folder must agree with config.json."""
+        cfg = GLMConfig.from_json(os.path.join(check_model_dir(model_dir), "config.json"))
+        if os.path.isfile(os.path.join(model_dir, "ice_text.model")):
+            check_tokenizer(Tokenizer(os.path.join(model_dir, "ice_text.model")), cfg, model_dir)
         with torch.device("meta"):
             model = cls(cfg, layer_ids, first, last)
         state = read_safetensors(model_dir, expected_shapes(model), device)
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+        model.name_or_path = str(model_dir)  # named in errors, e.g. an adapter made for another base
         return model.to(device)
 
     def save_pretrained(self, out_dir, tokenizer=None, max_shard_bytes=2 << 30):
@@ -701,25 +741,72 @@ def expected_shapes(model):
     return shapes
 
 
+def read_json(path, hint):
+    """The JSON object in file `path`; anything else is a one-line error naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: not valid JSON ({e}). {hint}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: not a JSON object. {hint}")
+    return obj
+
+
+def open_safetensors(path, device="cpu"):
+    """safe_open, naming the file when it is empty, truncated or has a bad header."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        return safe_open(path, framework="pt", device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}). HINT: it is truncated or "
+                         "corrupt; copy or write it again.") from None
+
+
+def checked_tensor(f, path, key):
+    """Tensor `key` of an open file, refused unless it is floating point and finite (one pass over it)."""
+    t = f.get_tensor(key)
+    if not t.is_floating_point():
+        raise ValueError(f"{path}: tensor '{key}' has dtype {t.dtype}; weights are floating point. "
+                         "HINT: the file is corrupt or holds something else; copy or write it again.")
+    lo, hi = torch.aminmax(t) if t.numel() else (0.0, 0.0)  # NaN propagates into both
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{path}: tensor '{key}' holds NaN or Inf values. HINT: the file is corrupt or "
+                         "was saved from a diverged run; use an earlier checkpoint or the release's weights.")
+    return t
+
+
+def read_index(index):
+    """weight_map {key: file name} of model.safetensors.index.json; every file inside its folder."""
+    hint = "HINT: restore the index from the release (or write the model again)."
+    weight_map = read_json(index, hint).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: it has no 'weight_map' object. {hint}")
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == "..":
+            raise ValueError(f"{index}: '{key}' maps to {name!r}, not a file in the model folder. {hint}")
+    return weight_map
+
+
 def safetensors_files(model_dir):
     """{key: file} from model.safetensors or model.safetensors.index.json."""
-    from safetensors import safe_open
-    index = os.path.join(model_dir, "model.safetensors.index.json")
+    index = os.path.join(check_model_dir(model_dir), "model.safetensors.index.json")
     single = os.path.join(model_dir, "model.safetensors")
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        return {k: os.path.join(model_dir, v) for k, v in weight_map.items()}
+        return {k: os.path.join(model_dir, v) for k, v in read_index(index).items()}
     if os.path.isfile(single):
-        with safe_open(single, framework="pt") as f:
+        with open_safetensors(single) as f:
             return {k: single for k in f.keys()}
-    raise FileNotFoundError(f"{model_dir}: neither model.safetensors nor model.safetensors.index.json. "
-                            "HINT: convert the official .bin release with `python glm.py convert SRC DST`.")
+    shards = [n for n in os.listdir(model_dir) if re.fullmatch(r"model-.+\.safetensors", n)]
+    raise FileNotFoundError(f"{model_dir}: neither model.safetensors nor model.safetensors.index.json"
+                            + (f" (but {len(shards)} model-*.safetensors shards). HINT: copy their index "
+                               "into the folder too." if shards else ". HINT: convert the official .bin "
+                               "release with `python glm.py convert SRC DST`."))
 
 
 def read_safetensors(model_dir, shapes, device="cpu"):
-    """Read exactly the tensors in `shapes`, checking every key of the files against the table."""
-    from safetensors import safe_open
+    """Read exactly the tensors in `shapes`, checking every key of the files against the table
+    and every tensor's shape, dtype and values."""
     where = safetensors_files(model_dir)
     num_layers = GLMConfig.from_json(os.path.join(model_dir, "config.json")).num_layers
     for key in where:
@@ -736,13 +823,18 @@ def read_safetensors(model_dir, shapes, device="cpu"):
             raise FileNotFoundError(f"{path} is missing but the index maps '{keys[0]}' ({len(keys)} tensors) to it. "
                                     "HINT: the checkpoint is incomplete (a stage's file was not written or "
                                     "copied); use a complete folder or write it again")
-        with safe_open(path, framework="pt", device=str(device)) as f:
+        with open_safetensors(path, device) as f:
+            held = set(f.keys())
+            absent = [k for k in keys if k not in held]
+            if absent:
+                raise KeyError(f"{path}: the index maps tensor '{absent[0]}' to this file, but it does not hold "
+                               "it. HINT: the index and the files are from different saves; write them again.")
             for k in keys:
                 got = tuple(f.get_slice(k).get_shape())
                 if got != shapes[k]:
                     raise ValueError(f"{path}: tensor '{k}' has shape {list(got)}, the model expects "
                                      f"{list(shapes[k])}. HINT: config.json does not match the weights.")
-                state[k] = f.get_tensor(k)
+                state[k] = checked_tensor(f, path, k)
     return state
 
 
@@ -800,19 +892,15 @@ def release_config(src):
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path}: no such file. HINT: SRC is the folder of the official "
                                 "release (config.json, pytorch_model-*.bin, ice_text.model)")
-    with open(config_path, encoding="utf-8") as f:
-        raw = json.load(f)
+    raw = read_json(config_path, "HINT: restore the release's config.json.")
     tok_path = os.path.join(src, "ice_text.model")
     pieces = Tokenizer(tok_path).vocab_size if os.path.isfile(tok_path) else 130528
     if raw.get("vocab_size") == pieces + IMAGE_TOKENS:  # early release: trim the image rows, shift ids
         raw["vocab_size"] = pieces
         for k in ("bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id"):
-            if k in raw and raw[k] >= IMAGE_TOKENS:
+            if type(raw.get(k)) is int and raw[k] >= IMAGE_TOKENS:
                 raw[k] -= IMAGE_TOKENS
-    with tempfile.TemporaryDirectory() as scratch:
-        with open(os.path.join(scratch, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(raw, f)
-        return raw, GLMConfig.from_json(os.path.join(scratch, "config.json"))
+    return raw, GLMConfig.from_dict(raw, config_path)
 
 
 def convert(src, dst):

@@ -17,6 +17,7 @@ B [out, r]. B starts at zero, so a fresh adapter leaves the model unchanged.
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -38,6 +39,8 @@ LAYER_LINEAR = re.compile(r"transformer\.layers\.(\d+)\."
 # PEFT saves `base_model.model.<module path>.lora_A.weight`: its two wrapper prefixes, no adapter name
 PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
 ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# tensors that identify the base an adapter was trained on: LoRA never touches or merges into them
+FINGERPRINTED = ("transformer.word_embeddings.weight", "lm_head.weight")
 
 
 # -----------------------------------------------------------------------------
@@ -263,6 +266,29 @@ def adapter_state_dict(model, name="default"):
     return state
 
 
+def base_fingerprint(model):
+    """{key: short hash} of 16 rows spread over each FINGERPRINTED tensor this model (or stage) holds.
+    Hashed as bf16, so one base loaded in float32 or bfloat16 gives the same fingerprint."""
+    params, out = dict(model.named_parameters()), {}
+    for key in FINGERPRINTED:
+        w = params.get(key)
+        if w is not None and not w.is_meta:
+            rows = w.detach()[:: max(1, w.shape[0] // 16)].to(torch.bfloat16).view(torch.int16).cpu()
+            out[key] = hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]
+    return out
+
+
+def check_base(model, cfg, adapter_dir):
+    """Refuse an adapter whose adapter_config.json records another base; files without a fingerprint
+    (PEFT's) pass, and only the tensors this model or stage holds are compared."""
+    recorded, ours = cfg.get("base_model_fingerprint") or {}, base_fingerprint(model)
+    differ = [k for k in ours if k in recorded and recorded[k] != ours[k]]
+    if differ:
+        raise ValueError(f"{os.path.join(adapter_dir, CONFIG_FILE)}: the adapter was trained on base "
+                         f"{cfg.get('base_model_name_or_path') or '(unnamed)'}, whose '{differ[0]}' differs from "
+                         f"this model's ({getattr(model, 'name_or_path', 'built in memory')}). {BASE_DIFFERS}")
+
+
 def adapter_config(model, name="default", base_model_name_or_path=None):
     """adapter_config.json contents in PEFT's LoRA schema. PEFT holds one r/alpha/dropout per adapter."""
     mods = [(p, m) for p, m in lora_modules(model) if name in m.lora_A]
@@ -273,11 +299,13 @@ def adapter_config(model, name="default", base_model_name_or_path=None):
         raise ValueError(f"adapter '{name}' mixes settings {sorted(settings)} (r, alpha, dropout); "
                          "PEFT's adapter_config.json holds one of each. HINT: inject it with one call.")
     r, alpha, dropout = settings.pop()
+    base_model_name_or_path = base_model_name_or_path or getattr(model, "name_or_path", None)
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
         "target_modules": sorted({p.rsplit(".", 1)[-1] for p, _ in mods}), "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True,  # PEFT writes true in saved configs
         "base_model_name_or_path": base_model_name_or_path, "modules_to_save": None,
+        "base_model_fingerprint": base_fingerprint(model),  # ours, not PEFT's: checked by load_adapter
     }
 
 
@@ -300,8 +328,7 @@ def read_adapter_config(adapter_dir):
         raise FileNotFoundError(f"{path}: no such file. HINT: pass the folder written by save_adapter "
                                 "(or PEFT's save_pretrained), holding adapter_config.json and "
                                 "adapter_model.safetensors.")
-    with open(path, encoding="utf-8") as f:
-        cfg = json.load(f)
+    cfg = glm.read_json(path, "HINT: write the adapter again (save_adapter or PEFT's save_pretrained).")
     problems = [
         (cfg.get("peft_type") != "LORA", f"peft_type is {cfg.get('peft_type')!r}, not 'LORA'"),
         (not isinstance(cfg.get("target_modules"), list), "target_modules is not a list of module names"),
@@ -310,6 +337,7 @@ def read_adapter_config(adapter_dir):
         (cfg.get("use_rslora") or cfg.get("use_dora"), "rsLoRA / DoRA adapters are not supported"),
         (cfg.get("rank_pattern") or cfg.get("alpha_pattern"), "per-module rank/alpha patterns are not supported"),
         (cfg.get("modules_to_save"), "modules_to_save (full trained modules) is not supported"),
+        (not isinstance(cfg.get("base_model_fingerprint") or {}, dict), "base_model_fingerprint is not an object"),
     ]
     for bad, what in problems:
         if bad:
@@ -323,9 +351,8 @@ BASE_DIFFERS = "HINT: the adapter was trained on a different base model; load it
 def read_adapter_tensors(path, shapes, name, num_layers, held, targets):
     """The adapter file's tensors of the blocks this model holds, checked against shapes
     {PEFT key: shape}: every key must fit a LoRA layer of the full model, every wanted key be present."""
-    from safetensors import safe_open
     state = {}
-    with safe_open(path, framework="pt") as f:
+    with glm.open_safetensors(path) as f:
         for key in f.keys():
             m = PEFT_KEY.fullmatch(key)
             layer = m and LAYER_LINEAR.fullmatch(m.group(1))
@@ -343,7 +370,7 @@ def read_adapter_tensors(path, shapes, name, num_layers, held, targets):
                 raise ValueError(f"{path}: tensor '{key}' has shape {list(got)}, the model expects "
                                  f"{list(shapes[key])}. {BASE_DIFFERS} (hidden size differs) or "
                                  "adapter_config.json's r does not match the file.")
-            state[key] = f.get_tensor(key)
+            state[key] = glm.checked_tensor(f, path, key)
     missing = [k for k in shapes if k not in state]
     if missing:
         raise KeyError(f"{path}: tensor '{missing[0]}' is missing ({len(missing)} missing in all); adapter "
@@ -377,6 +404,7 @@ def load_adapter(model, adapter_dir, name="default", device=None):
         shapes[peft_key(p, "B")] = (m.out_features, r)
 
     state = read_adapter_tensors(path, shapes, name, num_layers, held, sorted({p.rsplit(".", 1)[-1] for p in wanted}))
+    check_base(model, cfg, adapter_dir)  # after the shapes, whose errors say more
     if not existing and held:
         inject_lora(model, cfg["target_modules"], r, alpha, cfg.get("lora_dropout", 0.0), name)
     for p, m in wanted.items():  # now all hold adapter `name`: injected above, or before the call
@@ -402,9 +430,8 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
 
 def stored_dtype(model_dir):
     """The dtype the base checkpoint stores its weights in (so a merged fp16 release stays fp16)."""
-    from safetensors import safe_open
     key, file = next(iter(glm.safetensors_files(model_dir).items()))
-    with safe_open(file, framework="pt") as f:
+    with glm.open_safetensors(file) as f:
         return SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype(), torch.float32)
 
 

@@ -291,7 +291,9 @@ def optimizer_step(opt, loss, lr, grad_clip, d, bad_steps, step, max_bad=10):
         bad_steps += 1
         dist.print0(f"step {step}: non-finite loss/gradient ({loss}, {norm}); update skipped ({bad_steps} in a row)")
         if bad_steps >= max_bad:
-            raise RuntimeError(f"{max_bad} non-finite steps in a row: lower --lr or check the data")
+            raise ValueError(f"step {step}: the loss or gradient was not finite for {max_bad} steps in a row; the "
+                             "run stops and writes no final/. HINT: lower --lr (or raise --warmup_steps), check the "
+                             "data, and --resume from the last checkpoint")
     opt.zero_grad()
     return loss, norm, bad_steps
 

@@ -23,6 +23,7 @@ whitened advantages; ppo_epochs over mini-batches of the clipped policy loss (+ 
 + ptx_coef * LM loss on SFT data) and the clipped value loss.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -101,6 +102,16 @@ class Config:
     resume: bool = False           # continue from the newest complete checkpoint in --out
     overwrite: bool = False        # write into an --out that holds something else
     keep_checkpoints: int = 2      # the newest N checkpoints stay on disk
+    allow_data_change: bool = False  # --resume on data files whose contents changed
+
+
+# flags that must be > 0, and >= 0 (every number must be finite)
+POSITIVE = ("max_prompt_len", "rollout_batch_size", "max_new_tokens", "max_steps", "ppo_epochs", "mini_batch_size",
+            "micro_batch_size", "kl_horizon", "ptx_batch_size", "log_every",
+            "keep_checkpoints", "pp", "temperature", "top_p", "lora_rank", "lora_alpha")
+NON_NEGATIVE = ("actor_lr", "critic_lr", "weight_decay", "grad_clip", "gamma", "lam", "clip_ratio", "value_clip",
+                "entropy_coef", "kl_coef", "target_kl", "reward_clip", "ptx_coef", "top_k", "sample_every",
+                "save_every", "gpu_mem_gib")
 
 
 def toy_models_and_data(cfg, d):
@@ -133,6 +144,21 @@ def check_models(cfg):
         raise ValueError("--mode full needs --actor SFT_DIR (an HF weight folder)")
     if not cfg.rm_dir:
         raise ValueError("--rm_dir is required: the output folder of train_rm.py")
+    if not cfg.data:
+        raise ValueError("--data is required: a jsonl of prompts ({\"prompt\": ..., \"history\": [...]})")
+
+
+def read_reward_stats(rm_dir):
+    """The RM's held-out reward mean and std (train_rm.py writes them); PPO normalises scores by them."""
+    path = os.path.join(rm_dir, "reward_stats.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing. HINT: --rm_dir is the final/ folder of a train_rm.py run")
+    with open(path, encoding="utf-8") as f:
+        stats = json.load(f)
+    if not all(isinstance(stats.get(k), (int, float)) and math.isfinite(stats[k]) for k in ("mean", "std")):
+        raise ValueError(f"{path}: 'mean' and 'std' must be finite numbers, got {stats.get('mean')!r}, "
+                         f"{stats.get('std')!r}. HINT: train the reward model again (its held-out rewards diverged)")
+    return stats
 
 
 # -----------------------------------------------------------------------------
@@ -465,7 +491,8 @@ def sample_text(tok, ids):
 
 
 def main(argv=None):
-    cfg = flags.parse(Config, argv, preset=lambda c: {} if c.model or c.actor or c.rm_dir else data.TOY_PPO)
+    cfg = flags.parse(Config, argv, preset=lambda c: {} if c.model or c.actor or c.rm_dir else data.TOY_PPO,
+                      positive=POSITIVE, non_negative=NON_NEGATIVE)
     d = dist.setup(cfg.pp)
     toy = not (cfg.model or cfg.actor or cfg.rm_dir)
     cfg = toy_models_and_data(cfg, d) if toy else cfg
@@ -487,8 +514,7 @@ def main(argv=None):
     batches = data.Batches(len(prompts), cfg.rollout_batch_size, cfg.seed, rank=d.dp_rank, world=d.D)
     ptx_batches = data.Batches(len(ptx), cfg.ptx_batch_size, cfg.seed + 1, rank=d.dp_rank, world=d.D) if ptx else None
     next_ptx = (lambda: data.collate([ptx[i] for i in ptx_batches.next()], tok.pad_id)) if ptx else None
-    with open(os.path.join(cfg.rm_dir, "reward_stats.json"), encoding="utf-8") as f:
-        rm_stats = json.load(f)  # the RM's held-out reward mean/std: scores are normalised by them
+    rm_stats = read_reward_stats(cfg.rm_dir)
 
     # ---- the plan (sized for the actor's training; full mode holds actor and critic training beside
     # frozen reference and reward copies), the four roles on this stage, their optimisers, resume
@@ -508,7 +534,9 @@ def main(argv=None):
         ckpt.load_weights(model, os.path.join(resume_dir, sub), d, name)
     if resume_dir and roles.value_head is not None:
         ckpt.load_head(roles.value_head, resume_dir, "value_head")
-    state = ckpt.resume(resume_dir, d, saved_opts, {"data": batches, "ptx_data": ptx_batches}) if resume_dir else {}
+    hashes = ckpt.file_hashes({k: v for k, v in (("data", cfg.data), ("ptx_data", cfg.ptx_data)) if v})
+    state = ckpt.resume(resume_dir, d, saved_opts, {"data": batches, "ptx_data": ptx_batches}, hashes,
+                        cfg.allow_data_change) if resume_dir else {}
     step, bad = state.get("step", 0), state.get("bad", {"actor": 0, "critic": 0})
     kl_ctl = KLController(state.get("beta", cfg.kl_coef), cfg.target_kl, cfg.kl_horizon)
 
@@ -516,36 +544,38 @@ def main(argv=None):
     log = ckpt.start_run(cfg.out, "train_ppo", asdict(cfg), state["step"] if resume_dir else None)
     gen = torch.Generator(device=d.device)
     before, history = toy_report(roles, tok, d, cfg) if toy else None, []
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
     t_run = dist.start_clock()
-    while step < cfg.max_steps:
-        t0 = time.perf_counter()
-        prompt_ids = glm.left_pad([prompts[i] for i in batches.next()], tok.pad_id).to(d.device)
-        gen.manual_seed(cfg.seed * 1_000_003 + step * 1009 + d.dp_rank)  # per step: a resumed run samples the same
-        batch, r = rollout(roles, d, prompt_ids, cfg, rm_stats, kl_ctl.beta, gen)
-        t1 = time.perf_counter()
-        pstats, vstats = ppo_update(roles, opts, bad, batch, d, cfg, step, next_ptx)
-        step += 1
-        m = metrics(r, pstats, vstats, d)
-        kl_ctl.update(m["kl"], cfg.rollout_batch_size * d.D)
-        m.update(beta=kl_ctl.beta, t_generate=r["t_generate"], t_score=r["t_score"], t_train=time.perf_counter() - t1,
-                 pairs_per_s=prompt_ids.shape[0] * d.D / (time.perf_counter() - t0))
-        history.append(m)
-        bar.update(1)
-        bar.set_postfix(reward=f"{m['reward_mean']:.3f}", kl=f"{m['kl']:.3f}", len=f"{m['response_len']:.1f}")
-        if step % cfg.log_every == 0:
-            log.log(step, **m)
-        if cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == 1):
-            T = prompt_ids.shape[1]
-            dist.print0(f"\nstep {step}: reward {m['reward_mean']:.3f} kl {m['kl']:.4f} | sample: "
-                        f"{sample_text(tok, batch['input_ids'][0, :T])!r} -> {sample_text(tok, batch['input_ids'][0, T:])!r}")
-        if cfg.save_every > 0 and (step % cfg.save_every == 0 or step == cfg.max_steps):
-            ckpt.save_checkpoint(cfg.out, step, d, tok.path, roles.checkpointed(),
-                                 {"value_head": roles.value_head} if roles.value_head else None, saved_opts,
-                                 dict(step=step, bad=bad, beta=kl_ctl.beta, data=batches.state_dict(),
-                                      ptx_data=ptx_batches.state_dict() if ptx_batches else None,
-                                      config=asdict(cfg), rm_stats=rm_stats), keep=cfg.keep_checkpoints)
-    bar.close()
+    with tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True) as bar:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            prompt_ids = glm.left_pad([prompts[i] for i in batches.next()], tok.pad_id).to(d.device)
+            gen.manual_seed(cfg.seed * 1_000_003 + step * 1009 + d.dp_rank)  # per step: a resumed run samples the same
+            batch, r = rollout(roles, d, prompt_ids, cfg, rm_stats, kl_ctl.beta, gen)
+            t1 = time.perf_counter()
+            pstats, vstats = ppo_update(roles, opts, bad, batch, d, cfg, step, next_ptx)
+            step += 1
+            m = metrics(r, pstats, vstats, d)
+            kl_ctl.update(m["kl"], cfg.rollout_batch_size * d.D)
+            m.update(beta=kl_ctl.beta, t_generate=r["t_generate"], t_score=r["t_score"],
+                     t_train=time.perf_counter() - t1,
+                     pairs_per_s=prompt_ids.shape[0] * d.D / (time.perf_counter() - t0))
+            history.append(m)
+            bar.update(1)
+            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", kl=f"{m['kl']:.3f}", len=f"{m['response_len']:.1f}")
+            if step % cfg.log_every == 0:
+                log.log(step, **m)
+            if cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == 1):
+                T = prompt_ids.shape[1]
+                dist.print0(f"\nstep {step}: reward {m['reward_mean']:.3f} kl {m['kl']:.4f} | sample: "
+                            f"{sample_text(tok, batch['input_ids'][0, :T])!r} -> "
+                            f"{sample_text(tok, batch['input_ids'][0, T:])!r}")
+            if cfg.save_every > 0 and (step % cfg.save_every == 0 or step == cfg.max_steps):
+                ckpt.save_checkpoint(cfg.out, step, d, tok.path, roles.checkpointed(),
+                                     {"value_head": roles.value_head} if roles.value_head else None, saved_opts,
+                                     dict(step=step, bad=bad, beta=kl_ctl.beta, data=batches.state_dict(),
+                                          data_hashes=hashes,
+                                          ptx_data=ptx_batches.state_dict() if ptx_batches else None,
+                                          config=asdict(cfg), rm_stats=rm_stats), keep=cfg.keep_checkpoints)
     wall = time.perf_counter() - t_run
     if cfg.save_final:
         final = os.path.join(cfg.out, "final")

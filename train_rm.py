@@ -84,6 +84,14 @@ class Config:
     resume: bool = False           # continue from the newest complete checkpoint in --out
     overwrite: bool = False        # write into an --out that holds something else
     keep_checkpoints: int = 2      # the newest N checkpoints stay on disk
+    allow_data_change: bool = False  # --resume on data files whose contents changed
+
+
+# flags that must be > 0, and >= 0 (every number must be finite)
+POSITIVE = ("max_len", "micro_batch_size", "grad_accum", "epochs", "log_every", "eval_every",
+            "save_every", "keep_checkpoints", "pp", "lora_alpha")
+NON_NEGATIVE = ("lr", "max_steps", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "holdout",
+                "lora_rank", "lora_dropout", "train_layers", "gpu_mem_gib")
 
 
 HEAD = "reward_head"        # the head's file prefix: reward_head.safetensors
@@ -286,7 +294,8 @@ def report(ev, when):
 
 
 def main(argv=None):
-    cfg = flags.parse(Config, argv, preset=lambda c: {} if c.model else data.TOY_RM)
+    cfg = flags.parse(Config, argv, preset=lambda c: {} if c.model else data.TOY_RM,
+                      positive=POSITIVE, non_negative=NON_NEGATIVE)
     toy = not cfg.model
     d = dist.setup(cfg.pp)
     cfg = check_init(toy_model_and_data(cfg) if toy else cfg)  # after setup: only rank 0 writes a toy model
@@ -324,7 +333,9 @@ def main(argv=None):
     first_trainable = dist.first_trainable_stage(model, d)
     opt = optim.AdamW(optim.named_trainables(model, heads), cfg.lr, cfg.weight_decay, d, the_plan.hosts)
     lora_name = "default" if mode == "lora" else None
-    state = ckpt.resume(resume_dir, d, {"optim": opt}, {"data": batches}) if resume_dir else {}
+    hashes = ckpt.file_hashes({"data": cfg.data})  # recorded by each checkpoint, checked on resume
+    state = ckpt.resume(resume_dir, d, {"optim": opt}, {"data": batches}, hashes,
+                        cfg.allow_data_change) if resume_dir else {}
     step, bad_steps, reward_stats = state.get("step", 0), state.get("bad_steps", 0), state.get("reward_stats")
     eval_mbs = microbatches(eval_enc, list(range(len(eval_enc))), cfg.micro_batch_size, tok, d.device)
 
@@ -333,34 +344,33 @@ def main(argv=None):
     if toy and not resume_dir:
         report(evaluate(model, head, d, eval_mbs), "toy, before training")
     model.train()
-    bar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
     t_start, tokens_seen, ev = dist.start_clock(), 0, None
-    while step < total_steps:
-        t0 = time.perf_counter()
-        mbs = microbatches(train_enc, batches.next(), cfg.micro_batch_size, tok, d.device)
-        n_pairs = count_pairs(mbs, d.dp_group)
-        lr = optim.lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-        loss = dist.train_step(model, d, mbs, rm_loss(head, n_pairs), first_trainable)
-        loss, norm, bad_steps = optim.optimizer_step(opt, loss, lr, cfg.grad_clip, d, bad_steps, step)
-        step += 1
-        tokens = sum(mb["input_ids"].numel() for mb in mbs) * d.D
-        tokens_seen += tokens
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        if step % cfg.log_every == 0 or step == total_steps:
-            log.log(step, loss=loss, lr=lr, grad_norm=norm, pairs=int(n_pairs), skipped=bad_steps,
-                    tokens_per_s=tokens / (time.perf_counter() - t0))
-        if step % cfg.eval_every == 0 or step == total_steps:
-            ev = dict(evaluate(model, head, d, eval_mbs), step=step)
-            reward_stats = dict(mean=ev["mean"], std=ev["std"], count=ev["count"], step=step)
-            log.log(step, eval_loss=ev["loss"], eval_pair_acc=ev["pair_acc"], eval_rank_acc=ev["rank_acc"],
-                    reward_mean=ev["mean"], reward_std=ev["std"])
-            report(ev, f"\nstep {step}")
-        if step % cfg.save_every == 0 or step == total_steps:
-            ckpt.save_checkpoint(cfg.out, step, d, tok.path, {"": (model, lora_name)}, heads, {"optim": opt},
-                                 dict(step=step, bad_steps=bad_steps, data=batches.state_dict(),
-                                      reward_stats=reward_stats, config=asdict(cfg)), keep=cfg.keep_checkpoints)
-    bar.close()
+    with tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True) as bar:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            mbs = microbatches(train_enc, batches.next(), cfg.micro_batch_size, tok, d.device)
+            n_pairs = count_pairs(mbs, d.dp_group)
+            lr = optim.lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+            loss = dist.train_step(model, d, mbs, rm_loss(head, n_pairs), first_trainable)
+            loss, norm, bad_steps = optim.optimizer_step(opt, loss, lr, cfg.grad_clip, d, bad_steps, step)
+            step += 1
+            tokens = sum(mb["input_ids"].numel() for mb in mbs) * d.D
+            tokens_seen += tokens
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if step % cfg.log_every == 0 or step == total_steps:
+                log.log(step, loss=loss, lr=lr, grad_norm=norm, pairs=int(n_pairs), skipped=bad_steps,
+                        tokens_per_s=tokens / (time.perf_counter() - t0))
+            if step % cfg.eval_every == 0 or step == total_steps:
+                ev = dict(evaluate(model, head, d, eval_mbs), step=step)
+                reward_stats = dict(mean=ev["mean"], std=ev["std"], count=ev["count"], step=step)
+                log.log(step, eval_loss=ev["loss"], eval_pair_acc=ev["pair_acc"], eval_rank_acc=ev["rank_acc"],
+                        reward_mean=ev["mean"], reward_std=ev["std"])
+                report(ev, f"\nstep {step}")
+            if step % cfg.save_every == 0 or step == total_steps:
+                ckpt.save_checkpoint(cfg.out, step, d, tok.path, {"": (model, lora_name)}, heads, {"optim": opt},
+                                     dict(step=step, bad_steps=bad_steps, data=batches.state_dict(), data_hashes=hashes,
+                                          reward_stats=reward_stats, config=asdict(cfg)), keep=cfg.keep_checkpoints)
     wall = time.perf_counter() - t_start
 
     # ---- the result: backbone (HF weights or adapter) + reward head + reward statistics for PPO

@@ -66,6 +66,14 @@ class Config:
     resume: bool = False           # continue from the newest complete checkpoint in --out
     overwrite: bool = False        # write into an --out that holds something else
     keep_checkpoints: int = 2      # the newest N checkpoints stay on disk
+    allow_data_change: bool = False  # --resume on data files whose contents changed
+
+
+# flags that must be > 0, and >= 0 (every number must be finite)
+POSITIVE = ("max_len", "micro_batch_size", "grad_accum", "epochs", "log_every", "eval_every",
+            "save_every", "keep_checkpoints", "pp", "lora_alpha")
+NON_NEGATIVE = ("lr", "max_steps", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "holdout",
+                "lora_rank", "lora_dropout", "train_layers", "gpu_mem_gib")
 
 
 def toy_model_and_data(cfg):
@@ -108,7 +116,8 @@ def toy_accuracy(model, tok, examples, max_len, d):
 
 
 def main(argv=None):
-    cfg = flags.parse(Config, argv, preset=lambda c: {} if c.model else data.TOY_SFT)
+    cfg = flags.parse(Config, argv, preset=lambda c: {} if c.model else data.TOY_SFT,
+                      positive=POSITIVE, non_negative=NON_NEGATIVE)
     toy = not cfg.model
     d = dist.setup(cfg.pp)
     cfg = toy_model_and_data(cfg) if toy else cfg
@@ -144,7 +153,9 @@ def main(argv=None):
     first_trainable = dist.first_trainable_stage(model, d)
     opt = optim.AdamW(optim.named_trainables(model), cfg.lr, cfg.weight_decay, d, the_plan.hosts)
     lora_name = "default" if mode == "lora" else None
-    state = ckpt.resume(resume_dir, d, {"optim": opt}, {"data": batches}) if resume_dir else {}
+    hashes = ckpt.file_hashes({"data": cfg.data})  # recorded by each checkpoint, checked on resume
+    state = ckpt.resume(resume_dir, d, {"optim": opt}, {"data": batches}, hashes,
+                        cfg.allow_data_change) if resume_dir else {}
     step, bad_steps = state.get("step", 0), state.get("bad_steps", 0)
 
     def evaluate():  # every replica scores the whole held-out set: no cross-replica sums needed
@@ -156,31 +167,31 @@ def main(argv=None):
     if toy and not resume_dir:
         dist.print0(f"toy held-out accuracy before training: {toy_accuracy(model, tok, eval_ex, cfg.max_len, d):.1%}")
     model.train()
-    bar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
     t_start, tokens_seen = dist.start_clock(), 0
-    while step < total_steps:
-        t0 = time.perf_counter()
-        mbs = microbatches(train_enc, batches.next(), cfg.micro_batch_size, tok.pad_id, d.device)
-        lr = optim.lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-        loss = dist.train_step(model, d, mbs, sft_loss(count_label_tokens(mbs, d.dp_group)), first_trainable)
-        loss, norm, bad_steps = optim.optimizer_step(opt, loss, lr, cfg.grad_clip, d, bad_steps, step)
-        step += 1
-        tokens = sum(mb["input_ids"].numel() for mb in mbs) * d.D
-        tokens_seen += tokens
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
-        if step % cfg.log_every == 0 or step == total_steps:
-            log.log(step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tokens / (time.perf_counter() - t0),
-                    skipped=bad_steps)
-        if eval_enc and (step % cfg.eval_every == 0 or step == total_steps):
-            ev = evaluate()
-            log.log(step, eval_loss=ev, eval_ppl=math.exp(min(ev, 50)))
-            dist.print0(f"\nstep {step}: eval loss {ev:.4f} (perplexity {math.exp(min(ev, 50)):.2f})")
-        if step % cfg.save_every == 0 or step == total_steps:
-            ckpt.save_checkpoint(cfg.out, step, d, tok.path, {"": (model, lora_name)}, optimizers={"optim": opt},
-                                 train_state=dict(step=step, bad_steps=bad_steps, data=batches.state_dict(),
-                                                  config=asdict(cfg)), keep=cfg.keep_checkpoints)
-    bar.close()
+    with tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True) as bar:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            mbs = microbatches(train_enc, batches.next(), cfg.micro_batch_size, tok.pad_id, d.device)
+            lr = optim.lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+            loss = dist.train_step(model, d, mbs, sft_loss(count_label_tokens(mbs, d.dp_group)), first_trainable)
+            loss, norm, bad_steps = optim.optimizer_step(opt, loss, lr, cfg.grad_clip, d, bad_steps, step)
+            step += 1
+            tokens = sum(mb["input_ids"].numel() for mb in mbs) * d.D
+            tokens_seen += tokens
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+            if step % cfg.log_every == 0 or step == total_steps:
+                log.log(step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tokens / (time.perf_counter() - t0),
+                        skipped=bad_steps)
+            if eval_enc and (step % cfg.eval_every == 0 or step == total_steps):
+                ev = evaluate()
+                log.log(step, eval_loss=ev, eval_ppl=math.exp(min(ev, 50)))
+                dist.print0(f"\nstep {step}: eval loss {ev:.4f} (perplexity {math.exp(min(ev, 50)):.2f})")
+            if step % cfg.save_every == 0 or step == total_steps:
+                ckpt.save_checkpoint(cfg.out, step, d, tok.path, {"": (model, lora_name)}, optimizers={"optim": opt},
+                                     train_state=dict(step=step, bad_steps=bad_steps, data=batches.state_dict(),
+                                                      data_hashes=hashes, config=asdict(cfg)),
+                                     keep=cfg.keep_checkpoints)
     wall = time.perf_counter() - t_start
 
     # ---- the result: PEFT adapter (LoRA) or HF weights, loadable with glm.py + lora.py

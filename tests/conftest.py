@@ -9,7 +9,6 @@ Plain functions (import them: `from conftest import write_jsonl, sft_argv`):
     make_base(path, num_layers=2, std=0.02, seed=0)   a random toy ChatGLM folder with the tokenizer
     write_jsonl(path, rows)                           rows: str lines as they are, or JSON objects
     head_lines(path, n)                               the first n lines of a file
-    torchrun(script, flags, nproc=2)                  a script launched as a user launches it
     newest_checkpoint(out)                            OUT/checkpoint-STEP of the highest step
     as_argv(opts, *extra)                             {name: value} -> ["--name", "value", ...] + extra
     sft_argv / rm_argv (base, data_file, out, *extra, **flags), ppo_argv(toy_dir, out, mode, *extra, **flags)
@@ -335,14 +334,3 @@ def newest_checkpoint(out):
     found = ckpt.checkpoints(str(out))
     assert found, f"no checkpoint under {out}"
     return pathlib.Path(found[-1][1])
-
-
-def torchrun(script, flags, nproc=2):
-    """`torchrun --nproc_per_node=nproc script flags...` as a user types it (gloo on CPU); fails the
-    test with the launch's output if it fails."""
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                           f"--master_port={free_port()}", os.path.join(ROOT, script), *map(str, flags)],
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout

@@ -111,7 +111,8 @@ def test_toy_presets_never_override_an_explicit_flag():
 def test_only_the_newest_checkpoints_stay_and_the_pointer_names_the_newest(tmp_path, base, data8):
     out = tmp_path / "run"
     train_sft.main(sft_argv(base, data8, out, max_steps=6, save_every=1, keep_checkpoints=2))
-    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-000005", "checkpoint-000006"]
+    kept = sorted(n for n in os.listdir(out) if n.startswith("checkpoint"))
+    assert kept == ["checkpoint-000005", "checkpoint-000006"]
     assert (out / ckpt.POINTER).read_text().strip() == "checkpoint-000006"
 
 
@@ -163,3 +164,66 @@ def test_a_kill_before_the_pointer_moves_resumes_from_the_newest_complete(tmp_pa
     rows = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # steps 3-4 logged once, not twice
     assert losses(cut) == losses(whole)
+
+
+def test_resume_on_changed_data_is_refused_unless_allowed(tmp_path, base, capsys):
+    data_file = write_jsonl(tmp_path / "sft.jsonl", head_lines(data.toy_file("sft_train"), 8))
+    out = tmp_path / "run"
+    train_sft.main(sft_argv(base, data_file, out, max_steps=2, save_every=2))
+    write_jsonl(data_file, head_lines(data.toy_file("sft_train"), 9)[1:])  # same path, other contents
+    refused(train_sft.main, sft_argv(base, data_file, out, "--resume", max_steps=4), out, capsys,
+            "--data", "--allow_data_change")
+    train_sft.main(sft_argv(base, data_file, out, "--resume", "--allow_data_change", max_steps=4))
+    assert "--allow_data_change: --data differs" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# flags: every number checked before any work
+
+
+BAD_NUMBERS = {
+    "train_sft": ["--lr -1", "--lr nan", "--max_steps -5", "--epochs 0", "--micro_batch_size 0", "--grad_accum 0",
+                  "--log_every 0", "--save_every 0", "--eval_every 0", "--max_len 0", "--keep_checkpoints 0",
+                  "--warmup_steps -1", "--holdout -0.1", "--weight_decay inf", "--pp 0", "--lora_rank -2"],
+    "train_rm": ["--lr -0.5", "--micro_batch_size -1", "--max_len -3", "--epochs -1", "--grad_clip -1"],
+    "train_ppo": ["--mini_batch_size 0", "--max_new_tokens 0", "--rollout_batch_size 0", "--actor_lr -0.5",
+                  "--critic_lr nan", "--ppo_epochs 0", "--temperature 0", "--top_p 0", "--kl_coef -0.1",
+                  "--save_every -1", "--max_steps 0", "--micro_batch_size 0"],
+}
+MAINS = {"train_sft": train_sft.main, "train_rm": train_rm.main, "train_ppo": train_ppo.main}
+
+
+@pytest.mark.parametrize("script,flag", [(s, f) for s, fs in BAD_NUMBERS.items() for f in fs])
+def test_numbers_out_of_range_are_refused_before_any_work(tmp_path, capsys, script, flag):
+    out = tmp_path / "run"
+    name, value = flag.split()
+    refused(MAINS[script], [name, value, "--out", str(out)], tmp_path, capsys, f"argument {name}: {value}")
+    assert not out.exists()
+
+
+def test_ppo_needs_data_and_finite_reward_statistics(tmp_path, base, capsys):
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    out = tmp_path / "ppo"
+    flags_ = ["--mode", "full", "--actor", base, "--rm_dir", str(rm), "--out", str(out)]
+    refused(train_ppo.main, flags_, tmp_path, capsys, "--data is required")
+    prompts = write_jsonl(tmp_path / "p.jsonl", head_lines(data.toy_file("prompts"), 4))
+    refused(train_ppo.main, flags_ + ["--data", prompts], tmp_path, capsys, "reward_stats.json is missing", "--rm_dir")
+    (rm / "reward_stats.json").write_text('{"mean": NaN, "std": 1.0}')
+    refused(train_ppo.main, flags_ + ["--data", prompts], tmp_path, capsys, str(rm / "reward_stats.json"), "finite")
+    assert not out.exists()
+
+
+def test_a_diverged_run_stops_and_says_what_to_try(tmp_path, base, data8, monkeypatch, capsys):
+    """A loss that stays non-finite stops the run after 10 such steps with the step and a hint,
+    and writes no final/ (the last checkpoint stays the one to resume from)."""
+    import dist
+    real = dist.train_step
+    monkeypatch.setattr(dist, "train_step", lambda *a, **kw: real(*a, **kw) * float("nan"))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        flags.run(train_sft.main, sft_argv(base, data8, out, max_steps=20, save_every=100))
+    last = capsys.readouterr().err.splitlines()[-1]  # the line after the closed progress bar
+    assert e.value.code == 2 and "Traceback" not in last
+    assert last.startswith("error: step 9: the loss or gradient was not finite for 10 steps") and "--lr" in last
+    assert not (out / "final").exists()

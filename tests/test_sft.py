@@ -15,7 +15,7 @@ import lora
 import train_sft
 
 from conftest import (TOK_PATH, head_lines, load_tensors, losses, make_base, newest_checkpoint,
-                      printed_config, read_metrics, sft_argv, torchrun, write_jsonl)
+                      printed_config, read_metrics, sft_argv, write_jsonl)
 
 LAYERS = 4
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,16 +60,6 @@ def data16(tmp_path_factory):
 
 # -----------------------------------------------------------------------------
 # training
-
-
-def test_torchrun_launch_gives_the_single_process_losses(tmp_path, base, data16):
-    """The command a user types, `torchrun --nproc_per_node=2 train_sft.py --pp 2 ...` (the other
-    multi-process tests fork their ranks), against the same run in one process."""
-    train_sft.main(sft_argv(base, data16, tmp_path / "one", max_steps=3))
-    printed = torchrun("train_sft.py", sft_argv(base, data16, tmp_path / "two", "--pp", "2", max_steps=3))
-    want, got = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert sorted(got) == [1, 2, 3] and got == pytest.approx(want, rel=1e-5), (got, want)
-    assert "rank stage  measured peak GiB" in printed and printed.count("auto plan: 2 stages") == 1
 
 
 def test_single_batch_overfits(tmp_path, base):
