@@ -227,3 +227,73 @@ def test_a_diverged_run_stops_and_says_what_to_try(tmp_path, base, data8, monkey
     assert e.value.code == 2 and "Traceback" not in last
     assert last.startswith("error: step 9: the loss or gradient was not finite for 10 steps") and "--lr" in last
     assert not (out / "final").exists()
+
+
+# -----------------------------------------------------------------------------
+# bad model folders and data files, through the command line: one line naming the file
+
+
+def damaged_model(tmp_path, damage):
+    """A copy of a toy model folder with one thing wrong; returns (folder, what the error must name)."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    model = make_base(tmp_path / "model")
+    config, weights = os.path.join(model, "config.json"), None
+    for name in os.listdir(model):
+        if name.endswith(".safetensors"):
+            weights = os.path.join(model, name)
+    if damage == "no folder":
+        shutil.rmtree(model)
+        return model, model
+    if damage in ("num_layers 2.7", "vocab 100", "config not json"):
+        raw = json.loads(open(config).read())
+        text = {"num_layers 2.7": json.dumps({**raw, "num_layers": 2.7}),
+                "vocab 100": json.dumps({**raw, "vocab_size": 100, "pad_token_id": 3, "bos_token_id": 8,
+                                         "eos_token_id": 9, "mask_token_id": 4, "gmask_token_id": 5}),
+                "config not json": "{oops"}[damage]
+        open(config, "w").write(text)
+        return model, config
+    if damage == "no tokenizer":
+        os.remove(os.path.join(model, "ice_text.model"))
+        return model, "ice_text.model"
+    if damage == "truncated weights":
+        blob = open(weights, "rb").read()
+        open(weights, "wb").write(blob[: len(blob) // 2])
+        return model, weights
+    state = load_file(weights)  # "nan weights"
+    state["lm_head.weight"][0, 0] = float("nan")
+    save_file(state, weights)
+    return model, "lm_head.weight"
+
+
+@pytest.mark.parametrize("damage", ["no folder", "num_layers 2.7", "vocab 100", "config not json", "no tokenizer",
+                                    "truncated weights", "nan weights"])
+def test_a_damaged_model_folder_is_named(tmp_path, data8, capsys, damage):
+    model, name = damaged_model(tmp_path, damage)
+    out = tmp_path / "run"
+    refused(train_sft.main, sft_argv(model, data8, out, max_steps=1), tmp_path / "none", capsys, str(name))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("lines,words", [
+    (None, ["no such data file"]),
+    ([], ["empty"]),
+    (['{"prompt": "a", "response": "b"}', "{not json"], [":2"]),
+    (['{"prompt": 3, "response": "b"}'], [":1", "prompt"]),
+    (['{"prompt": "a"}'], [":1", "response"]),
+], ids=["missing", "empty", "bad_json", "wrong_type", "missing_field"])
+def test_a_bad_data_file_is_named_with_its_line(tmp_path, base, capsys, lines, words):
+    path = tmp_path / "sft.jsonl"
+    if lines is not None:
+        path.write_text("".join(line + "\n" for line in lines))
+    out = tmp_path / "run"
+    refused(train_sft.main, sft_argv(base, str(path), out, max_steps=1), tmp_path / "none", capsys, str(path), *words)
+    assert not out.exists()
+
+
+def test_a_ranking_with_one_answer_is_named(tmp_path, base, capsys):
+    path = write_jsonl(tmp_path / "rm.jsonl", ['{"prompt": "a", "answers": ["only one"]}'])
+    out = tmp_path / "run"
+    refused(train_rm.main, ["--model", base, "--data", path, "--out", str(out)], tmp_path / "none", capsys,
+            f"{path}:1", "answers")
+    assert not out.exists()
