@@ -99,6 +99,12 @@ def check_out(out, script, config, resume, overwrite):
     run) one that could be resumed. --overwrite allows all of these."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is a file. HINT: pass a folder for the run's outputs")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):  # the nearest folder that exists must take new files
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out}: {parent} is {'a file' if not os.path.isdir(parent) else 'not writable'}. "
+                         "HINT: pass a folder you can write to")
     entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
     if not entries or overwrite:
         return

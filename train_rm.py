@@ -106,10 +106,7 @@ def toy_model_and_data(cfg):
     if os.path.isfile(os.path.join(sft, "config.json")):
         cfg.model = sft
     else:
-        cfg.model = os.path.join(runs, "toy_base")
-        if dist.is_main():
-            data.write_toy_model(cfg.model)
-        dist.barrier()
+        cfg.model = os.path.join(runs, "toy_base")  # written by main once --out is checked
         if os.path.isfile(os.path.join(sft, lora.CONFIG_FILE)) and not cfg.sft_adapter:
             cfg.sft_adapter = sft
     if not cfg.data:
@@ -129,9 +126,11 @@ def check_init(cfg):
         raise ValueError("--sft_adapter continues a LoRA adapter, --train_layers trains blocks: pick one. HINT: "
                          "for --train_layers, merge the adapter first (python lora.py merge) and pass it as --model")
     acfg = lora.read_adapter_config(cfg.sft_adapter)
-    if cfg.lora_rank == 0:  # adopt the adapter's shape; a different explicit shape fails in lora.load_adapter
-        cfg.lora_rank, cfg.lora_alpha = int(acfg.get("r", 8)), float(acfg.get("lora_alpha", 8))  # PEFT defaults
-        cfg.lora_targets = ",".join(acfg["target_modules"])
+    r, alpha = int(acfg.get("r", 8)), float(acfg.get("lora_alpha", 8))  # PEFT's defaults
+    if cfg.lora_rank not in (0, r):  # the RM's adapter continues the SFT adapter: its shape is given
+        raise ValueError(f"--lora_rank {cfg.lora_rank}, but --sft_adapter {cfg.sft_adapter} has r={r}: the reward "
+                         "model continues that adapter, so it keeps its rank. HINT: leave out --lora_rank")
+    cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets = r, alpha, ",".join(acfg["target_modules"])
     return cfg
 
 
@@ -298,8 +297,11 @@ def main(argv=None):
                       positive=POSITIVE, non_negative=NON_NEGATIVE)
     toy = not cfg.model
     d = dist.setup(cfg.pp)
-    cfg = check_init(toy_model_and_data(cfg) if toy else cfg)  # after setup: only rank 0 writes a toy model
+    cfg = check_init(toy_model_and_data(cfg) if toy else cfg)
     ckpt.check_out(cfg.out, "train_rm", asdict(cfg), cfg.resume, cfg.overwrite)  # before any work
+    if toy and dist.is_main():
+        data.write_toy_model(cfg.model)  # a random toy model, unless the toy SFT result is there
+    dist.barrier()
     torch.manual_seed(cfg.seed + d.rank)
     dist.print0(f"config: {asdict(cfg)}")
 

@@ -77,12 +77,9 @@ NON_NEGATIVE = ("lr", "max_steps", "warmup_steps", "min_lr_ratio", "weight_decay
 
 
 def toy_model_and_data(cfg):
-    """The toy run (no --model): a random toy ChatGLM next to --out (written once) and the
-    bundled toy task, unless --data names other data."""
-    cfg.model = os.path.join(data.toy_runs(cfg.out), "toy_base")
-    if dist.is_main():
-        data.write_toy_model(cfg.model)
-    dist.barrier()
+    """The toy run (no --model): a random toy ChatGLM next to --out and the bundled toy task,
+    unless --data names other data."""
+    cfg.model = os.path.join(data.toy_runs(cfg.out), "toy_base")  # written by main once --out is checked
     if not cfg.data:
         cfg.data, cfg.eval_data = data.toy_file("sft_train"), cfg.eval_data or data.toy_file("sft_eval")
     return cfg
@@ -122,6 +119,9 @@ def main(argv=None):
     d = dist.setup(cfg.pp)
     cfg = toy_model_and_data(cfg) if toy else cfg
     ckpt.check_out(cfg.out, "train_sft", asdict(cfg), cfg.resume, cfg.overwrite)  # before any work
+    if toy and dist.is_main():
+        data.write_toy_model(cfg.model)  # a random toy model, unless one is there
+    dist.barrier()
     torch.manual_seed(cfg.seed + d.rank)
     dist.print0(f"config: {asdict(cfg)}")
 

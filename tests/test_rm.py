@@ -350,10 +350,11 @@ def test_toy_default_run_starts_from_the_toy_sft_result(toy_chain):
 
 
 def test_toy_model_and_data_without_a_toy_sft_result_or_with_a_lora_one(tmp_path):
-    # nothing beside --out: a random toy base is written there
+    # nothing beside --out: a random toy base there (main writes it once --out is checked)
     cfg = train_rm.toy_model_and_data(train_rm.Config(out=str(tmp_path / "toy_rm")))
     assert (cfg.model, cfg.sft_adapter, cfg.data, cfg.eval_data) == \
         (str(tmp_path / "toy_base"), "", TOY_RM_TRAIN, TOY_RM_EVAL)
+    data.write_toy_model(cfg.model)
     assert glm.GLMConfig.from_json(tmp_path / "toy_base" / "config.json") == glm.GLMConfig.toy()
     # a LoRA toy SFT result: its adapter on the toy base; a --data given stays
     sft_adapter(cfg.model, tmp_path / "toy_sft" / "final")
@@ -422,7 +423,7 @@ def test_sft_checkpoint_that_does_not_match_is_a_clear_error(tmp_path, base, dat
     with pytest.raises(ValueError, match="different base model"):
         train_rm.main(rm_argv(base, data12, tmp_path / "a", "--sft_adapter", wrong))
     right = sft_adapter(base, tmp_path / "sft", r=4)
-    with pytest.raises(ValueError, match="r=8.*r=4"):  # an explicit rank that is not the adapter's
+    with pytest.raises(ValueError, match="--lora_rank 8, but --sft_adapter .* has r=4.*leave out --lora_rank"):
         train_rm.main(rm_argv(base, data12, tmp_path / "b", "--sft_adapter", right, "--lora_rank", "8"))
     with pytest.raises(ValueError, match="--sft_adapter"):  # the adapter folder passed as the model
         train_rm.main(rm_argv(right, data12, tmp_path / "c"))
