@@ -31,7 +31,7 @@ RUN_FILE = "run.json"                  # which script wrote this folder, with wh
 # and micro-batches (the data position checks the global batch itself), lengths, logs
 VOLATILE = {"out", "resume", "overwrite", "max_steps", "epochs", "log_every", "eval_every", "save_every",
             "sample_every", "save_final", "keep_checkpoints", "pp", "plan", "gpu_mem_gib", "checkpoint",
-            "micro_batch_size", "grad_accum", "allow_data_change"}
+            "micro_batch_size", "grad_accum", "allow_data_change", "timeout_min"}
 
 
 def save(out_dir, d, tokenizer_path, models, heads=None, optimizers=None, train_state=None, extra_json=None):
@@ -218,11 +218,20 @@ def load_train_state(ckpt_dir, d):
         state = json.load(f)
     rng_path = os.path.join(ckpt_dir, f"rng-rank{d.rank:03d}.pt")
     if state.get("world") == d.world and os.path.isfile(rng_path):
-        rng = torch.load(rng_path, weights_only=True)
+        rng = read_pt(rng_path)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and d.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], d.device)
     return state
+
+
+def read_pt(path):
+    """A torch.save file of tensors (optimiser state, RNG); a damaged one is an error that names it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: RuntimeError, EOFError, UnpicklingError ...
+        raise ValueError(f"{path}: not a readable checkpoint file ({type(e).__name__}). HINT: it is truncated or "
+                         "damaged; move its checkpoint folder away, and --resume takes the one before it") from None
 
 
 def load_weights(model, path, d, lora_name=None):

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+import flags
 import glm
 
 IGNORE = -100  # label of a position that takes no loss (F.cross_entropy's ignore_index)
@@ -585,7 +586,7 @@ def write_toy_model(path, seed=0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("toy", help="write the toy task's jsonl files")
     t.add_argument("--out", required=True)
@@ -612,4 +613,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    flags.run(main)

@@ -25,9 +25,10 @@ import glm
 GiB = 1 << 30
 
 
-def setup(pp=1):
+def setup(pp=1, timeout_min=10.0):
     """Read torchrun's environment (or run as one process), pick NCCL on GPUs and gloo on CPUs,
-    set the device and build the pipeline and data-parallel groups."""
+    set the device and build the pipeline and data-parallel groups. A collective that waits longer
+    than timeout_min for a rank (a stalled or dead process) ends the run instead of hanging it."""
     global _DIST
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -42,7 +43,7 @@ def setup(pp=1):
     d = Dist(rank=rank, world=world, local_rank=local_rank, P=pp, D=world // pp,
              pp_rank=rank % pp, dp_rank=rank // pp, device=device)
     if world > 1:
-        tdist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30),
+        tdist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_min),
                                  **({"device_id": device} if cuda else {}))
         # every rank must create every group, in the same order
         for r in range(d.D):

@@ -1010,4 +1010,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError, KeyError) as e:  # a user's mistake: one line and exit 2 (DEBUG=1: traceback)
+        if os.environ.get("DEBUG"):
+            raise
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        sys.exit(2)

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import flags
 import glm
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -448,7 +449,7 @@ def merge_to_dir(model_dir, adapter_dir, out_dir, dtype=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("merge", help="merge a LoRA adapter into its base model and write HF weights")
     m.add_argument("--model", required=True, help="base model folder (config.json, model*.safetensors)")
@@ -461,4 +462,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    flags.run(main)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import ckpt
 import dist
 import glm
 import lora
@@ -221,7 +222,7 @@ class AdamW:
         """Fill the state from every {prefix}-stage*.pt file of a checkpoint (written with any P)."""
         merged = {}
         for path in sorted(glob.glob(os.path.join(ckpt_dir, f"{prefix}-stage*.pt"))):
-            merged.update(torch.load(path, map_location="cpu", weights_only=True))
+            merged.update(ckpt.read_pt(path))
         for n, t in self.masters.items():
             if n not in merged:
                 raise KeyError(f"{ckpt_dir}: no optimiser state for '{n}'. HINT: resume with the same "

@@ -103,12 +103,13 @@ class Config:
     overwrite: bool = False        # write into an --out that holds something else
     keep_checkpoints: int = 2      # the newest N checkpoints stay on disk
     allow_data_change: bool = False  # --resume on data files whose contents changed
+    timeout_min: float = 10.0       # a rank silent this long (stalled, dead) ends the run
 
 
 # flags that must be > 0, and >= 0 (every number must be finite)
-POSITIVE = ("max_prompt_len", "rollout_batch_size", "max_new_tokens", "max_steps", "ppo_epochs", "mini_batch_size",
-            "micro_batch_size", "kl_horizon", "ptx_batch_size", "log_every",
-            "keep_checkpoints", "pp", "temperature", "top_p", "lora_rank", "lora_alpha")
+POSITIVE = ("timeout_min", "max_prompt_len", "rollout_batch_size", "max_new_tokens", "max_steps", "ppo_epochs",
+            "mini_batch_size", "micro_batch_size", "kl_horizon", "ptx_batch_size", "log_every", "keep_checkpoints",
+            "pp", "temperature", "top_p", "lora_rank", "lora_alpha")
 NON_NEGATIVE = ("actor_lr", "critic_lr", "weight_decay", "grad_clip", "gamma", "lam", "clip_ratio", "value_clip",
                 "entropy_coef", "kl_coef", "target_kl", "reward_clip", "ptx_coef", "top_k", "sample_every",
                 "save_every", "gpu_mem_gib")
@@ -493,7 +494,7 @@ def sample_text(tok, ids):
 def main(argv=None):
     cfg = flags.parse(Config, argv, preset=lambda c: {} if c.model or c.actor or c.rm_dir else data.TOY_PPO,
                       positive=POSITIVE, non_negative=NON_NEGATIVE)
-    d = dist.setup(cfg.pp)
+    d = dist.setup(cfg.pp, cfg.timeout_min)
     toy = not (cfg.model or cfg.actor or cfg.rm_dir)
     cfg = toy_models_and_data(cfg, d) if toy else cfg
     check_models(cfg)

@@ -67,10 +67,11 @@ class Config:
     overwrite: bool = False        # write into an --out that holds something else
     keep_checkpoints: int = 2      # the newest N checkpoints stay on disk
     allow_data_change: bool = False  # --resume on data files whose contents changed
+    timeout_min: float = 10.0       # a rank silent this long (stalled, dead) ends the run
 
 
 # flags that must be > 0, and >= 0 (every number must be finite)
-POSITIVE = ("max_len", "micro_batch_size", "grad_accum", "epochs", "log_every", "eval_every",
+POSITIVE = ("timeout_min", "max_len", "micro_batch_size", "grad_accum", "epochs", "log_every", "eval_every",
             "save_every", "keep_checkpoints", "pp", "lora_alpha")
 NON_NEGATIVE = ("lr", "max_steps", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "holdout",
                 "lora_rank", "lora_dropout", "train_layers", "gpu_mem_gib")
@@ -116,7 +117,7 @@ def main(argv=None):
     cfg = flags.parse(Config, argv, preset=lambda c: {} if c.model else data.TOY_SFT,
                       positive=POSITIVE, non_negative=NON_NEGATIVE)
     toy = not cfg.model
-    d = dist.setup(cfg.pp)
+    d = dist.setup(cfg.pp, cfg.timeout_min)
     cfg = toy_model_and_data(cfg) if toy else cfg
     ckpt.check_out(cfg.out, "train_sft", asdict(cfg), cfg.resume, cfg.overwrite)  # before any work
     if toy and dist.is_main():

@@ -297,3 +297,51 @@ def test_a_ranking_with_one_answer_is_named(tmp_path, base, capsys):
     refused(train_rm.main, ["--model", base, "--data", path, "--out", str(out)], tmp_path / "none", capsys,
             f"{path}:1", "answers")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("damaged", ["optim-stage000.pt", "rng-rank000.pt"])
+def test_a_damaged_checkpoint_file_is_named(tmp_path, base, data8, capsys, damaged):
+    out = tmp_path / "run"
+    train_sft.main(sft_argv(base, data8, out, max_steps=2, save_every=2))
+    path = newest_checkpoint(out) / damaged
+    path.write_bytes(path.read_bytes()[:100])
+    refused(train_sft.main, sft_argv(base, data8, out, "--resume", max_steps=4), out, capsys, str(path),
+            "truncated or damaged")
+
+
+def test_out_under_a_file_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    refused(train_sft.main, ["--out", str(tmp_path / "afile" / "run")], tmp_path, capsys, str(tmp_path / "afile"),
+            "is a file")
+    assert not (tmp_path / "toy_base").exists() and not (tmp_path / "afile").is_dir()
+
+
+# -----------------------------------------------------------------------------
+# the tools: glm.py, lora.py, data.py
+
+
+def run_module(name, argv, monkeypatch):
+    """`python NAME.py ARGV` in this process: its __main__ block, exit code and all."""
+    import runpy
+    monkeypatch.setattr("sys.argv", [f"{name}.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module(name, run_name="__main__")
+    return e.value.code
+
+
+@pytest.mark.parametrize("name,argv,words", [
+    ("glm", ["chat", "--model", "/no/such/model"], ["/no/such/model", "no such model folder"]),
+    ("glm", ["convert", "/no/such/release", "OUT"], ["/no/such/release/config.json"]),
+    ("lora", ["merge", "--model", "/no/such/model", "--adapter", "A", "--out", "O"], ["/no/such/model"]),
+    ("lora", ["merge", "--model", "M"], ["--adapter", "--out"]),
+    ("data", ["check", "/no/such.jsonl", "--kind", "sft"], ["/no/such.jsonl", "no such data file"]),
+    ("data", ["check", "x.jsonl", "--kind", "bogus"], ["--kind", "bogus"]),
+], ids=["chat_model", "convert_src", "merge_model", "merge_flags", "check_file", "check_kind"])
+def test_the_tools_end_a_mistake_in_one_line(tmp_path, monkeypatch, capsys, name, argv, words):
+    monkeypatch.chdir(tmp_path)
+    assert run_module(name, argv, monkeypatch) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+    assert os.listdir(tmp_path) == []  # nothing written
