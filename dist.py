@@ -41,7 +41,7 @@ def setup(pp=1, timeout_min=10.0):
     if cuda:
         torch.cuda.set_device(device)
     d = Dist(rank=rank, world=world, local_rank=local_rank, P=pp, D=world // pp,
-             pp_rank=rank % pp, dp_rank=rank // pp, device=device)
+             pp_rank=rank % pp, dp_rank=rank // pp, device=device, timeout_min=timeout_min)
     if world > 1:
         tdist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_min),
                                  **({"device_id": device} if cuda else {}))
@@ -145,6 +145,7 @@ class Dist:
     pp_group: object = None
     dp_group: object = None
     idle: IdleClock = field(default_factory=IdleClock)
+    timeout_min: float = 10.0         # how long a rank waits for another before the run ends
 
     first = property(lambda self: self.pp_rank == 0)        # holds the embedding
     last = property(lambda self: self.pp_rank == self.P - 1)  # holds the final LN and lm_head
@@ -203,8 +204,22 @@ def exchange(d, sends=(), recvs=()):
     if not ops:
         return
     with d.idle.waiting(d.device):
-        for req in tdist.batch_isend_irecv(ops):
-            req.wait()
+        for req, op in zip(tdist.batch_isend_irecv(ops), ops):
+            wait(req, d, op.peer)
+
+
+def wait(req, d, peer):
+    """Wait for a transfer with `peer` (a global rank). On CPUs (gloo) a peer silent for longer
+    than --timeout_min ends the run with its name; on GPUs NCCL's own watchdog does (a bounded
+    wait there would block the host and stall the pipeline)."""
+    if d.device.type == "cuda":
+        return req.wait()
+    try:
+        req.wait(datetime.timedelta(minutes=d.timeout_min))
+    except RuntimeError as e:
+        raise TimeoutError(f"rank {d.rank}: rank {peer} sent or took nothing for --timeout_min {d.timeout_min:g} "
+                           f"minutes ({str(e).splitlines()[0][:120]}). HINT: rank {peer} stalled or died: see its "
+                           "output; raise --timeout_min if a step is that slow") from None
 
 
 def p2p(d, send=None, send_to=None, recv_shape=None, recv_from=None, dtype=None):
@@ -424,7 +439,7 @@ class _Ring:
         else:
             buf, src = torch.empty(b, T if k == 0 else 1, self.C, dtype=self.dtype, device=d.device), d.pp_rank - 1
         with d.idle.waiting(d.device):
-            tdist.irecv(buf, src=d.stage_rank(src)).wait()
+            wait(tdist.irecv(buf, src=d.stage_rank(src)), d, d.stage_rank(src))
         return buf
 
     def send(self, t, stage):

@@ -345,3 +345,26 @@ def test_the_tools_end_a_mistake_in_one_line(tmp_path, monkeypatch, capsys, name
     for w in words:
         assert w in err, (w, err)
     assert os.listdir(tmp_path) == []  # nothing written
+
+
+def test_a_stalled_rank_is_named_after_timeout_min(tmp_path):
+    """Rank 1 stops answering (it sleeps where it should send): rank 0 waits --timeout_min, then
+    stops with an error that names rank 1, instead of hanging for the process group's half hour."""
+    import time
+    import dist
+    from conftest import fork_ranks
+
+    def rank_main(rank):
+        d = dist.setup(2, timeout_min=0.02)  # 1.2 s
+        if rank == 1:
+            time.sleep(4)
+            return
+        try:
+            dist.p2p(d, recv_shape=(3,), recv_from=1, dtype=dist.torch.float32)
+        except TimeoutError as e:
+            (tmp_path / "error.txt").write_text(str(e))
+
+    fork_ranks(rank_main, tmp_path / "ranks", nproc=2, timeout=60)
+    msg = (tmp_path / "error.txt").read_text()
+    assert msg.startswith("rank 0: rank 1 sent or took nothing for --timeout_min 0.02 minutes"), msg
+    assert "HINT: rank 1 stalled or died" in msg
