@@ -90,7 +90,7 @@ def rng_state(d):
 
 
 # -----------------------------------------------------------------------------
-# resuming
+# the run's folder, and resuming
 
 
 def check_out(out, script, config, resume, overwrite):
@@ -112,8 +112,13 @@ def check_out(out, script, config, resume, overwrite):
     if not os.path.isfile(run):
         raise ValueError(f"--out {out} is not empty ({', '.join(entries[:3])}{', ...' * (len(entries) > 3)}) and "
                          f"holds no run of {script}. HINT: choose a new folder, or pass --overwrite to write into it")
-    with open(run, encoding="utf-8") as f:
-        earlier = json.load(f)
+    try:
+        with open(run, encoding="utf-8") as f:
+            earlier = json.load(f)
+    except ValueError:
+        earlier = None
+    if not isinstance(earlier, dict) or not {"script", "config"} <= set(earlier):
+        raise ValueError(f"{run}: not a run record this project wrote. HINT: move the folder away, or pass --overwrite")
     if earlier["script"] != script:
         raise ValueError(f"--out {out} holds a run of {earlier['script']}, not of {script}. HINT: choose "
                          "another --out, or pass --overwrite")
