@@ -1,4 +1,4 @@
-"""The pipeline across processes: groups, transfers between stages, 1F1B, pipelined forward and generation.
+"""The pipeline across processes: groups, stage-to-stage transfers, 1F1B, pipelined forward and generation.
 
 P pipeline stages x D data-parallel replicas, over torch.distributed (NCCL on GPUs, gloo on CPUs).
 
@@ -167,8 +167,12 @@ def all_reduce(t, op="sum", group=None):
     wait for the other ranks counts as idle time (at a step's end the stages that finished first
     wait here)."""
     if tdist.is_initialized() and tdist.get_world_size(group) > 1:
-        with get().idle.waiting(get().device):
-            tdist.all_reduce(t, op=tdist.ReduceOp.SUM if op == "sum" else tdist.ReduceOp.MAX, group=group)
+        d = get()
+        with d.idle.waiting(d.device):
+            req = tdist.all_reduce(t, op=tdist.ReduceOp.SUM if op == "sum" else tdist.ReduceOp.MAX, group=group,
+                                   async_op=True)
+            ranks = tdist.get_process_group_ranks(group or tdist.group.WORLD)
+            wait(req, d, "one of ranks " + ", ".join(map(str, ranks)))
     return t
 
 
@@ -191,7 +195,8 @@ def broadcast_from_last_stage(t, d):
     """Share a value computed on the last stage (the loss) with every stage of the replica."""
     if d.P > 1:
         with d.idle.waiting(d.device):
-            tdist.broadcast(t, src=d.stage_rank(d.P - 1), group=d.pp_group)
+            wait(tdist.broadcast(t, src=d.stage_rank(d.P - 1), group=d.pp_group, async_op=True), d,
+                 f"rank {d.stage_rank(d.P - 1)}")
     return t
 
 
@@ -205,21 +210,21 @@ def exchange(d, sends=(), recvs=()):
         return
     with d.idle.waiting(d.device):
         for req, op in zip(tdist.batch_isend_irecv(ops), ops):
-            wait(req, d, op.peer)
+            wait(req, d, f"rank {op.peer}")
 
 
 def wait(req, d, peer):
-    """Wait for a transfer with `peer` (a global rank). On CPUs (gloo) a peer silent for longer
-    than --timeout_min ends the run with its name; on GPUs NCCL's own watchdog does (a bounded
-    wait there would block the host and stall the pipeline)."""
+    """Wait for a transfer or collective with `peer` ("rank 3", "one of ranks 0, 2"). On CPUs (gloo)
+    a peer silent for longer than --timeout_min ends the run with its name; on GPUs NCCL's own
+    watchdog does (a bounded wait there would block the host and stall the pipeline)."""
     if d.device.type == "cuda":
         return req.wait()
     try:
         req.wait(datetime.timedelta(minutes=d.timeout_min))
     except RuntimeError as e:
-        raise TimeoutError(f"rank {d.rank}: rank {peer} sent or took nothing for --timeout_min {d.timeout_min:g} "
-                           f"minutes ({str(e).splitlines()[0][:120]}). HINT: rank {peer} stalled or died: see its "
-                           "output; raise --timeout_min if a step is that slow") from None
+        raise TimeoutError(f"rank {d.rank}: {peer} sent or took nothing for --timeout_min {d.timeout_min:g} minutes "
+                           f"({str(e).splitlines()[0][:120]}). HINT: it stalled or died: see its output; raise "
+                           "--timeout_min if a step is that slow") from None
 
 
 def p2p(d, send=None, send_to=None, recv_shape=None, recv_from=None, dtype=None):
@@ -439,7 +444,7 @@ class _Ring:
         else:
             buf, src = torch.empty(b, T if k == 0 else 1, self.C, dtype=self.dtype, device=d.device), d.pp_rank - 1
         with d.idle.waiting(d.device):
-            wait(tdist.irecv(buf, src=d.stage_rank(src)), d, d.stage_rank(src))
+            wait(tdist.irecv(buf, src=d.stage_rank(src)), d, f"rank {d.stage_rank(src)}")
         return buf
 
     def send(self, t, stage):

@@ -367,4 +367,4 @@ def test_a_stalled_rank_is_named_after_timeout_min(tmp_path):
     fork_ranks(rank_main, tmp_path / "ranks", nproc=2, timeout=60)
     msg = (tmp_path / "error.txt").read_text()
     assert msg.startswith("rank 0: rank 1 sent or took nothing for --timeout_min 0.02 minutes"), msg
-    assert "HINT: rank 1 stalled or died" in msg
+    assert "HINT: it stalled or died" in msg
