@@ -74,7 +74,7 @@ def print0(*args, **kwargs):
 
 def barrier():
     if tdist.is_initialized():
-        tdist.barrier()
+        wait(tdist.barrier(async_op=True), get(), "one of the other ranks")
 
 
 def teardown():

@@ -990,8 +990,15 @@ def chat(args):
         history.append((query, shown))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, as every other mistake (not the usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}. HINT: {self.prog} --help\n")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("convert", help="official pytorch_model-*.bin release -> safetensors")
     c.add_argument("src")
