@@ -619,8 +619,11 @@ def check_args(a):
         raise CollectError("need 1 <= --min_units <= --max_units")
     if a.retries < 0 or not a.timeout > 0 or not a.backoff >= 0 or a.max_new_tokens < 1:
         raise CollectError("need --retries >= 0, --timeout > 0, --backoff >= 0, --max_new_tokens >= 1")
-    url = urllib.parse.urlsplit(a.api_base or "")  # the key travels in a header: only https hides it
-    loopback = url.hostname in ("127.0.0.1", "::1", "localhost")
+    try:
+        url = urllib.parse.urlsplit(a.api_base or "")  # the key travels in a header: only https hides it
+        loopback = url.hostname in ("127.0.0.1", "::1", "localhost")
+    except ValueError as e:
+        raise CollectError(f"--api_base {a.api_base}: not a URL ({e}). HINT: e.g. https://api.openai.com/v1") from None
     if a.api_base and url.scheme != "https" and not loopback and not a.allow_http:
         raise CollectError(f"--api_base {a.api_base}: the key would travel unencrypted. HINT: use https://, "
                            "or --allow_http on a network you trust (http to 127.0.0.1, ::1, localhost is fine)")

@@ -911,8 +911,11 @@ def convert(src, dst):
         shapes = expected_shapes(ChatGLM(cfg))
     index = os.path.join(src, "pytorch_model.bin.index.json")
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            bins = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = read_json(index, "HINT: the release's index is damaged; copy it again").get("weight_map")
+        bins = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+        if not bins or any(not isinstance(b, str) or os.path.basename(b) != b for b in bins):
+            raise ValueError(f"{index}: 'weight_map' must map tensor names to .bin files in {src}. HINT: the "
+                             "release's index is damaged; copy it again")
     elif os.path.isfile(os.path.join(src, "pytorch_model.bin")):
         bins = ["pytorch_model.bin"]
     else:
@@ -921,7 +924,11 @@ def convert(src, dst):
     def write(tmp):
         weight_map, seen = {}, set()
         for i, name in enumerate(bins):
-            state = torch.load(os.path.join(src, name), map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(os.path.join(src, name), map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # truncated or foreign: RuntimeError, EOFError, UnpicklingError ...
+                raise ValueError(f"{src}/{name}: not a readable PyTorch weight file ({type(e).__name__}). HINT: it "
+                                 "is truncated or damaged; copy it again") from None
             out = {}
             for k, v in state.items():
                 if not is_model_key(k, cfg.num_layers):

@@ -446,6 +446,13 @@ def test_plain_http_to_another_host_is_refused(base, seeds, tmp_path, monkeypatc
     assert not (tmp_path / "o.jsonl").exists()  # the writability check left nothing behind
 
 
+def test_a_malformed_api_base_is_one_line(seeds, tmp_path, monkeypatch, capsys):
+    code, err = run_main(["--seeds", seeds, "--out", str(tmp_path / "o.jsonl"), "--api_base", "http://[bad",
+                          "--api_model", "m"], monkeypatch, capsys)
+    assert code == 2 and err.startswith("error: --api_base http://[bad: not a URL") and len(err.splitlines()) == 1
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 def test_user_errors_end_main_in_one_or_two_lines(seeds, tmp_path, monkeypatch, capsys):
     """Bad flags, a missing seed file, an --out that cannot be written: exit 2, one or two lines
     naming the flag or file, no traceback, nothing written."""

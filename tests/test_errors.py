@@ -368,3 +368,26 @@ def test_a_stalled_rank_is_named_after_timeout_min(tmp_path):
     msg = (tmp_path / "error.txt").read_text()
     assert msg.startswith("rank 0: rank 1 sent or took nothing for --timeout_min 0.01 minutes"), msg
     assert "HINT: it stalled or died" in msg
+
+
+@pytest.mark.parametrize("damage", ["index not json", "index outside", "bin damaged"])
+def test_convert_names_a_damaged_release_file(tmp_path, monkeypatch, capsys, damage):
+    import shutil
+    from conftest import FIXTURE
+    src = tmp_path / "release"
+    src.mkdir()
+    for name in ("config.json", "ice_text.model"):
+        shutil.copy(os.path.join(FIXTURE, name), src / name)
+    index, blob = src / "pytorch_model.bin.index.json", src / "pytorch_model.bin"
+    if damage == "index not json":
+        index.write_text("{oops")
+    elif damage == "index outside":
+        index.write_text(json.dumps({"weight_map": {"lm_head.weight": "../elsewhere.bin"}}))
+    else:
+        blob.write_bytes(b"not a pickle at all")
+    assert run_module("glm", ["convert", str(src), str(tmp_path / "out")], monkeypatch) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert str(blob if damage == "bin damaged" else index) in err, err
+    assert not (tmp_path / "out").exists()
+
