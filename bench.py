@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import data
 import dist
+import flags
 import glm
 import optim
 import plan
@@ -316,7 +317,7 @@ def make_model(args, device, dtype):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["generate", "forward", "sft", "pipeline", "rm", "make_model"])
     p.add_argument("--toy", action="store_true", help="the 2-layer toy model instead of 6B shapes")
     p.add_argument("--batches", default="1,16,64")
@@ -354,4 +355,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    flags.run(main)
