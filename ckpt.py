@@ -128,8 +128,9 @@ def check_out(out, script, config, resume, overwrite):
         raise ValueError(f"--out {out} holds a {script} run with other settings (" + "; ".join(
             f"--{k} {was.get(k)!r} there, {config.get(k)!r} now" for k in differ[:4]) + "). HINT: use the same "
             "flags, choose another --out, or pass --overwrite")
-    if not resume and checkpoints(out):
-        raise ValueError(f"--out {out} holds a {script} run with checkpoints up to step {checkpoints(out)[-1][0]}. "
+    found = checkpoints(out)
+    if not resume and found:
+        raise ValueError(f"--out {out} holds a {script} run with checkpoints up to step {found[-1][0]}. "
                          "HINT: pass --resume to continue it, or --overwrite to start afresh there")
 
 

@@ -74,7 +74,7 @@ def print0(*args, **kwargs):
 
 def barrier():
     if tdist.is_initialized():
-        wait(tdist.barrier(async_op=True), get(), "one of the other ranks")
+        wait(tdist.barrier(async_op=True), get(), None)
 
 
 def teardown():
@@ -171,8 +171,7 @@ def all_reduce(t, op="sum", group=None):
         with d.idle.waiting(d.device):
             req = tdist.all_reduce(t, op=tdist.ReduceOp.SUM if op == "sum" else tdist.ReduceOp.MAX, group=group,
                                    async_op=True)
-            ranks = tdist.get_process_group_ranks(group or tdist.group.WORLD)
-            wait(req, d, "one of ranks " + ", ".join(map(str, ranks)))
+            wait(req, d, group)
     return t
 
 
@@ -196,7 +195,7 @@ def broadcast_from_last_stage(t, d):
     if d.P > 1:
         with d.idle.waiting(d.device):
             wait(tdist.broadcast(t, src=d.stage_rank(d.P - 1), group=d.pp_group, async_op=True), d,
-                 f"rank {d.stage_rank(d.P - 1)}")
+                 d.stage_rank(d.P - 1))
     return t
 
 
@@ -210,19 +209,22 @@ def exchange(d, sends=(), recvs=()):
         return
     with d.idle.waiting(d.device):
         for req, op in zip(tdist.batch_isend_irecv(ops), ops):
-            wait(req, d, f"rank {op.peer}")
+            wait(req, d, op.peer)
 
 
 def wait(req, d, peer):
-    """Wait for a transfer or collective with `peer` ("rank 3", "one of ranks 0, 2"). On CPUs (gloo)
-    a peer silent for longer than --timeout_min ends the run with its name; on GPUs NCCL's own
-    watchdog does (a bounded wait there would block the host and stall the pipeline)."""
+    """Wait for a transfer with rank `peer` (an int), or a collective over process group `peer`
+    (None: every rank). On CPUs (gloo) a peer silent for longer than --timeout_min ends the run with
+    its name; on GPUs NCCL's own watchdog does (a bounded wait there would block the host and stall
+    the pipeline)."""
     if d.device.type == "cuda":
         return req.wait()
     try:
         req.wait(datetime.timedelta(minutes=d.timeout_min))
-    except RuntimeError as e:
-        raise TimeoutError(f"rank {d.rank}: {peer} sent or took nothing for --timeout_min {d.timeout_min:g} minutes "
+    except RuntimeError as e:  # named only now: a collective's ranks are not looked up on every call
+        who = f"rank {peer}" if isinstance(peer, int) else "one of ranks " + ", ".join(
+            map(str, tdist.get_process_group_ranks(peer or tdist.group.WORLD)))
+        raise TimeoutError(f"rank {d.rank}: {who} sent or took nothing for --timeout_min {d.timeout_min:g} minutes "
                            f"({str(e).splitlines()[0][:120]}). HINT: it stalled or died: see its output; raise "
                            "--timeout_min if a step is that slow") from None
 
@@ -444,7 +446,7 @@ class _Ring:
         else:
             buf, src = torch.empty(b, T if k == 0 else 1, self.C, dtype=self.dtype, device=d.device), d.pp_rank - 1
         with d.idle.waiting(d.device):
-            wait(tdist.irecv(buf, src=d.stage_rank(src)), d, f"rank {d.stage_rank(src)}")
+            wait(tdist.irecv(buf, src=d.stage_rank(src)), d, d.stage_rank(src))
         return buf
 
     def send(self, t, stage):
