@@ -307,7 +307,8 @@ def write_stage_weights(model, tmp, d, lora_name=None):
                   metadata={"format": "pt"})
     else:
         state = {k: v.detach().cpu().contiguous() for k, v in lora.adapter_state_dict(model, lora_name).items()}
-        save_file(state, os.path.join(tmp, f"adapter-stage{d.pp_rank:03d}.safetensors"))
+        save_file(state, os.path.join(tmp, f"adapter-stage{d.pp_rank:03d}.safetensors"),
+                  metadata=lora.adapter_metadata(model))
 
 
 def finish_weights(model, tmp, tokenizer_path, lora_name=None):
@@ -321,12 +322,14 @@ def finish_weights(model, tmp, tokenizer_path, lora_name=None):
         write_json(os.path.join(tmp, "model.safetensors.index.json"), {"metadata": {}, "weight_map": weight_map})
         write_json(os.path.join(tmp, "config.json"), model.config.to_json())
     else:
-        parts = sorted(glob.glob(os.path.join(tmp, "adapter-stage*.safetensors")))
-        state = {}
-        for path in parts:
+        state, fingerprint = {}, {}  # every stage's tensors, and the base fingerprint of what it held
+        for path in sorted(glob.glob(os.path.join(tmp, "adapter-stage*.safetensors"))):
+            with safe_open(path, framework="pt") as f:
+                fingerprint.update(json.loads(f.metadata()["base_model_fingerprint"]))
             state.update(load_file(path))
             os.remove(path)
-        save_file(state, os.path.join(tmp, lora.ADAPTER_FILE), metadata={"format": "pt"})
+        save_file(state, os.path.join(tmp, lora.ADAPTER_FILE),
+                  metadata={"format": "pt", "base_model_fingerprint": json.dumps(fingerprint)})
         write_json(os.path.join(tmp, lora.CONFIG_FILE), lora.adapter_config(model, lora_name))
     if tokenizer_path and os.path.isfile(tokenizer_path):
         shutil.copy(tokenizer_path, os.path.join(tmp, "ice_text.model"))

@@ -14,6 +14,8 @@ import collections
 import contextlib
 import datetime
 import os
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -54,6 +56,7 @@ def setup(pp=1, timeout_min=10.0):
             g = tdist.new_group(list(range(s, world, pp)))
             if s == d.pp_rank:
                 d.dp_group = g
+        d.heartbeat = Heartbeat(d)
     _DIST = d
     return d
 
@@ -74,13 +77,59 @@ def print0(*args, **kwargs):
 
 def barrier():
     if tdist.is_initialized():
-        wait(tdist.barrier(async_op=True), get(), None)
+        tdist.barrier()
 
 
 def teardown():
     if tdist.is_initialized():
+        get().heartbeat.stop()
         tdist.barrier()
         tdist.destroy_process_group()
+
+
+class Heartbeat:
+    """A stalled rank (stopped, hung, swapping) must end the run with its name, not hang the others
+    until the collectives time out without one. Each rank bumps a counter in the rendezvous store
+    from a daemon thread and watches the next rank's counter (a ring: one watcher per rank, one
+    message); a counter that has not moved for 0.9 x --timeout_min, before the collectives' own
+    timeout, ends the watcher's process with a line naming the rank, and torchrun stops the rest.
+    The thread runs whatever the main thread does (a long kernel, a slow step), so only a process
+    that stopped answering goes stale."""
+
+    def __init__(self, d):
+        self.d, self.limit = d, 0.9 * d.timeout_min * 60
+        self.watched = (d.rank + 1) % d.world
+        self.store = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                    timeout=datetime.timedelta(seconds=self.limit), wait_for_workers=False)
+        self.stopped = threading.Event()
+        threading.Thread(target=self._run, daemon=True, name="heartbeat").start()
+
+    def _run(self):
+        every, key, count = min(5.0, self.limit / 20), f"heartbeat/{self.watched}", None
+        beat, changed = 0, time.monotonic()
+        try:
+            while not self.stopped.wait(every):
+                beat += 1
+                self.store.set(f"heartbeat/{self.d.rank}", str(beat))
+                seen = self.store.get(key) if self.store.check([key]) else None
+                if seen != count or seen == b"done":
+                    count, changed = seen, time.monotonic()
+                elif time.monotonic() - changed > self.limit:
+                    self._end(f"rank {self.watched} has not answered for {time.monotonic() - changed:.0f} s: "
+                              "it stopped, hung or died. HINT: see its output; --timeout_min sets the wait")
+        except Exception as e:  # the store itself went silent: its host (torchrun's agent, or rank 0) stalled
+            if not self.stopped.is_set():
+                self._end(f"the rendezvous store at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} stopped "
+                          f"answering ({str(e).splitlines()[0][:100]}). HINT: see rank 0's and torchrun's output")
+
+    def _end(self, message):
+        print(f"error: rank {self.d.rank}: {message}", file=sys.stderr, flush=True)
+        os._exit(2)
+
+    def stop(self):
+        """This rank is done: its watcher must not take the silence that follows for a stall."""
+        self.stopped.set()
+        self.store.set(f"heartbeat/{self.d.rank}", "done")
 
 
 class IdleClock:
@@ -146,6 +195,7 @@ class Dist:
     dp_group: object = None
     idle: IdleClock = field(default_factory=IdleClock)
     timeout_min: float = 10.0         # how long a rank waits for another before the run ends
+    heartbeat: object = None          # watches the next rank (several processes only)
 
     first = property(lambda self: self.pp_rank == 0)        # holds the embedding
     last = property(lambda self: self.pp_rank == self.P - 1)  # holds the final LN and lm_head
@@ -169,9 +219,7 @@ def all_reduce(t, op="sum", group=None):
     if tdist.is_initialized() and tdist.get_world_size(group) > 1:
         d = get()
         with d.idle.waiting(d.device):
-            req = tdist.all_reduce(t, op=tdist.ReduceOp.SUM if op == "sum" else tdist.ReduceOp.MAX, group=group,
-                                   async_op=True)
-            wait(req, d, group)
+            tdist.all_reduce(t, op=tdist.ReduceOp.SUM if op == "sum" else tdist.ReduceOp.MAX, group=group)
     return t
 
 
@@ -194,8 +242,7 @@ def broadcast_from_last_stage(t, d):
     """Share a value computed on the last stage (the loss) with every stage of the replica."""
     if d.P > 1:
         with d.idle.waiting(d.device):
-            wait(tdist.broadcast(t, src=d.stage_rank(d.P - 1), group=d.pp_group, async_op=True), d,
-                 d.stage_rank(d.P - 1))
+            tdist.broadcast(t, src=d.stage_rank(d.P - 1), group=d.pp_group)
     return t
 
 
@@ -208,25 +255,8 @@ def exchange(d, sends=(), recvs=()):
     if not ops:
         return
     with d.idle.waiting(d.device):
-        for req, op in zip(tdist.batch_isend_irecv(ops), ops):
-            wait(req, d, op.peer)
-
-
-def wait(req, d, peer):
-    """Wait for a transfer with rank `peer` (an int), or a collective over process group `peer`
-    (None: every rank). On CPUs (gloo) a peer silent for longer than --timeout_min ends the run with
-    its name; on GPUs NCCL's own watchdog does (a bounded wait there would block the host and stall
-    the pipeline)."""
-    if d.device.type == "cuda":
-        return req.wait()
-    try:
-        req.wait(datetime.timedelta(minutes=d.timeout_min))
-    except RuntimeError as e:  # named only now: a collective's ranks are not looked up on every call
-        who = f"rank {peer}" if isinstance(peer, int) else "one of ranks " + ", ".join(
-            map(str, tdist.get_process_group_ranks(peer or tdist.group.WORLD)))
-        raise TimeoutError(f"rank {d.rank}: {who} sent or took nothing for --timeout_min {d.timeout_min:g} minutes "
-                           f"({str(e).splitlines()[0][:120]}). HINT: it stalled or died: see its output; raise "
-                           "--timeout_min if a step is that slow") from None
+        for req in tdist.batch_isend_irecv(ops):
+            req.wait()
 
 
 def p2p(d, send=None, send_to=None, recv_shape=None, recv_from=None, dtype=None):
@@ -446,7 +476,7 @@ class _Ring:
         else:
             buf, src = torch.empty(b, T if k == 0 else 1, self.C, dtype=self.dtype, device=d.device), d.pp_rank - 1
         with d.idle.waiting(d.device):
-            wait(tdist.irecv(buf, src=d.stage_rank(src)), d, d.stage_rank(src))
+            tdist.recv(buf, src=d.stage_rank(src))
         return buf
 
     def send(self, t, stage):

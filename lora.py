@@ -279,13 +279,27 @@ def base_fingerprint(model):
     return out
 
 
-def check_base(model, cfg, adapter_dir):
-    """Refuse an adapter whose adapter_config.json records another base; files without a fingerprint
-    (PEFT's) pass, and only the tensors this model or stage holds are compared."""
-    recorded, ours = cfg.get("base_model_fingerprint") or {}, base_fingerprint(model)
+def adapter_metadata(model):
+    """The adapter file's safetensors metadata: the base's fingerprint rides there, not in
+    adapter_config.json, whose unknown keys older PEFT releases refuse."""
+    return {"format": "pt", "base_model_fingerprint": json.dumps(base_fingerprint(model))}
+
+
+def check_base(model, cfg, path):
+    """Refuse an adapter whose file records another base; files without a fingerprint (PEFT's)
+    pass, and only the tensors this model or stage holds are compared."""
+    with glm.open_safetensors(path) as f:
+        recorded = (f.metadata() or {}).get("base_model_fingerprint")
+    try:
+        recorded = json.loads(recorded) if recorded else {}
+        assert isinstance(recorded, dict)
+    except (ValueError, AssertionError):
+        raise ValueError(f"{path}: the metadata's base_model_fingerprint is not a JSON object. "
+                         "HINT: write the adapter again, or drop that metadata entry.") from None
+    ours = base_fingerprint(model)
     differ = [k for k in ours if k in recorded and recorded[k] != ours[k]]
     if differ:
-        raise ValueError(f"{os.path.join(adapter_dir, CONFIG_FILE)}: the adapter was trained on base "
+        raise ValueError(f"{path}: the adapter was trained on base "
                          f"{cfg.get('base_model_name_or_path') or '(unnamed)'}, whose '{differ[0]}' differs from "
                          f"this model's ({getattr(model, 'name_or_path', 'built in memory')}). {BASE_DIFFERS}")
 
@@ -306,7 +320,6 @@ def adapter_config(model, name="default", base_model_name_or_path=None):
         "target_modules": sorted({p.rsplit(".", 1)[-1] for p, _ in mods}), "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True,  # PEFT writes true in saved configs
         "base_model_name_or_path": base_model_name_or_path, "modules_to_save": None,
-        "base_model_fingerprint": base_fingerprint(model),  # ours, not PEFT's: checked by load_adapter
     }
 
 
@@ -317,7 +330,7 @@ def save_adapter(model, out_dir, name="default", base_model_name_or_path=None):
     state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
 
     def write(tmp):
-        save_file(state, os.path.join(tmp, ADAPTER_FILE), metadata={"format": "pt"})
+        save_file(state, os.path.join(tmp, ADAPTER_FILE), metadata=adapter_metadata(model))
         with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
     glm.atomic_dir(out_dir, write)
@@ -338,7 +351,6 @@ def read_adapter_config(adapter_dir):
         (cfg.get("use_rslora") or cfg.get("use_dora"), "rsLoRA / DoRA adapters are not supported"),
         (cfg.get("rank_pattern") or cfg.get("alpha_pattern"), "per-module rank/alpha patterns are not supported"),
         (cfg.get("modules_to_save"), "modules_to_save (full trained modules) is not supported"),
-        (not isinstance(cfg.get("base_model_fingerprint") or {}, dict), "base_model_fingerprint is not an object"),
     ]
     for bad, what in problems:
         if bad:
@@ -405,7 +417,7 @@ def load_adapter(model, adapter_dir, name="default", device=None):
         shapes[peft_key(p, "B")] = (m.out_features, r)
 
     state = read_adapter_tensors(path, shapes, name, num_layers, held, sorted({p.rsplit(".", 1)[-1] for p in wanted}))
-    check_base(model, cfg, adapter_dir)  # after the shapes, whose errors say more
+    check_base(model, cfg, path)  # after the shapes, whose errors say more
     if not existing and held:
         inject_lora(model, cfg["target_modules"], r, alpha, cfg.get("lora_dropout", 0.0), name)
     for p, m in wanted.items():  # now all hold adapter `name`: injected above, or before the call

@@ -386,6 +386,17 @@ def test_gloo_sft_p2_d2_lora_gives_the_single_process_losses(setup_dir, launched
     assert_same_curve(losses(setup_dir.root / "sft_p2d2_lora"), losses(single["sft_p1_ga4_lora"]), range(1, 5))
 
 
+def test_gloo_sft_p2_d2_adapter_records_every_stage_s_base_fingerprint(setup_dir, launched):
+    """Stage 0 holds the embedding, stage 1 the lm_head: the adapter written from both stages
+    fingerprints both, as one process's does, so a wrong base is caught on any stage."""
+    from safetensors import safe_open
+    ok(launched, "sft_p2d2_lora")
+    with safe_open(str(setup_dir.root / "sft_p2d2_lora" / "final" / lora.ADAPTER_FILE), "pt") as f:
+        recorded = json.loads(f.metadata()["base_model_fingerprint"])
+    assert recorded == lora.base_fingerprint(glm.ChatGLM.from_pretrained(setup_dir.base))
+    assert sorted(recorded) == sorted(lora.FINGERPRINTED)
+
+
 def test_gloo_sft_p2_d2_last2_gives_the_single_process_losses(setup_dir, launched, single):
     ok(launched, "sft_p2d2_last2")
     assert_same_curve(losses(setup_dir.root / "sft_p2d2_last2"), losses(single["sft_p1_ga4_last2"]), range(1, 5))
