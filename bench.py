@@ -252,6 +252,10 @@ def bench_train(args, device, dtype):
     return results if dist.is_main() else []
 
 
+def gib(x):
+    return None if x is None else round(x / 2**30, 2)  # None: not measured (CPU)
+
+
 def training_record(args, cfg, d, method, the_plan, dt, rows, params):
     """One JSON record of a timed training configuration."""
     M = args.micro_batches
@@ -262,8 +266,8 @@ def training_record(args, cfg, d, method, the_plan, dt, rows, params):
                micro_batches=M, seq=args.seq, checkpoint=args.checkpoint, layer_counts=the_plan.layer_counts,
                optimizer_states_moved=the_plan.hosts,
                step_s=round(dt, 4), tok_per_s=round(tokens / dt, 1), mfu=round(mfu, 4),
-               per_rank=[dict(rank=int(r[0]), stage=int(r[1]), peak_gib=round(r[2] / 2**30, 2),
-                              predicted_gib=round(r[3] / 2**30, 2), busy=round(r[4], 3)) for r in rows])
+               per_rank=[dict(rank=int(r[0]), stage=int(r[1]), peak_gib=gib(r[2]), predicted_gib=gib(r[3]),
+                              busy=round(r[4], 3)) for r in rows])
     if params is not None:
         res["mfu_6n"] = round(6 * params * tokens / dt / (d.world * H100_BF16_PEAK), 4)
     if d.device.type == "cuda":  # do weight-gradient GEMMs add into the fp32 accumulators themselves?

@@ -3,17 +3,20 @@
 Weights or LoRA adapters (every stage writes its share), heads, optimiser states, RNG, the loop's
 state and the metrics log; a checkpoint reads back with any number of pipeline stages.
 
-    OUT/run.json               which script, which settings      OUT/final/         the result
+    OUT/args.json              script, settings, command line    OUT/final/         the result
     OUT/checkpoint-STEP/       the last --keep_checkpoints ones  OUT/latest_checkpoint  names the newest
     OUT/metrics.jsonl          one JSON object per logged step   OUT/tb/            TensorBoard, if installed
 """
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import sys
 import tempfile
+import time
 
 import torch
 from safetensors import safe_open
@@ -26,12 +29,12 @@ import lora
 STATE_FILE = "train_state.json"        # the loop's state; written last, so it marks a complete checkpoint
 POINTER = "latest_checkpoint"          # a text file naming the newest checkpoint folder
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
-RUN_FILE = "run.json"                  # which script wrote this folder, with which settings
+RUN_FILE = "args.json"                 # which script wrote this folder, with which settings and command line
 # settings a run may change when it continues (or restarts) in the same folder: the split over GPUs
 # and micro-batches (the data position checks the global batch itself), lengths, logs
 VOLATILE = {"out", "resume", "overwrite", "max_steps", "epochs", "log_every", "eval_every", "save_every",
             "sample_every", "save_final", "keep_checkpoints", "pp", "plan", "gpu_mem_gib", "checkpoint",
-            "micro_batch_size", "grad_accum", "allow_data_change", "timeout_min"}
+            "micro_batch_size", "grad_accum", "allow_data_change", "timeout_min", "threads", "keep_best"}
 
 
 def save(out_dir, d, tokenizer_path, models, heads=None, optimizers=None, train_state=None, extra_json=None):
@@ -79,6 +82,29 @@ def save_checkpoint(out, step, d, tokenizer_path, models, heads=None, optimizers
         for _, old in checkpoints(out)[:-keep] if keep > 0 else ():
             shutil.rmtree(old)
     dist.barrier()
+
+
+def save_if_best(out, best, step, eval_loss, d, tokenizer_path, models, heads=None):
+    """--keep_best: OUT/best holds the weights of the lowest held-out loss so far. best is that
+    record, {"step", "eval_loss"} (None: none yet); returns the record after this evaluation."""
+    if best and best["eval_loss"] <= eval_loss:
+        return best
+    save(os.path.join(out, "best"), d, tokenizer_path, models, heads)
+    return {"step": step, "eval_loss": eval_loss}
+
+
+def restore_best(out, best, step, d, models, heads=None):
+    """Before the result is written: load OUT/best's weights (and heads) back if they are not the
+    last step's. True if it did."""
+    if not best or best["step"] == step:
+        return False
+    for sub, (model, lora_name) in models.items():
+        load_weights(model, os.path.join(out, "best", sub), d, lora_name)
+    for prefix, module in (heads or {}).items():
+        load_head(module, os.path.join(out, "best"), prefix)
+    dist.print0(f"--keep_best: the result is step {best['step']}'s (held-out loss {best['eval_loss']:.4f}), "
+                f"not the last step's")
+    return True
 
 
 def rng_state(d):
@@ -135,18 +161,19 @@ def check_out(out, script, config, resume, overwrite):
 
 
 def start_run(out, script, config, resume_step):
-    """OUT once every check has passed: run.json records the run; a fresh run removes what an earlier
+    """OUT once every check has passed: args.json records the run; a fresh run removes what an earlier
     one left (checkpoints, pointer, metrics), a resumed one keeps the metrics up to its checkpoint's
     step; temporary folders of saves a kill interrupted go. Returns the metrics log."""
     if dist.is_main():
         os.makedirs(out, exist_ok=True)
         for name in os.listdir(out):
-            stale = name.startswith((".tmp-checkpoint", f".tmp-{POINTER}"))
-            earlier = resume_step is None and (CHECKPOINT.fullmatch(name) or name in ("checkpoint", POINTER))
+            stale = name.startswith((".tmp-checkpoint", f".tmp-{POINTER}", ".tmp-best"))
+            earlier = resume_step is None and (CHECKPOINT.fullmatch(name) or name in ("checkpoint", POINTER, "best"))
             path = os.path.join(out, name)
             if stale or earlier:
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        write_json(os.path.join(out, RUN_FILE), {"script": script, "config": config})
+        write_json(os.path.join(out, RUN_FILE), {"script": script, "config": config, "argv": sys.argv[1:],
+                                                 "started": time.strftime("%Y-%m-%d %H:%M:%S %z")})
     dist.barrier()
     return MetricsLog(out, resume_step)
 
@@ -291,9 +318,21 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def json_safe(obj):
+    """obj with NaN and infinities as null: strict JSON readers refuse them (peak memory on a CPU,
+    an accuracy over no answers)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path, obj):
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(json_safe(obj), f, indent=2, allow_nan=False)
 
 
 def write_stage_weights(model, tmp, d, lora_name=None):
@@ -360,6 +399,19 @@ def load_head(module, ckpt_dir, prefix):
 # the metrics log
 
 
+def read_metrics(out):
+    """The rows of OUT/metrics.jsonl, in order; a last line a kill cut short is skipped."""
+    path, rows = os.path.join(out, "metrics.jsonl"), []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    pass
+    return rows
+
+
 class MetricsLog:
     """metrics.jsonl (and TensorBoard events when the package is installed), on rank 0 only. A fresh
     run starts it afresh; a resumed one drops the rows logged after its checkpoint's step (a killed
@@ -387,7 +439,7 @@ class MetricsLog:
         if not dist.is_main():
             return
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+            f.write(json.dumps(json_safe({"step": step, **values}), allow_nan=False) + "\n")
         if self.tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)):

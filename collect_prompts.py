@@ -21,7 +21,9 @@ appended to the output as PPO prompt lines: {"prompt", "history": [], "source", 
 Interrupt it at any time: every accepted prompt is already on disk, and rerunning the same
 command resumes. Requests take their randomness from (--seed, request index) and replies are
 processed in request order, so a resumed run ends with the same pool as an uninterrupted one
-(given a generator that answers the same request the same way).
+(given a generator that answers the same request the same way). The progress bar shows the
+accept rate and why candidates were rejected; after --max_stall requests in a row with nothing
+accepted the run stops (exit 2), names the reasons and the flags to change, and keeps the pool.
 """
 import argparse
 import bisect
@@ -576,6 +578,8 @@ def parse_args(argv=None):
     p.add_argument("--target", type=int, default=50_000, help="pool size to reach, seeds included")
     p.add_argument("--seed", type=int, default=0, help="makes the requests (and a resumed run) reproducible")
     p.add_argument("--max_requests", type=int, default=None, help="stop before request N")
+    p.add_argument("--max_stall", type=int, default=2000,
+                   help="give up (exit 2, the pool kept) after N requests in a row with nothing accepted")
     g = p.add_argument_group("requests")
     g.add_argument("--k", type=int, default=8, help="example prompts shown per request")
     g.add_argument("--k_generated", type=int, default=2, help="how many of them come from the generated pool")
@@ -615,6 +619,9 @@ def check_args(a):
         raise CollectError(f"--workers and --batch_size must be between 1 and {LAG}")
     if a.k < 1 or not 0 <= a.k_generated <= a.k or a.per_request < 1 or a.target < 1:
         raise CollectError("need --k >= 1, 0 <= --k_generated <= --k, --per_request >= 1, --target >= 1")
+    if a.max_stall < 1:
+        raise CollectError(f"--max_stall {a.max_stall}: must be >= 1 (requests in a row with nothing accepted "
+                           "before giving up). HINT: a large value, e.g. --max_stall 100000, waits longer")
     if not 1 <= a.min_units <= a.max_units:
         raise CollectError("need 1 <= --min_units <= --max_units")
     if a.retries < 0 or not a.timeout > 0 or not a.backoff >= 0 or a.max_new_tokens < 1:
@@ -647,21 +654,55 @@ def read_blacklist(path):
         return [w.strip() for w in f if w.strip()]
 
 
-def report(a, pool, stats, seconds):
+# Why a request's output was rejected: a candidate failed a filter, or a reply held no candidate at all
+# (empty, or only chatter; counted per reply, not per candidate).
+REJECTIONS = PromptFilter.REASONS + ("empty_reply",)
+
+
+def breakdown(counts):
+    """'near_duplicate 3,010, length 900, ...': the rejection counts, largest first, zeros left out."""
+    parts = sorted(((counts[r], r) for r in REJECTIONS if counts[r]), key=lambda x: -x[0])
+    return ", ".join(f"{r} {n:,}" for n, r in parts) or "none"
+
+
+def summary(stats):
+    """This run in one line: the accept rate over candidates and the rejections by reason."""
+    n = stats["candidates"]
+    rate = f" ({100 * stats['accepted'] / n:.1f}%)" if n else ""
+    return (f"accepted {stats['accepted']:,} of {n:,} candidates{rate} from {stats['requests']:,} requests"
+            f" | rejected: {breakdown(stats)}")
+
+
+def stall_message(a, recent, pool):
+    """Why the last --max_stall requests gave nothing, and what to change (two lines)."""
+    n_gen = sum(r["request"] >= 0 for r in pool)
+    repeats = (f"a higher --temperature (now {a.temperature}), a looser --rouge (now {a.rouge}; "
+               f"e.g. {min(1.0, round(a.rouge + 0.1, 2))}), a larger --k_generated or a stronger model")
+    hints = {"duplicate": repeats, "near_duplicate": repeats,
+             "length": f"a stronger model, or wider --min_units/--max_units (now {a.min_units}..{a.max_units})",
+             "charset": f"a stronger model, or a lower --temperature (now {a.temperature})",
+             "blacklist": "a stronger model, or a shorter list in --blacklist_file",
+             "empty_reply": f"a stronger model, or a larger --max_new_tokens (now {a.max_new_tokens})"}
+    top = max(REJECTIONS, key=lambda r: recent[r]) if recent else None
+    return (f"no prompt accepted in the last {a.max_stall:,} requests (--max_stall); rejected there: "
+            f"{breakdown(recent)}. The pool so far ({len(pool):,} prompts, {n_gen:,} generated) is complete in "
+            f"{a.out}\nHINT: try {hints.get(top, 'a stronger model')}, then rerun: it continues from that pool")
+
+
+def report(a, pool, stats, seconds, stalled=False):
     """What the pool holds and what this run did."""
     n_seed = sum(r["request"] < 0 for r in pool)
     print(f"pool: {len(pool)} prompts ({n_seed} seeds, {len(pool) - n_seed} generated) in {a.out}; target {a.target}")
-    print(f"this run: {stats['requests']} requests, {stats['candidates']} candidates, "
-          f"{stats['accepted']} accepted, {seconds:.1f} s ({stats['filter_seconds']:.1f} s filtering)")
-    print("rejected: " + ", ".join(f"{r} {stats[r]}" for r in PromptFilter.REASONS))
-    if len(pool) < a.target:
+    print(f"this run: {seconds:.1f} s ({stats['filter_seconds']:.1f} s filtering), {summary(stats)}")
+    if len(pool) < a.target and not stalled:
         print(f"stopped at --max_requests {a.max_requests} short of the target. HINT: raise "
               "--max_requests and rerun the same command to continue", file=sys.stderr)
 
 
 def grow(a, backend, flt, pool, seed_recs, generated, keep, stats):
     """Request new prompts, in request order, until the pool reaches --target (or --max_requests);
-    every candidate passes the filter before keep(record) writes it."""
+    every candidate passes the filter before keep(record) writes it. After --max_stall requests in a
+    row with nothing accepted, returns the rejection counts of those requests (else None)."""
     start = generated[-1]["request"] if generated else 0  # redo the last request: it may be half written
     redo = {r["prompt"] for r in generated if r["request"] == start}
 
@@ -671,11 +712,17 @@ def grow(a, backend, flt, pool, seed_recs, generated, keep, stats):
 
     stop = a.max_requests if a.max_requests is not None else 1 << 62
     bar = tqdm(total=a.target, initial=min(len(pool), a.target), desc="prompts", unit="", dynamic_ncols=True)
+    stall, recent, shown = 0, Counter(), time.monotonic()  # requests in a row with nothing accepted; why
     replies = backend.replies(build, start, stop)
     with bar, contextlib.closing(replies):  # closing the replies cancels requests still queued
         for req, reply in (replies if len(pool) < a.target else ()):
             stats["requests"] += 1
-            for text in parse_reply(reply):
+            before = stats["accepted"]
+            texts = parse_reply(reply)
+            if not texts:  # nothing to filter: the whole reply is rejected
+                stats["empty_reply"] += 1
+                recent["empty_reply"] += 1
+            for text in texts:
                 if req.index == start and text in redo:
                     continue  # written before the interruption
                 stats["candidates"] += 1
@@ -684,6 +731,7 @@ def grow(a, backend, flt, pool, seed_recs, generated, keep, stats):
                 stats["filter_seconds"] += time.perf_counter() - t
                 if reason:
                     stats[reason] += 1
+                    recent[reason] += 1
                     continue
                 rec = {"prompt": text, "history": [], "source": backend.source,
                        "seed_ids": req.seed_ids, "request": req.index}
@@ -692,9 +740,16 @@ def grow(a, backend, flt, pool, seed_recs, generated, keep, stats):
                 bar.update()
                 if len(pool) >= a.target:
                     break
+            bar.set_postfix_str(summary(stats), refresh=False)
             if len(pool) >= a.target:
                 break
-            bar.set_postfix(requests=req.index + 1, refresh=False)
+            if time.monotonic() - shown > 0.5:  # update() redraws only on an accept: show a stall too
+                bar.refresh()
+                shown = time.monotonic()
+            stall, recent = (stall + 1, recent) if stats["accepted"] == before else (0, Counter())
+            if stall >= a.max_stall:
+                return recent  # every accepted prompt is already on disk
+    return None
 
 
 def collect(a):
@@ -731,8 +786,10 @@ def collect(a):
             print(f"seeds: {sum(stats.values())} rejected ({dict(stats)})", file=sys.stderr)
 
         # ---- generation, replies in request order
-        grow(a, backend, flt, pool, seed_recs, generated, keep, stats)
-    report(a, pool, stats, time.time() - t0)
+        stalled = grow(a, backend, flt, pool, seed_recs, generated, keep, stats)
+    report(a, pool, stats, time.time() - t0, stalled is not None)
+    if stalled is not None:  # the output is closed, every line whole: a rerun resumes from it
+        raise CollectError(stall_message(a, stalled, pool))
     return stats
 
 

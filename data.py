@@ -4,15 +4,22 @@ Formats (jsonl: UTF-8, one JSON object a line; blank lines are skipped):
 
     SFT      {"prompt": str, "response": str, "history": [[q, a], ...]}    history optional
              {"instruction": str, "input": str, "output": str}               Alpaca; input optional
+             {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+             {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}   ShareGPT
+               an optional system message first, then user and assistant in turn, ending with the
+               assistant's: that is the response, the user's before it the prompt, earlier pairs the
+               history; the system text goes before the first query, on its own line
     RM       {"prompt": str, "answers": [best, ..., worst]}                  K >= 2, all K(K-1)/2 pairs
              {"prompt": str, "answers": [A, B, C, D], "ranks": [2, 1, 4, 3]}  any order, ranks 1 = best
              {"prompt": str, "chosen": str, "rejected": str}                 the K = 2 case
              both may carry "history" and "margin" (a float every pair's reward gap should exceed)
-    prompts  {"prompt": str, "history": [...]}                               PPO; SFT lines work too
+    prompts  {"prompt": str, "history": [...]}                               PPO; SFT lines work too,
+             and so do conversations that end with the user's message (the prompt)
     PPO-ptx reads the SFT format.
 
 Loaders (`load_sft`, `load_ranked`, `load_prompts`) check the whole file before training starts;
-every bad line is an error naming file:line, the field and what to do.
+every bad line is an error naming file:line, the field and what to do. `line_kind`, `sft_example`
+and `ranked_example` read a file that mixes SFT and ranked lines one line at a time.
 
 Token layout of one SFT example, and the label convention used by every trainer here:
 
@@ -30,7 +37,7 @@ Batches are padded on the LEFT with the pad id (the reference tokenizer's conven
 resumable shuffling and data-parallel shards.
 
     python data.py toy --out data                       # regenerate the bundled toy task
-    python data.py check FILE --kind sft|rm|prompts [--tokenizer ice_text.model --max-len 512]
+    python data.py check FILE --kind sft|rm|prompts [--tokenizer ice_text.model --max_len 512]
 """
 import argparse
 import hashlib
@@ -156,65 +163,154 @@ def _prompt(obj, where, shape):
 SFT_SHAPE = '{"prompt": "...", "response": "..."} or {"instruction": "...", "input": "", "output": "..."}'
 RM_SHAPE = '{"prompt": "...", "answers": ["best", ..., "worst"]} or {"prompt": "...", "chosen": "...", "rejected": "..."}'
 PROMPT_SHAPE = '{"prompt": "...", "history": []}'
+# conversation lines: the list's key -> (role key, text key, {the file's role name: ours})
+CHATS = {"messages": ("role", "content", {"system": "system", "user": "user", "assistant": "assistant"}),
+         "conversations": ("from", "value", {"system": "system", "human": "user", "gpt": "assistant"})}
+
+
+def _turns(obj, key, where):
+    """obj[key], checked -> (system text or "", [(role, text, "messages[i].content"), ...]) with the
+    roles "user" and "assistant" alternating from "user"."""
+    role_key, text_key, roles = CHATS[key]
+    names = {ours: theirs for theirs, ours in roles.items()}
+    msgs, like = obj[key], f'{{"{role_key}": "{names["user"]}", "{text_key}": "..."}}'
+    if not isinstance(msgs, list) or not msgs:
+        _fail(where, f"field '{key}' is {'empty' if msgs == [] else 'a ' + _jtype(msgs)}, not a list of messages",
+              f"write '{key}' as [{like}, ...]")
+    system, turns = "", []
+    for i, m in enumerate(msgs):
+        at = f"{key}[{i}]"
+        if not isinstance(m, dict) or m.get(role_key) is None or m.get(text_key) is None:
+            _fail(where, f"{at} is {json.dumps(m, ensure_ascii=False)[:60]}, not a message with "
+                  f"'{role_key}' and '{text_key}'", f"write each message as {like}")
+        role = m[role_key]
+        if not isinstance(role, str) or role not in roles:
+            _fail(where, f"{at}.{role_key} is {json.dumps(role, ensure_ascii=False)[:40]}, an unknown role",
+                  f"'{key}' takes the roles {', '.join(map(repr, roles))}")
+        text = _as_text(m[text_key], f"{at}.{text_key}", where, empty_ok=True)
+        want = "system" if i == 0 and roles[role] == "system" else ("user", "assistant")[len(turns) % 2]
+        if roles[role] != want:
+            _fail(where, f"{at}.{role_key} is '{role}' where '{names[want]}' should come",
+                  f"after an optional first '{names['system']}' message, '{names['user']}' and "
+                  f"'{names['assistant']}' messages alternate")
+        if want == "system":
+            system = text
+        else:
+            turns.append((want, text, f"{at}.{text_key}"))
+    return system, turns
+
+
+def _from_chat(obj, where, reply_needed=True):
+    """A "messages" or ShareGPT "conversations" line -> {"prompt", "response", "history"}; other lines
+    as they are. The last assistant message is the response, the user's before it the prompt, earlier
+    pairs the history; a leading system message goes before the first query, on its own line. With
+    reply_needed=False (PPO prompts) the conversation may also end with the user's message."""
+    key = next((k for k in CHATS if k in obj), None)
+    if key is None:
+        return obj
+    other = next((k for k in (*CHATS, "prompt", "instruction", "response", "output", "history")
+                  if k in obj and k != key), None)
+    if other:
+        _fail(where, f"the line has both '{key}' and '{other}'",
+              f"use one shape per line: '{key}' alone, or {SFT_SHAPE}")
+    system, turns = _turns(obj, key, where)
+    names = {ours: theirs for theirs, ours in CHATS[key][2].items()}
+    if not turns:
+        _fail(where, f"'{key}' holds only a '{names['system']}' message", "add the user's message (and the reply)")
+    if reply_needed and turns[-1][0] == "user":
+        _fail(where, f"the conversation ends with '{names['user']}', not '{names['assistant']}'",
+              f"SFT learns the last '{names['assistant']}' message: end with it (a conversation that ends "
+              "with the user's message is a PPO prompt)")
+    response = None
+    if turns[-1][0] == "assistant":
+        _, response, at = turns.pop()
+        _as_text(response, at, where)  # as with 'response' and 'prompt', a blank one is an error
+    _, prompt, at = turns.pop()
+    _as_text(prompt, at, where)
+    history = [[q, a] for (_, q, _), (_, a, _) in zip(turns[0::2], turns[1::2])]
+    if system:  # ChatGLM has no system role: its text leads the conversation's first query
+        if history:
+            history[0][0] = f"{system}\n{history[0][0]}"
+        else:
+            prompt = f"{system}\n{prompt}"
+    return dict(prompt=prompt, response=response, history=history)
+
+
+def sft_example(obj, where):
+    """One SFT line (ours, Alpaca or a conversation) -> {"prompt", "response", "history", "source"}."""
+    obj = _from_chat(obj, where)
+    return dict(prompt=_prompt(obj, where, SFT_SHAPE),
+                response=_text(obj, "output" if "instruction" in obj else "response", where, SFT_SHAPE),
+                history=_history(obj, where), source=where)
 
 
 def load_sft(path):
-    """SFT lines -> [{"prompt", "response", "history", "source"}]; Alpaca lines are mapped."""
-    return [dict(prompt=_prompt(obj, where, SFT_SHAPE),
-                 response=_text(obj, "output" if "instruction" in obj else "response", where, SFT_SHAPE),
-                 history=_history(obj, where), source=where) for where, obj in read_jsonl(path)]
+    """SFT lines -> [{"prompt", "response", "history", "source"}]; Alpaca lines and conversations are mapped."""
+    return [sft_example(obj, where) for where, obj in read_jsonl(path)]
+
+
+def ranked_example(obj, where):
+    """One RM line -> {"prompt", "answers" (as stored), "history", "margin" (float or None), "ranks", "source"}."""
+    prompt = _prompt(obj, where, RM_SHAPE)
+    if "answers" in obj:
+        if "chosen" in obj or "rejected" in obj:
+            _fail(where, "the line has both 'answers' and 'chosen'/'rejected'", f"use one shape: {RM_SHAPE}")
+        answers = obj["answers"]
+        if not isinstance(answers, list):
+            _fail(where, f"field 'answers' is a {_jtype(answers)}, not a list",
+                  'write answers as ["best", "second", ..., "worst"]')
+        for i, a in enumerate(answers):
+            _as_text(a, f"answers[{i}]", where)
+    elif "chosen" in obj or "rejected" in obj:
+        answers = [_text(obj, "chosen", where, RM_SHAPE), _text(obj, "rejected", where, RM_SHAPE)]
+    else:
+        _fail(where, "field 'answers' (or 'chosen' and 'rejected') is missing", f"a line needs {RM_SHAPE}")
+    if len(answers) < 2:
+        _fail(where, f"'answers' has {len(answers)} answer(s); ranking needs at least 2",
+              "add a worse answer or remove the line")
+    seen = {}
+    for i, a in enumerate(answers):
+        j = seen.setdefault(a.strip(), i)
+        if j != i:  # the same text both better and worse than itself: the pair loss is contradictory
+            _fail(where, f"answers {j} and {i} are the same text ({a.strip()[:40]!r})",
+                  "rank each distinct answer once; drop the duplicate")
+    margin = obj.get("margin")
+    if margin is not None:
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+            _fail(where, f"field 'margin' is {json.dumps(margin)[:40]}, not a finite number",
+                  'write margin as a number, e.g. "margin": 1.0, or leave it out')
+        margin = float(margin)
+    ranks = obj.get("ranks")
+    if ranks is not None:  # explicit ranks (1 = best) travel with answers stored in any order
+        if "answers" not in obj:
+            _fail(where, "'ranks' goes with 'answers', not with 'chosen'/'rejected'", "drop 'ranks'")
+        if (not isinstance(ranks, list) or len(ranks) != len(answers)
+                or any(isinstance(r, bool) or not isinstance(r, int) for r in ranks) or len(set(ranks)) != len(ranks)):
+            _fail(where, f"field 'ranks' is {json.dumps(ranks)[:40]}, not one distinct integer per answer",
+                  'write e.g. "ranks": [2, 1, 4, 3] (1 = best) for four answers, or leave it out')
+    return dict(prompt=prompt, answers=list(answers), history=_history(obj, where),
+                margin=margin, ranks=list(ranks) if ranks is not None else None, source=where)
 
 
 def load_ranked(path):
-    """RM lines -> [{"prompt", "answers" (best first), "history", "margin" (float or None), "source"}]."""
-    out = []
-    for where, obj in read_jsonl(path):
-        prompt = _prompt(obj, where, RM_SHAPE)
-        if "answers" in obj:
-            if "chosen" in obj or "rejected" in obj:
-                _fail(where, "the line has both 'answers' and 'chosen'/'rejected'", f"use one shape: {RM_SHAPE}")
-            answers = obj["answers"]
-            if not isinstance(answers, list):
-                _fail(where, f"field 'answers' is a {_jtype(answers)}, not a list",
-                      'write answers as ["best", "second", ..., "worst"]')
-            for i, a in enumerate(answers):
-                _as_text(a, f"answers[{i}]", where)
-        elif "chosen" in obj or "rejected" in obj:
-            answers = [_text(obj, "chosen", where, RM_SHAPE), _text(obj, "rejected", where, RM_SHAPE)]
-        else:
-            _fail(where, "field 'answers' (or 'chosen' and 'rejected') is missing", f"a line needs {RM_SHAPE}")
-        if len(answers) < 2:
-            _fail(where, f"'answers' has {len(answers)} answer(s); ranking needs at least 2",
-                  "add a worse answer or remove the line")
-        seen = {}
-        for i, a in enumerate(answers):
-            j = seen.setdefault(a.strip(), i)
-            if j != i:  # the same text both better and worse than itself: the pair loss is contradictory
-                _fail(where, f"answers {j} and {i} are the same text ({a.strip()[:40]!r})",
-                      "rank each distinct answer once; drop the duplicate")
-        margin = obj.get("margin")
-        if margin is not None:
-            if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-                _fail(where, f"field 'margin' is {json.dumps(margin)[:40]}, not a finite number",
-                      'write margin as a number, e.g. "margin": 1.0, or leave it out')
-            margin = float(margin)
-        ranks = obj.get("ranks")
-        if ranks is not None:  # explicit ranks (1 = best) travel with answers stored in any order
-            if "answers" not in obj:
-                _fail(where, "'ranks' goes with 'answers', not with 'chosen'/'rejected'", "drop 'ranks'")
-            if (not isinstance(ranks, list) or len(ranks) != len(answers)
-                    or any(isinstance(r, bool) or not isinstance(r, int) for r in ranks) or len(set(ranks)) != len(ranks)):
-                _fail(where, f"field 'ranks' is {json.dumps(ranks)[:40]}, not one distinct integer per answer",
-                      'write e.g. "ranks": [2, 1, 4, 3] (1 = best) for four answers, or leave it out')
-        out.append(dict(prompt=prompt, answers=list(answers), history=_history(obj, where),
-                        margin=margin, ranks=list(ranks) if ranks is not None else None, source=where))
-    return out
+    """RM lines -> [{"prompt", "answers", "history", "margin", "ranks", "source"}] (see ranked_example)."""
+    return [ranked_example(obj, where) for where, obj in read_jsonl(path)]
+
+
+def line_kind(obj):
+    """A parsed line's shape: "rm" (ranked answers, chosen/rejected), "sft" (any SFT shape) or None."""
+    if any(k in obj for k in ("answers", "chosen", "rejected")):
+        return "rm"
+    return "sft" if any(k in obj for k in ("response", "output", *CHATS)) else None
 
 
 def load_prompts(path):
     """PPO prompt lines -> [{"prompt", "history", "source"}]; any response/answers are ignored."""
-    return [dict(prompt=_prompt(obj, where, PROMPT_SHAPE), history=_history(obj, where), source=where)
-            for where, obj in read_jsonl(path)]
+    out = []
+    for where, obj in read_jsonl(path):
+        obj = _from_chat(obj, where, reply_needed=False)
+        out.append(dict(prompt=_prompt(obj, where, PROMPT_SHAPE), history=_history(obj, where), source=where))
+    return out
 
 
 def split_holdout(examples, holdout, seed=0):
@@ -550,16 +646,16 @@ def write_toy(out_dir, seed=0):
 # The toy runs: a 2-block ChatGLM trained from scratch on the bundled task, a few CPU minutes.
 # `python train_sft.py` (no --model) takes these values for every flag it was not given.
 TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-TOY_SFT = dict(max_len=64, micro_batch_size=32, grad_accum=1, lr=1e-2, warmup_steps=30, max_steps=2000,
-               weight_decay=0.1, eval_every=200, save_every=400, out="runs/toy_sft")
+TOY_SFT = dict(max_len=64, micro_batch_size=32, grad_accum=1, lr=1e-2, warmup_steps=30, max_steps=1000,
+               weight_decay=0.1, eval_every=100, save_every=500, out="runs/toy_sft", threads=1, keep_best=True)
 TOY_RM = dict(max_len=64, micro_batch_size=16, grad_accum=1, lr=1e-3, warmup_steps=20, max_steps=300,
-              weight_decay=0.01, eval_every=100, save_every=150, out="runs/toy_rm")
+              weight_decay=0.01, eval_every=100, save_every=150, out="runs/toy_rm", threads=1, keep_best=True)
 # PPO's toy prompts are the held-out questions without their answers: neither the SFT model nor
 # the RM trained on them, and RL sees only the RM's scores. All 76 go into every step, so the
 # reward curve shows the policy's progress rather than which prompts came up.
 TOY_PPO = dict(mode="full", max_prompt_len=48, rollout_batch_size=76, max_new_tokens=6, max_steps=60,
                mini_batch_size=38, micro_batch_size=38, actor_lr=3e-4, critic_lr=1e-3, kl_coef=0.1,
-               ppo_epochs=2, temperature=1.0, save_every=20, sample_every=20, out="runs/toy_ppo")
+               ppo_epochs=2, temperature=1.0, save_every=20, sample_every=20, out="runs/toy_ppo", threads=1)
 
 
 def toy_file(name):
@@ -595,7 +691,8 @@ def main(argv=None):
     c.add_argument("file")
     c.add_argument("--kind", choices=("sft", "rm", "prompts"), required=True)
     c.add_argument("--tokenizer", help="ice_text.model: also tokenise and report truncation")
-    c.add_argument("--max-len", type=int, default=512)
+    c.add_argument("--max_len", "--max-len", type=int, default=512,  # --max-len: this command's old spelling
+                   help="tokens per example, as the training scripts' --max_len (default 512)")
     args = p.parse_args(argv)
     if args.cmd == "toy":
         for path in write_toy(args.out, args.seed):

@@ -2,12 +2,20 @@
 
     cfg = flags.parse(Config)     # --name value for every field, typed by its default
     cfg = flags.parse(Config, preset=lambda c: {} if c.model else data.TOY_SFT)  # toy values where no flag was given
+
+--help groups the flags under the dataclass's `# ---- group` comments and shows each field's own
+comment and default. --config FILE.toml sets fields from a file (keys are the flags' names, at the
+top level or in [sections]); an explicit flag wins over the file, the file over a preset.
 """
 import argparse
 import dataclasses
+import inspect
 import math
 import os
+import re
 import sys
+import textwrap
+import tomllib
 
 TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no")
 
@@ -27,21 +35,79 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}. HINT: {self.prog} --help lists the flags\n")
 
 
-def parse(cls, argv=None, preset=None, positive=(), non_negative=()):
-    """A flat config dataclass -> --name value flags that keep each default's type; unknown
-    flags are errors; a boolean flag alone means true. preset(cfg) -> {field: value} fills the
-    fields no flag set (the toy run's values): an explicit flag always wins over a preset. Every
-    number must be finite, those named in `positive` > 0 and in `non_negative` >= 0."""
+def field_docs(cls):
+    """{field: (group, comment)} from the config class's source: the `# ---- group` line above a
+    field and the comment after it, so --help says what the code says."""
+    names, group, docs = {f.name for f in dataclasses.fields(cls)}, "", {}
+    for line in inspect.getsource(cls).splitlines():
+        header = re.match(r"\s*# ----\s*(.*)", line)
+        field = re.match(r"\s*(\w+)\s*:[^=]*=.*?(?:#\s*(.*))?$", line)
+        if header:
+            group = header.group(1)
+        elif field and field.group(1) in names:
+            docs[field.group(1)] = (group, field.group(2) or "")
+    return docs
+
+
+def parser_for(cls, preset=None):
+    """argparse for a flat config dataclass: one --flag per field, grouped as the class groups them;
+    the preset's values for the default config (the toy run) close the help."""
     module = sys.modules[cls.__module__]
+    toy = preset(cls()) if preset else {}
     p = Parser(prog=os.path.basename(module.__file__), description=module.__doc__,
+               epilog=textwrap.fill("with no --model, the toy run's preset fills the flags not given: " + ", ".join(
+                   f"--{k} {v}" for k, v in toy.items()), 100) if toy else None,
                formatter_class=argparse.RawDescriptionHelpFormatter,
                argument_default=argparse.SUPPRESS)  # the namespace holds only given flags
+    p.add_argument("--config", metavar="FILE.toml", help="read flags from a TOML file (keys are flag names); "
+                                                         "flags on the command line win")
+    groups, docs = {}, field_docs(cls)
     for f in dataclasses.fields(cls):
+        group, comment = docs.get(f.name, ("", ""))
+        if group not in groups:
+            groups[group] = p.add_argument_group(group or None)
+        shown = str(f.default).lower() if isinstance(f.default, bool) else f.default if f.default != "" else '""'
+        text = f"{comment} (default: {shown})" if comment else f"default: {shown}"
         if f.type in (bool, "bool"):
-            p.add_argument(f"--{f.name}", nargs="?", const=True, type=boolean)
+            groups[group].add_argument(f"--{f.name}", nargs="?", const=True, type=boolean, metavar="BOOL", help=text)
         else:
-            p.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}.get(f.type, f.type))
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            groups[group].add_argument(f"--{f.name}", type=kind, metavar=kind.__name__.upper(), help=text)
+    return p
+
+
+def read_config_file(path, cls):
+    """{field: value} from a TOML file; every key must be a field, every value of the field's type."""
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except OSError as e:
+        raise ValueError(f"--config {path}: {e.strerror}. HINT: pass a TOML file of flag = value lines") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"--config {path}: not valid TOML ({e}). HINT: write lines such as lr = 1e-4") from None
+    values = {}
+    for key, value in table.items():  # [sections] only group keys, as the --help groups do
+        values.update(value if isinstance(value, dict) else {key: value})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in fields:
+            raise ValueError(f"--config {path}: unknown key {key!r}. HINT: the keys are the flags' names (see --help)")
+        want = type(fields[key].default)
+        if not (isinstance(value, want) and (want is bool or not isinstance(value, bool))
+                or want is float and isinstance(value, int) and not isinstance(value, bool)):
+            raise ValueError(f"--config {path}: {key} = {value!r} is not a {want.__name__}. HINT: e.g. "
+                             f"{key} = {fields[key].default!r}".replace("'", '"'))
+    return {k: float(v) if type(fields[k].default) is float else v for k, v in values.items()}
+
+
+def parse(cls, argv=None, preset=None, positive=(), non_negative=()):
+    """A flat config dataclass -> --name value flags that keep each default's type; unknown
+    flags are errors; a boolean flag alone means true. Values come from, first to last: a flag,
+    --config's file, preset(cfg) -> {field: value} (the toy run's values), the default. Every
+    number must be finite, those named in `positive` > 0 and in `non_negative` >= 0."""
+    p = parser_for(cls, preset)
     given = vars(p.parse_args(argv))
+    given = {**(read_config_file(given.pop("config"), cls) if "config" in given else {}), **given}
     cfg = cls(**given)
     values = preset(cfg) if preset else {}
     unknown = set(values) - {f.name for f in dataclasses.fields(cls)}

@@ -29,6 +29,30 @@ def lr_at(step, lr, warmup_steps, total_steps, min_ratio=0.1):
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+# the learning rates that usually work when fine-tuning a pretrained ChatGLM-6B, by what trains
+USUAL_LR = {"lora": (1e-5, 3e-3), "last_n": (1e-6, 3e-4), "full": (1e-6, 1e-4)}
+
+
+def warn_settings(total_steps, warmup_steps, lr, mode, n_eval, pretrained=True):
+    """Settings that quietly waste a run, said before it starts: a run that never leaves its warmup,
+    a held-out set too small to mean anything, a learning rate far from the usual range."""
+    warnings = []
+    if total_steps <= warmup_steps:
+        warnings.append(f"the run's {total_steps} steps end inside the {warmup_steps}-step warmup, so the learning "
+                        f"rate peaks at {lr_at(total_steps - 1, lr, warmup_steps, total_steps):.2g}, not --lr {lr:g}. "
+                        "HINT: lower --warmup_steps")
+    if 0 < n_eval < 8:
+        warnings.append(f"only {n_eval} held-out examples: the eval loss will be mostly noise. HINT: raise "
+                        "--holdout or pass a larger --eval_data")
+    lo, hi = USUAL_LR[mode]
+    if pretrained and not lo <= lr <= hi:
+        warnings.append(f"--lr {lr:g} is far from the usual {lo:g}..{hi:g} for {mode} fine-tuning of a pretrained "
+                        "model. HINT: check the exponent")
+    for w in warnings:
+        dist.print0(f"warning: {w}")
+    return warnings
+
+
 # -----------------------------------------------------------------------------
 # what trains, and the optimiser step
 

@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 import ckpt
 import data
@@ -52,50 +51,50 @@ class Config:
     sft_adapter: str = ""           # lora: the SFT adapter (policy init + reference); "" = the base is the SFT model
     actor: str = ""                 # full: the SFT model (policy init + reference)
     rm_dir: str = ""                # train_rm.py output: weights or adapter, reward_head.safetensors, reward_stats.json
-    out: str = "runs/ppo"
+    out: str = "runs/ppo"           # the run's folder: checkpoints, metrics, final/
     # ---- data
     data: str = ""                  # prompts jsonl
     ptx_data: str = ""              # SFT jsonl for the PPO-ptx term
-    max_prompt_len: int = 256
+    max_prompt_len: int = 256       # prompt tokens kept (from the end)
     # ---- LoRA (lora mode; a given adapter's own r/alpha/targets win)
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: str = "query_key_value"
+    lora_rank: int = 8              # LoRA rank r (0: no LoRA)
+    lora_alpha: float = 16.0        # LoRA scale is alpha / r
+    lora_targets: str = "query_key_value"  # comma-separated: query_key_value, dense, dense_h_to_4h, dense_4h_to_h
     # ---- rollouts
     rollout_batch_size: int = 64    # prompts per step and data-parallel replica
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    max_new_tokens: int = 256       # response tokens per rollout
+    temperature: float = 1.0        # rollout sampling temperature
+    top_p: float = 1.0              # nucleus sampling (1: off)
+    top_k: int = 0                  # top-k sampling (0: off)
     # ---- PPO
-    max_steps: int = 100
-    ppo_epochs: int = 1
+    max_steps: int = 100            # PPO steps (one rollout batch each)
+    ppo_epochs: int = 1             # passes over each rollout batch
     mini_batch_size: int = 16       # sequences per optimiser step and replica
     micro_batch_size: int = 4       # sequences per forward
-    actor_lr: float = 1e-5
-    critic_lr: float = 1e-5
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_ratio: float = 0.2
-    value_clip: float = 0.2
-    entropy_coef: float = 0.0
+    actor_lr: float = 1e-5          # policy learning rate
+    critic_lr: float = 1e-5         # value model learning rate
+    weight_decay: float = 0.0       # AdamW's decoupled weight decay
+    grad_clip: float = 1.0          # clip the global gradient norm to this (0: off)
+    gamma: float = 1.0              # discount of GAE
+    lam: float = 0.95               # lambda of GAE
+    clip_ratio: float = 0.2         # PPO's policy ratio clip epsilon
+    value_clip: float = 0.2         # clip of the value update around the old values
+    entropy_coef: float = 0.0       # entropy bonus in the policy loss
     kl_coef: float = 0.05           # beta; adapted towards target_kl when target_kl > 0
-    target_kl: float = 0.0
-    kl_horizon: int = 10000
+    target_kl: float = 0.0          # adaptive beta's KL target (0: fixed kl_coef)
+    kl_horizon: int = 10000         # adaptive beta's horizon in sequences
     reward_clip: float = 5.0        # the normalised score is clipped to [-reward_clip, reward_clip]
     no_eop_penalty: float = 0.0     # added to the score of a response that never emitted <eop>
-    ptx_coef: float = 0.0
+    ptx_coef: float = 0.0           # weight of the PPO-ptx SFT loss (0: off)
     ptx_batch_size: int = 4         # SFT sequences per actor update and replica
-    seed: int = 0
+    seed: int = 0                   # data order, initialisation and sampling
     # ---- memory and the pipeline
-    checkpoint: bool = False
-    pp: int = 1
-    plan: str = "auto"
-    gpu_mem_gib: float = 0.0
+    checkpoint: bool = False        # activation checkpointing in every block (the planner may add some)
+    pp: int = 1                     # pipeline stages; data-parallel replicas = world size / pp
+    plan: str = "auto"              # "auto" (balanced memory and time) or "naive" (equal layer counts)
+    gpu_mem_gib: float = 0.0        # memory budget per GPU for the planner; 0 = the card's
     # ---- logs and checkpoints
-    log_every: int = 1
+    log_every: int = 1              # write metrics.jsonl every N steps
     sample_every: int = 10          # print a sample every N steps (0: never)
     save_every: int = 20            # checkpoint every N steps and at the end (0: never)
     save_final: bool = True         # write the trained policy to OUT/final
@@ -104,33 +103,38 @@ class Config:
     keep_checkpoints: int = 2      # the newest N checkpoints stay on disk
     allow_data_change: bool = False  # --resume on data files whose contents changed
     timeout_min: float = 10.0       # a rank silent this long (stalled, dead) ends the run
+    threads: int = 0                # CPU threads per process (0: torch's default; the toy run: 1)
 
 
 # flags that must be > 0, and >= 0 (every number must be finite)
 POSITIVE = ("timeout_min", "max_prompt_len", "rollout_batch_size", "max_new_tokens", "max_steps", "ppo_epochs",
             "mini_batch_size", "micro_batch_size", "kl_horizon", "ptx_batch_size", "log_every", "keep_checkpoints",
             "pp", "temperature", "top_p", "lora_rank", "lora_alpha")
-NON_NEGATIVE = ("actor_lr", "critic_lr", "weight_decay", "grad_clip", "gamma", "lam", "clip_ratio", "value_clip",
+NON_NEGATIVE = ("threads", "actor_lr", "critic_lr", "weight_decay", "grad_clip", "gamma", "lam", "clip_ratio", "value_clip",
                 "entropy_coef", "kl_coef", "target_kl", "reward_clip", "ptx_coef", "top_k", "sample_every",
                 "save_every", "gpu_mem_gib")
 
 
 def toy_models_and_data(cfg, d):
     """The toy run (no models given): the toy SFT policy and toy RM next to --out, trained first by
-    their own scripts if missing (the quickstart chain), and the toy prompts."""
+    their own scripts if missing (the quickstart chain; under torchrun rank 0 runs them, one process
+    each, while the other ranks wait for their results), and the toy prompts."""
     runs = data.toy_runs(cfg.out)
     cfg.actor, cfg.rm_dir = os.path.join(runs, "toy_sft", "final"), os.path.join(runs, "toy_rm", "final")
     for script, result in (("train_sft.py", cfg.actor), ("train_rm.py", cfg.rm_dir)):
+        if not dist.is_main():
+            while not os.path.isdir(result):  # polled, not a barrier: a busy machine may take longer than its timeout
+                time.sleep(0.5)
+            continue
         if os.path.isdir(result):
             continue
         cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script),
                "--out", os.path.dirname(result)]
-        if d.world > 1:  # the prerequisites are single-process toy runs
-            dist.print0(f"error: the toy run needs {result}. HINT: run `python {script} --out "
-                        f"{os.path.dirname(result)}` first (one process), then this command again", file=sys.stderr)
-            raise SystemExit(2)
         print(f"$ {' '.join(cmd)}", flush=True)
-        subprocess.run(cmd, check=True)
+        code = subprocess.run(cmd).returncode
+        if code:
+            raise SystemExit(f"error: the toy run's `{' '.join(cmd)}` failed (exit code {code}); see its output above")
+    dist.barrier()
     cfg.data = cfg.data or data.toy_file("sft_eval")
     return cfg
 
@@ -462,13 +466,16 @@ def toy_report(roles, tok, d, cfg):
     out, _ = dist.generate(model, d, ids, cfg.max_new_tokens)
     model.train()
     answers = [tok.decode(row, skip_special_tokens=True) for row in out[:, ids.shape[1]:]]
-    score = float(score_rollout(roles, d, out, ids.shape[1], cfg)["score"].mean())
-    return data.toy_accuracy(eval_ex, answers), score, list(zip([e["prompt"] for e in eval_ex], answers))
+    score = dist.broadcast_from_last_stage(score_rollout(roles, d, out, ids.shape[1], cfg)["score"].mean(), d)
+    return data.toy_accuracy(eval_ex, answers), float(score), [[e["prompt"], a] for e, a in zip(eval_ex, answers)]
 
 
-def print_toy_table(before, after, history):
-    first, last = history[:5], history[-5:]
-    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
+def print_toy_table(before, after, rows):
+    """before/after on the held-out questions, and the first and last logged steps (from metrics.jsonl,
+    so a resumed run's table covers the whole run)."""
+    rows = [r for r in rows if r.get("reward_mean") is not None]
+    first, last = rows[:5], rows[-5:]
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows) if rows else float("nan")
     print("\non the held-out questions (PPO's prompts; no labels seen in RL):")
     print("                                          before RLHF   after RLHF")
     print(f"accuracy of the greedy answers            {before[0]:>11.1%}   {after[0]:>10.1%}")
@@ -494,7 +501,7 @@ def sample_text(tok, ids):
 def main(argv=None):
     cfg = flags.parse(Config, argv, preset=lambda c: {} if c.model or c.actor or c.rm_dir else data.TOY_PPO,
                       positive=POSITIVE, non_negative=NON_NEGATIVE)
-    d = dist.setup(cfg.pp, cfg.timeout_min)
+    d = dist.setup(cfg.pp, cfg.timeout_min, cfg.threads)
     toy = not (cfg.model or cfg.actor or cfg.rm_dir)
     cfg = toy_models_and_data(cfg, d) if toy else cfg
     check_models(cfg)
@@ -544,10 +551,11 @@ def main(argv=None):
     # ---- loop
     log = ckpt.start_run(cfg.out, "train_ppo", asdict(cfg), state["step"] if resume_dir else None)
     gen = torch.Generator(device=d.device)
-    before, history = toy_report(roles, tok, d, cfg) if toy else None, []
-    t_run = dist.start_clock()
-    with tqdm(total=cfg.max_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True) as bar:
-        while step < cfg.max_steps:
+    # the toy table's "before" column is the SFT policy's: measured once, then carried by the checkpoints
+    before = (state.get("toy_before") or toy_report(roles, tok, d, cfg)) if toy else None
+    t_run, stopped = dist.start_clock(), 0
+    with dist.Progress(cfg.max_steps, step) as bar, dist.StopSignal() as stop:
+        while step < cfg.max_steps and not stopped:
             t0 = time.perf_counter()
             prompt_ids = glm.left_pad([prompts[i] for i in batches.next()], tok.pad_id).to(d.device)
             gen.manual_seed(cfg.seed * 1_000_003 + step * 1009 + d.dp_rank)  # per step: a resumed run samples the same
@@ -560,9 +568,7 @@ def main(argv=None):
             m.update(beta=kl_ctl.beta, t_generate=r["t_generate"], t_score=r["t_score"],
                      t_train=time.perf_counter() - t1,
                      pairs_per_s=prompt_ids.shape[0] * d.D / (time.perf_counter() - t0))
-            history.append(m)
-            bar.update(1)
-            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", kl=f"{m['kl']:.3f}", len=f"{m['response_len']:.1f}")
+            bar.update(reward=f"{m['reward_mean']:.3f}", kl=f"{m['kl']:.3f}", len=f"{m['response_len']:.1f}")
             if step % cfg.log_every == 0:
                 log.log(step, **m)
             if cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == 1):
@@ -570,22 +576,26 @@ def main(argv=None):
                 dist.print0(f"\nstep {step}: reward {m['reward_mean']:.3f} kl {m['kl']:.4f} | sample: "
                             f"{sample_text(tok, batch['input_ids'][0, :T])!r} -> "
                             f"{sample_text(tok, batch['input_ids'][0, T:])!r}")
-            if cfg.save_every > 0 and (step % cfg.save_every == 0 or step == cfg.max_steps):
+            stopped = stop.requested(d)
+            if stopped or cfg.save_every > 0 and (step % cfg.save_every == 0 or step == cfg.max_steps):
                 ckpt.save_checkpoint(cfg.out, step, d, tok.path, roles.checkpointed(),
                                      {"value_head": roles.value_head} if roles.value_head else None, saved_opts,
                                      dict(step=step, bad=bad, beta=kl_ctl.beta, data=batches.state_dict(),
                                           data_hashes=hashes,
                                           ptx_data=ptx_batches.state_dict() if ptx_batches else None,
-                                          config=asdict(cfg), rm_stats=rm_stats), keep=cfg.keep_checkpoints)
+                                          config=asdict(cfg), rm_stats=rm_stats, toy_before=before),
+                                     keep=cfg.keep_checkpoints)
+    if stopped:
+        stop.exit(stopped, step, cfg.out, d)
     wall = time.perf_counter() - t_run
     if cfg.save_final:
         final = os.path.join(cfg.out, "final")
         ckpt.save(final, d, tok.path, {"": roles.checkpointed()["policy"]})
         dist.print0(f"wrote {final} (the trained policy)")
-    if toy and history:
+    if toy:
         after = toy_report(roles, tok, d, cfg)  # every stage takes part: it runs through the pipeline
         if dist.is_main():
-            print_toy_table(before, after, history)
+            print_toy_table(before, after, ckpt.read_metrics(cfg.out))
     dist.report_memory_and_busy(the_plan.stages[d.pp_rank], d, wall)
     dist.teardown()
 

@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import ckpt
 import data
@@ -49,49 +48,51 @@ class Config:
     # ---- model
     model: str = ""                 # HF folder: the base, or a full / last-N SFT result; "" = toy
     sft_adapter: str = ""           # a LoRA SFT result (its final/): the RM's adapter starts from it
-    out: str = "runs/rm"
+    out: str = "runs/rm"            # the run's folder: checkpoints, metrics, final/
     # ---- data
     data: str = ""                  # ranked jsonl; "" = the bundled toy ranking set
     eval_data: str = ""             # held-out jsonl; "" = hold out `holdout` of --data
-    holdout: float = 0.05
+    holdout: float = 0.05           # share of --data held out for evaluation when no --eval_data
     max_len: int = 512              # per answer: prompt + answer + <eop>; the prompt is cut first
     # ---- what trains: LoRA (lora_rank > 0), the last N blocks (train_layers > 0), else everything
     lora_rank: int = 0              # with --sft_adapter, 0 takes the adapter's own r, alpha and targets
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "query_key_value"
-    train_layers: int = 0
+    lora_alpha: float = 16.0        # LoRA scale is alpha / r
+    lora_dropout: float = 0.0       # dropout on the LoRA branch's input
+    lora_targets: str = "query_key_value"  # comma-separated: query_key_value, dense, dense_h_to_4h, dense_4h_to_h
+    train_layers: int = 0           # train only the last N blocks (0: all, unless LoRA)
     # ---- optimiser (InstructGPT's 6B RM: lr 9e-6, one epoch; LoRA wants ~1e-4)
     max_steps: int = 0              # 0 = run `epochs` epochs
-    epochs: float = 1.0
+    epochs: float = 1.0             # passes over --data (when max_steps is 0)
     micro_batch_size: int = 2       # prompts per micro-batch; each brings all of its K answers
     grad_accum: int = 8             # micro-batches per step and replica (the M of 1F1B)
-    lr: float = 1e-5
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
+    lr: float = 1e-5                # peak learning rate (LoRA ~1e-4..1e-3, full ~1e-5)
+    warmup_steps: int = 20          # linear warmup, then cosine decay to min_lr_ratio x lr
+    min_lr_ratio: float = 0.1       # the cosine schedule's floor, as a share of lr
+    weight_decay: float = 0.0       # AdamW's decoupled weight decay
+    grad_clip: float = 1.0          # clip the global gradient norm to this (0: off)
+    seed: int = 0                   # data order, initialisation and sampling
     # ---- memory and the pipeline
     checkpoint: bool = False        # activation checkpointing in every block (the planner may add some)
     pp: int = 1                     # pipeline stages; data-parallel replicas = world size / pp
     plan: str = "auto"              # "auto" (balanced memory and time) or "naive" (equal layer counts)
     gpu_mem_gib: float = 0.0        # memory budget per GPU for the planner; 0 = the card's
     # ---- logs and checkpoints
-    log_every: int = 10
-    eval_every: int = 100
-    save_every: int = 200
+    log_every: int = 10             # write metrics.jsonl every N steps
+    eval_every: int = 100           # evaluate on the held-out set every N steps
+    save_every: int = 200           # checkpoint every N steps and at the end
     resume: bool = False           # continue from the newest complete checkpoint in --out
     overwrite: bool = False        # write into an --out that holds something else
     keep_checkpoints: int = 2      # the newest N checkpoints stay on disk
     allow_data_change: bool = False  # --resume on data files whose contents changed
+    keep_best: bool = False         # final/ = the checkpoint with the best held-out loss, not the last
     timeout_min: float = 10.0       # a rank silent this long (stalled, dead) ends the run
+    threads: int = 0                # CPU threads per process (0: torch's default; the toy run: 1)
 
 
 # flags that must be > 0, and >= 0 (every number must be finite)
 POSITIVE = ("timeout_min", "max_len", "micro_batch_size", "grad_accum", "epochs", "log_every", "eval_every",
             "save_every", "keep_checkpoints", "pp", "lora_alpha")
-NON_NEGATIVE = ("lr", "max_steps", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "holdout",
+NON_NEGATIVE = ("threads", "lr", "max_steps", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "holdout",
                 "lora_rank", "lora_dropout", "train_layers", "gpu_mem_gib")
 
 
@@ -297,7 +298,7 @@ def main(argv=None):
     cfg = flags.parse(Config, argv, preset=lambda c: {} if c.model else data.TOY_RM,
                       positive=POSITIVE, non_negative=NON_NEGATIVE)
     toy = not cfg.model
-    d = dist.setup(cfg.pp, cfg.timeout_min)
+    d = dist.setup(cfg.pp, cfg.timeout_min, cfg.threads)
     cfg = check_init(toy_model_and_data(cfg) if toy else cfg)
     ckpt.check_out(cfg.out, "train_rm", asdict(cfg), cfg.resume, cfg.overwrite)  # before any work
     if toy and dist.is_main():
@@ -333,6 +334,7 @@ def main(argv=None):
     heads = {HEAD: head} if d.last else {}
     if resume_dir and d.last:
         ckpt.load_head(head, resume_dir, HEAD)
+    optim.warn_settings(total_steps, cfg.warmup_steps, cfg.lr, mode, len(eval_enc), pretrained=not toy)
     first_trainable = dist.first_trainable_stage(model, d)
     opt = optim.AdamW(optim.named_trainables(model, heads), cfg.lr, cfg.weight_decay, d, the_plan.hosts)
     lora_name = "default" if mode == "lora" else None
@@ -340,6 +342,7 @@ def main(argv=None):
     state = ckpt.resume(resume_dir, d, {"optim": opt}, {"data": batches}, hashes,
                         cfg.allow_data_change) if resume_dir else {}
     step, bad_steps, reward_stats = state.get("step", 0), state.get("bad_steps", 0), state.get("reward_stats")
+    best = state.get("best")
     eval_mbs = microbatches(eval_enc, list(range(len(eval_enc))), cfg.micro_batch_size, tok, d.device)
 
     # ---- loop
@@ -347,9 +350,9 @@ def main(argv=None):
     if toy and not resume_dir:
         report(evaluate(model, head, d, eval_mbs), "toy, before training")
     model.train()
-    t_start, tokens_seen, ev = dist.start_clock(), 0, None
-    with tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True) as bar:
-        while step < total_steps:
+    t_start, tokens_seen, ev, stopped = dist.start_clock(), 0, None, 0
+    with dist.Progress(total_steps, step) as bar, dist.StopSignal() as stop:
+        while step < total_steps and not stopped:
             t0 = time.perf_counter()
             mbs = microbatches(train_enc, batches.next(), cfg.micro_batch_size, tok, d.device)
             n_pairs = count_pairs(mbs, d.dp_group)
@@ -359,8 +362,7 @@ def main(argv=None):
             step += 1
             tokens = sum(mb["input_ids"].numel() for mb in mbs) * d.D
             tokens_seen += tokens
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            bar.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             if step % cfg.log_every == 0 or step == total_steps:
                 log.log(step, loss=loss, lr=lr, grad_norm=norm, pairs=int(n_pairs), skipped=bad_steps,
                         tokens_per_s=tokens / (time.perf_counter() - t0))
@@ -370,18 +372,27 @@ def main(argv=None):
                 log.log(step, eval_loss=ev["loss"], eval_pair_acc=ev["pair_acc"], eval_rank_acc=ev["rank_acc"],
                         reward_mean=ev["mean"], reward_std=ev["std"])
                 report(ev, f"\nstep {step}")
-            if step % cfg.save_every == 0 or step == total_steps:
+                if cfg.keep_best:
+                    best = ckpt.save_if_best(cfg.out, best, step, ev["loss"], d, tok.path, {"": (model, lora_name)},
+                                             heads)
+            stopped = stop.requested(d)
+            if stopped or step % cfg.save_every == 0 or step == total_steps:
                 ckpt.save_checkpoint(cfg.out, step, d, tok.path, {"": (model, lora_name)}, heads, {"optim": opt},
                                      dict(step=step, bad_steps=bad_steps, data=batches.state_dict(), data_hashes=hashes,
-                                          reward_stats=reward_stats, config=asdict(cfg)), keep=cfg.keep_checkpoints)
+                                          reward_stats=reward_stats, config=asdict(cfg), best=best),
+                                     keep=cfg.keep_checkpoints)
+    if stopped:
+        stop.exit(stopped, step, cfg.out, d)
     wall = time.perf_counter() - t_start
 
     # ---- the result: backbone (HF weights or adapter) + reward head + reward statistics for PPO
-    if ev is None or ev["step"] != step:  # a run resumed at its end has not evaluated yet
+    if ckpt.restore_best(cfg.out, best, step, d, {"": (model, lora_name)}, heads):
+        ev = dict(evaluate(model, head, d, eval_mbs), step=best["step"])
+    elif ev is None or ev["step"] != step:  # a run resumed at its end has not evaluated yet
         ev = dict(evaluate(model, head, d, eval_mbs), step=step)
     final = os.path.join(cfg.out, "final")
     stats_json = dict(mean=ev["mean"], std=ev["std"], count=ev["count"], pair_accuracy=ev["pair_acc"],
-                      ranking_accuracy=ev["rank_acc"], step=step,
+                      ranking_accuracy=ev["rank_acc"], step=ev["step"],
                       data=cfg.eval_data or (f"{cfg.data} (held out)" if eval_enc is not train_enc else cfg.data))
     ckpt.save(final, d, tok.path, {"": (model, lora_name)}, heads, extra_json={STATS_FILE: stats_json})
     dist.print0(f"wrote {final} ({'LoRA adapter' if mode == 'lora' else 'full HF weights'} + {HEAD}.safetensors "
@@ -433,25 +444,39 @@ def score_examples(model, head, tok, examples, max_len=512, batch_size=8):
     return out
 
 
+def load_scorable(path):
+    """Ranked and SFT lines, in any mix, each read by its own shape -> examples with "answers" (an SFT
+    line's response is its one answer)."""
+    examples = []
+    for where, obj in data.read_jsonl(path):
+        kind = data.line_kind(obj)
+        if kind is None:
+            raise data.DataError(f"{where}: the line is neither ranked answers nor an SFT example (it has no "
+                                 f"'answers', 'chosen', 'response', 'output', 'messages' or 'conversations'). "
+                                 f"HINT: write {data.RM_SHAPE}, or {data.SFT_SHAPE}")
+        if kind == "rm":
+            examples.append(data.ranked_example(obj, where))
+        else:
+            ex = data.sft_example(obj, where)
+            examples.append(dict(ex, answers=[ex["response"]]))
+    return examples
+
+
 def score(argv=None):
     """`python train_rm.py score`: print the score of every (prompt, answer) of a ranked or SFT file."""
     p = argparse.ArgumentParser(prog="train_rm.py score", description=score.__doc__)
     p.add_argument("--model", required=True, help="a train_rm.py final/ (full or last-N), or the base of a LoRA run")
     p.add_argument("--adapter", default="", help="a LoRA train_rm.py final/ (adapter + reward head)")
-    p.add_argument("--data", required=True, help="ranked jsonl (answers or chosen/rejected), or SFT jsonl "
-                   "(prompt + response: one answer each)")
+    p.add_argument("--data", required=True, help="jsonl of ranked lines (answers or chosen/rejected) and/or "
+                   "SFT lines (prompt + response, Alpaca, messages: one answer each), each scored by its own shape")
     p.add_argument("--max_len", type=int, default=512)
     p.add_argument("--batch_size", type=int, default=8)
     args = p.parse_args(argv)
+    examples = load_scorable(args.data)  # before the weights: a bad line fails at once
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, head, stats = load_reward_model(args.model, args.adapter, device, dtype)
     tok = glm.Tokenizer.from_dir(args.model)
-    _, first = next(data.read_jsonl(args.data))
-    if any(k in first for k in ("answers", "chosen", "rejected")):
-        examples = data.load_ranked(args.data)
-    else:  # SFT lines: the response is the one answer
-        examples = [dict(e, answers=[e["response"]]) for e in data.load_sft(args.data)]
     scores = score_examples(model, head, tok, examples, args.max_len, args.batch_size)
     z = (lambda r: f"  z {(r - stats['mean']) / max(stats['std'], 1e-6):+.2f}") if stats else (lambda r: "")
     right = pairs = 0

@@ -16,7 +16,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm import tqdm
 
 import ckpt
 import data
@@ -31,49 +30,51 @@ import plan
 class Config:
     # ---- model
     model: str = ""                 # HF folder (config.json, model*.safetensors, ice_text.model); "" = toy
-    out: str = "runs/sft"
+    out: str = "runs/sft"           # the run's folder: checkpoints, metrics, final/
     # ---- data
     data: str = ""                  # SFT jsonl; "" = the bundled toy task
     eval_data: str = ""             # held-out jsonl; "" = hold out `holdout` of --data
-    holdout: float = 0.05
-    max_len: int = 512
+    holdout: float = 0.05           # share of --data held out for evaluation when no --eval_data
+    max_len: int = 512              # tokens per example; longer ones lose the prompt's start
     # ---- what trains: LoRA (lora_rank > 0), the last N blocks (train_layers > 0), else everything
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
+    lora_rank: int = 0              # LoRA rank r (0: no LoRA)
+    lora_alpha: float = 16.0        # LoRA scale is alpha / r
+    lora_dropout: float = 0.0       # dropout on the LoRA branch's input
     lora_targets: str = "query_key_value"   # comma-separated: query_key_value, dense, dense_h_to_4h, dense_4h_to_h
-    train_layers: int = 0
+    train_layers: int = 0           # train only the last N blocks (0: all, unless LoRA)
     # ---- optimiser
     max_steps: int = 0              # 0 = run `epochs` epochs
-    epochs: float = 1.0
-    micro_batch_size: int = 4
+    epochs: float = 1.0             # passes over --data (when max_steps is 0)
+    micro_batch_size: int = 4       # examples per forward
     grad_accum: int = 8             # micro-batches per step and replica (the M of 1F1B)
-    lr: float = 1e-4
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
+    lr: float = 1e-4                # peak learning rate (LoRA ~1e-4..1e-3, full ~1e-5)
+    warmup_steps: int = 20          # linear warmup, then cosine decay to min_lr_ratio x lr
+    min_lr_ratio: float = 0.1       # the cosine schedule's floor, as a share of lr
+    weight_decay: float = 0.0       # AdamW's decoupled weight decay
+    grad_clip: float = 1.0          # clip the global gradient norm to this (0: off)
+    seed: int = 0                   # data order, initialisation and sampling
     # ---- memory and the pipeline
     checkpoint: bool = False        # activation checkpointing in every block (the planner may add some)
     pp: int = 1                     # pipeline stages; data-parallel replicas = world size / pp
     plan: str = "auto"              # "auto" (balanced memory and time) or "naive" (equal layer counts)
     gpu_mem_gib: float = 0.0        # memory budget per GPU for the planner; 0 = the card's
     # ---- logs and checkpoints
-    log_every: int = 10
-    eval_every: int = 100
-    save_every: int = 200
+    log_every: int = 10             # write metrics.jsonl every N steps
+    eval_every: int = 100           # evaluate on the held-out set every N steps
+    save_every: int = 200           # checkpoint every N steps and at the end
     resume: bool = False           # continue from the newest complete checkpoint in --out
     overwrite: bool = False        # write into an --out that holds something else
     keep_checkpoints: int = 2      # the newest N checkpoints stay on disk
     allow_data_change: bool = False  # --resume on data files whose contents changed
+    keep_best: bool = False         # final/ = the checkpoint with the best held-out loss, not the last
     timeout_min: float = 10.0       # a rank silent this long (stalled, dead) ends the run
+    threads: int = 0                # CPU threads per process (0: torch's default; the toy run: 1)
 
 
 # flags that must be > 0, and >= 0 (every number must be finite)
 POSITIVE = ("timeout_min", "max_len", "micro_batch_size", "grad_accum", "epochs", "log_every", "eval_every",
             "save_every", "keep_checkpoints", "pp", "lora_alpha")
-NON_NEGATIVE = ("lr", "max_steps", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "holdout",
+NON_NEGATIVE = ("threads", "lr", "max_steps", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "holdout",
                 "lora_rank", "lora_dropout", "train_layers", "gpu_mem_gib")
 
 
@@ -117,7 +118,7 @@ def main(argv=None):
     cfg = flags.parse(Config, argv, preset=lambda c: {} if c.model else data.TOY_SFT,
                       positive=POSITIVE, non_negative=NON_NEGATIVE)
     toy = not cfg.model
-    d = dist.setup(cfg.pp, cfg.timeout_min)
+    d = dist.setup(cfg.pp, cfg.timeout_min, cfg.threads)
     cfg = toy_model_and_data(cfg) if toy else cfg
     ckpt.check_out(cfg.out, "train_sft", asdict(cfg), cfg.resume, cfg.overwrite)  # before any work
     if toy and dist.is_main():
@@ -151,13 +152,14 @@ def main(argv=None):
     model = dist.build_stage(resume_dir if resume_dir and mode != "lora" else cfg.model, stage, d, cfg.checkpoint)
     optim.select_trainable(model, mode, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), cfg.lora_dropout,
                            cfg.train_layers, cfg.seed, adapter_dir=resume_dir)
+    optim.warn_settings(total_steps, cfg.warmup_steps, cfg.lr, mode, len(eval_enc), pretrained=not toy)
     first_trainable = dist.first_trainable_stage(model, d)
     opt = optim.AdamW(optim.named_trainables(model), cfg.lr, cfg.weight_decay, d, the_plan.hosts)
     lora_name = "default" if mode == "lora" else None
     hashes = ckpt.file_hashes({"data": cfg.data})  # recorded by each checkpoint, checked on resume
     state = ckpt.resume(resume_dir, d, {"optim": opt}, {"data": batches}, hashes,
                         cfg.allow_data_change) if resume_dir else {}
-    step, bad_steps = state.get("step", 0), state.get("bad_steps", 0)
+    step, bad_steps, best = state.get("step", 0), state.get("bad_steps", 0), state.get("best")
 
     def evaluate():  # every replica scores the whole held-out set: no cross-replica sums needed
         mbs = microbatches(eval_enc, list(range(len(eval_enc))), cfg.micro_batch_size, tok.pad_id, d.device)
@@ -168,9 +170,9 @@ def main(argv=None):
     if toy and not resume_dir:
         dist.print0(f"toy held-out accuracy before training: {toy_accuracy(model, tok, eval_ex, cfg.max_len, d):.1%}")
     model.train()
-    t_start, tokens_seen = dist.start_clock(), 0
-    with tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True) as bar:
-        while step < total_steps:
+    t_start, tokens_seen, stopped = dist.start_clock(), 0, 0
+    with dist.Progress(total_steps, step) as bar, dist.StopSignal() as stop:
+        while step < total_steps and not stopped:
             t0 = time.perf_counter()
             mbs = microbatches(train_enc, batches.next(), cfg.micro_batch_size, tok.pad_id, d.device)
             lr = optim.lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
@@ -179,8 +181,7 @@ def main(argv=None):
             step += 1
             tokens = sum(mb["input_ids"].numel() for mb in mbs) * d.D
             tokens_seen += tokens
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+            bar.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
             if step % cfg.log_every == 0 or step == total_steps:
                 log.log(step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tokens / (time.perf_counter() - t0),
                         skipped=bad_steps)
@@ -188,15 +189,21 @@ def main(argv=None):
                 ev = evaluate()
                 log.log(step, eval_loss=ev, eval_ppl=math.exp(min(ev, 50)))
                 dist.print0(f"\nstep {step}: eval loss {ev:.4f} (perplexity {math.exp(min(ev, 50)):.2f})")
-            if step % cfg.save_every == 0 or step == total_steps:
+                if cfg.keep_best:
+                    best = ckpt.save_if_best(cfg.out, best, step, ev, d, tok.path, {"": (model, lora_name)})
+            stopped = stop.requested(d)
+            if stopped or step % cfg.save_every == 0 or step == total_steps:
                 ckpt.save_checkpoint(cfg.out, step, d, tok.path, {"": (model, lora_name)}, optimizers={"optim": opt},
                                      train_state=dict(step=step, bad_steps=bad_steps, data=batches.state_dict(),
-                                                      data_hashes=hashes, config=asdict(cfg)),
+                                                      data_hashes=hashes, config=asdict(cfg), best=best),
                                      keep=cfg.keep_checkpoints)
+    if stopped:
+        stop.exit(stopped, step, cfg.out, d)
     wall = time.perf_counter() - t_start
 
     # ---- the result: PEFT adapter (LoRA) or HF weights, loadable with glm.py + lora.py
     final = os.path.join(cfg.out, "final")
+    ckpt.restore_best(cfg.out, best, step, d, {"": (model, lora_name)})
     ckpt.save(final, d, tok.path, {"": (model, lora_name)})
     dist.print0(f"wrote {final} ({'LoRA adapter' if mode == 'lora' else 'full HF weights'}); "
                 f"{tokens_seen / max(wall, 1e-9):.0f} tokens/s over the run")

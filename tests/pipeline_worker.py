@@ -76,15 +76,15 @@ def set_lora_values(model):
 _REAL_SETUP = dist.setup
 
 
-def _setup(pp, timeout_min=10.0):
+def _setup(pp, timeout_min=10.0, threads=0):
     """dist.setup, but a later job of the same launch adds groups to the one process group instead of
     creating a second (gloo cannot reliably re-initialise in one process)."""
     if not tdist.is_initialized():
-        return _REAL_SETUP(pp, timeout_min)
+        return _REAL_SETUP(pp, timeout_min, threads)
     init = tdist.init_process_group
     tdist.init_process_group = lambda *a, **kw: None
     try:
-        return _REAL_SETUP(pp, timeout_min)
+        return _REAL_SETUP(pp, timeout_min, threads)
     finally:
         tdist.init_process_group = init
 

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import socket
 import sys
 import threading
@@ -487,3 +488,114 @@ def test_user_errors_end_main_in_one_or_two_lines(seeds, tmp_path, monkeypatch, 
         assert code == 2 and 1 <= len(err.splitlines()) <= 2 and "Traceback" not in err, (extra, err)
         assert message in err and (extra[0] in err or extra[1] in err), (extra, err)
         assert snapshot(tmp_path) == before, extra
+
+
+# -----------------------------------------------------------------------------
+# a generator that stops giving anything acceptable: --max_stall ends the run, the pool is kept
+
+
+class JunkBackend:
+    """Request i's reply: two fresh prompts while i < good, plus junk of one kind (in turn) that
+    a known filter rejects, or an empty reply; it records what it returned, kind by kind."""
+    source = "api:junk"
+    KINDS = ["length", "charset", "blacklist", "duplicate", "near_duplicate", "empty_reply"]
+    JUNK = {"length": ["Hi there"], "charset": ["Пожалуйста, расскажите о погоде завтра утром"],
+            "blacklist": ["Describe the attached image of a cat"],
+            "duplicate": [SEEDS[0].upper(), "  " + SEEDS[4]],
+            "near_duplicate": [SEEDS[1] + " please", "Please " + SEEDS[2], "So " + SEEDS[3]]}
+
+    def __init__(self, good):
+        self.good, self.returned, self.fresh = good, [], []
+
+    def reply(self, i):
+        assert i < 100, "the run did not stop"  # fail, rather than loop for ever, without --max_stall
+        kind = self.KINDS[i % len(self.KINDS)]
+        if kind == "empty_reply":
+            self.returned.append({"empty_reply": 1})
+            return ""
+        rng = random.Random(i)  # request i's fresh prompts are the same in every run
+        fresh = ["Tell me about " + " ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(2)]
+        items = self.JUNK[kind] + (fresh if i < self.good else [])  # junk first: a run that ends on
+        # reaching --target leaves the rest of its last reply unread
+        self.fresh += fresh if i < self.good else []
+        self.returned.append({kind: len(self.JUNK[kind])})
+        return "Here you go:\n" + "\n".join(f"{n + 1}. {t}" for n, t in enumerate(items))
+
+    def replies(self, build, start, stop):
+        for i in range(start, stop):
+            yield build(i), self.reply(i)
+
+
+def counts_in(text, label):
+    """The 'name 1,234, ...' counts printed after `label` (up to the next '.', '|' or line end)."""
+    part = re.search(re.escape(label) + r"([^.|\n]*)", text)[1]
+    return {k: int(v.replace(",", "")) for k, v in re.findall(r"(\w+) ([\d,]+)", part)}
+
+
+def total(dicts):
+    out = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def junk_args(seeds, out, *extra):
+    return ["--seeds", seeds, "--out", str(out), "--api_base", "http://127.0.0.1:9/v1", "--api_model", "m",
+            "--target", "1000", *extra]
+
+
+def test_stall_stops_with_the_reasons_and_keeps_the_pool(seeds, tmp_path, monkeypatch, capsys):
+    """Requests 0-3 give fresh prompts, then only junk: --max_stall 7 stops after request 10 with
+    exit 2, a two-line message whose counts are what the fake returned, and the pool on disk."""
+    fake = JunkBackend(good=4)
+    monkeypatch.setattr(cp, "ApiBackend", lambda a: fake)
+    monkeypatch.setattr(os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    out = tmp_path / "pool.jsonl"
+    with pytest.raises(SystemExit) as e:
+        cp.main(junk_args(seeds, out, "--max_stall", "7"))
+    printed = capsys.readouterr()
+    assert e.value.code == 2 and len(fake.returned) == 4 + 7
+    msg = printed.err[printed.err.index("error: "):]
+    assert len(msg.splitlines()) == 2 and "Traceback" not in printed.err, msg
+    assert counts_in(msg, "rejected there:") == total(fake.returned[4:])  # the stalled requests only
+    assert "last 7 requests" in msg and str(out) in msg and f"{len(SEEDS) + 8} prompts" in msg
+    assert "--rouge (now 0.7" in msg and "--temperature" in msg  # near duplicates were the most
+    # the whole run, in the final report and on the progress bar
+    everything = total(fake.returned)
+    assert counts_in(printed.out, "rejected:") == everything
+    n_junk = sum(v for k, v in everything.items() if k != "empty_reply")
+    assert f"accepted 8 of {8 + n_junk} candidates ({800 / (8 + n_junk):.1f}%) from 11 requests" in printed.out
+    bar = printed.err[:printed.err.index("error: ")]
+    assert counts_in(bar.split("\r")[-1], "rejected:") == everything
+    # what was accepted is on disk, whole, and reads back as a pool to resume from
+    assert out.read_bytes().endswith(b"\n")
+    assert [r["prompt"] for r in cp.read_pool(str(out))] == SEEDS + fake.fresh
+
+
+def test_a_stalled_pool_resumes_with_a_better_generator(seeds, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "pool.jsonl"
+    first = JunkBackend(good=2)
+    monkeypatch.setattr(cp, "ApiBackend", lambda a: first)
+    with pytest.raises(cp.CollectError, match=r"(?s)no prompt accepted in the last 3 requests.*HINT: "):
+        cp.collect(cp.parse_args(junk_args(seeds, out, "--max_stall", "3")))
+    stalled = out.read_bytes()
+    better = JunkBackend(good=10**9)
+    monkeypatch.setattr(cp, "ApiBackend", lambda a: better)
+    capsys.readouterr()
+    stats = cp.collect(cp.parse_args(junk_args(seeds, out, "--max_stall", "3", "--target", "20")))
+    pool = read(out)
+    assert out.read_bytes().startswith(stalled) and len(pool) == 20
+    assert better.returned[0] == {"charset": 1}  # it resumed at request 1, the last that added to the pool
+    assert [r["prompt"] for r in pool] == SEEDS + first.fresh + better.fresh[2:8]  # request 1's prompts once
+    # the normal finish prints the same breakdown, in one line, matching what the fake returned
+    assert counts_in(capsys.readouterr().out, "rejected:") == total(better.returned)
+    assert {k: stats[k] for k in cp.REJECTIONS if stats[k]} == total(better.returned)
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_max_stall_below_one_is_a_one_line_error(value, seeds, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cp, "ApiBackend", lambda a: pytest.fail("a generator was started"))
+    code, err = run_main(junk_args(seeds, tmp_path / "o.jsonl", "--max_stall", value), monkeypatch, capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and f"--max_stall {value}: must be >= 1" in err
+    assert not (tmp_path / "o.jsonl").exists()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import data
+import flags
 import glm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -257,13 +258,13 @@ BAD = [  # (loader, lines, bad line, words the message must contain)
 LOADERS = {"sft": data.load_sft, "rm": data.load_ranked, "prompts": data.load_prompts}
 
 
-@pytest.mark.parametrize("kind,lines,lineno,words", BAD)
-def test_bad_input_names_file_line_and_field(tmp_path, kind, lines, lineno, words):
-    path = write(tmp_path, lines)
-    with pytest.raises(data.DataError) as e:
-        LOADERS[kind](path)
-    msg = str(e.value)
-    assert f"{path}:{lineno}:" in msg and words in msg and "HINT" in msg
+def test_bad_input_names_file_line_and_field(tmp_path):
+    for kind, lines, lineno, words in BAD + CHAT_BAD:  # conversations (CHAT_BAD) are defined below
+        path = write(tmp_path, lines)
+        with pytest.raises(data.DataError) as e:
+            LOADERS[kind](path)
+        msg = str(e.value)
+        assert msg.startswith(f"{path}:{lineno}: ") and words in msg and "HINT" in msg and "\n" not in msg, msg
 
 
 @pytest.mark.parametrize("content", [b"", b"\n  \n\n"])
@@ -361,3 +362,105 @@ def test_ranked_ranks_field(tmp_path):
     mixed = write(tmp_path, [row(prompt="p", chosen="a", rejected="b", ranks=[1, 2])], name="mixed.jsonl")
     with pytest.raises(data.DataError, match="mixed.jsonl:1: 'ranks' goes with 'answers'"):
         data.load_ranked(mixed)
+
+
+# -----------------------------------------------------------------------------
+# conversations: "messages" and ShareGPT "conversations"
+
+SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+def conversation(key, *turns):
+    """A conversation line in the "messages" or the ShareGPT shape; turns are (role, text) pairs."""
+    if key == "messages":
+        return row(messages=[dict(role=r, content=t) for r, t in turns])
+    return row(conversations=[{"from": SHAREGPT_ROLE[r], "value": t} for r, t in turns])
+
+
+CALC = "You are a calculator."
+CONVERSATIONS = [  # (turns, the same example written by hand in our own shape)
+    ([("system", CALC), ("user", "What is 1 plus 1?"), ("assistant", "2"), ("user", "What is 7 minus 4?"),
+      ("assistant", "It is 3.")],
+     dict(prompt="What is 7 minus 4?", response="It is 3.", history=[[CALC + "\nWhat is 1 plus 1?", "2"]])),
+    ([("user", "3 加 5 等于多少?"), ("assistant", "8")], dict(prompt="3 加 5 等于多少?", response="8")),
+    ([("system", CALC), ("user", "What is 2 plus 2?"), ("assistant", "4")],
+     dict(prompt=CALC + "\nWhat is 2 plus 2?", response="4")),
+    ([("user", "What is 1 plus 1?"), ("assistant", "2"), ("user", "小明有 3 本书"), ("assistant", "好"),
+      ("user", "What is 9 minus 1?"), ("assistant", "8")],
+     dict(prompt="What is 9 minus 1?", response="8", history=[["What is 1 plus 1?", "2"], ["小明有 3 本书", "好"]])),
+]
+
+
+@pytest.mark.parametrize("key", ["messages", "conversations"])
+def test_conversations_give_the_tokens_of_the_same_example_in_our_shape(tmp_path, tok, key):
+    chats = data.load_sft(write(tmp_path, [conversation(key, *turns) for turns, _ in CONVERSATIONS], "chat.jsonl"))
+    ours = data.load_sft(write(tmp_path, [row(**ex) for _, ex in CONVERSATIONS], "ours.jsonl"))
+    assert len(chats) == len(ours) == len(CONVERSATIONS)
+    for got, want, (_, ex) in zip(chats, ours, CONVERSATIONS):
+        ids, labels = data.encode_sft(tok, got, 512)
+        assert (ids, labels) == data.encode_sft(tok, want, 512)
+        # and the tokenizer's own pair over ChatGLM's template, from the hand-written example
+        assert ids == tok.encode_pair(glm.chat_prompt(ex["prompt"], ex.get("history", [])), ex["response"])
+        assert labels[-len(tok.encode_text(ex["response"])) - 1:] == tok.encode_text(ex["response"]) + [tok.eop_id]
+    assert chats[2]["source"].endswith("chat.jsonl:3")
+
+
+@pytest.mark.parametrize("key", ["messages", "conversations"])
+def test_conversations_as_ppo_prompts(tmp_path, tok, key):
+    # one ending with the user's turn (the prompt), one with a reply (dropped, as an SFT line's response is)
+    lines = [conversation(key, ("system", CALC), ("user", "What is 1 plus 1?"), ("assistant", "2"),
+                          ("user", "What is 7 minus 4?")),
+             conversation(key, ("user", "What is 2 plus 2?"), ("assistant", "4"))]
+    got = data.load_prompts(write(tmp_path, lines, "chat.jsonl"))
+    want = data.load_prompts(write(tmp_path, [
+        row(prompt="What is 7 minus 4?", history=[[CALC + "\nWhat is 1 plus 1?", "2"]]),
+        row(prompt="What is 2 plus 2?")], "ours.jsonl"))
+    assert [data.encode_prompt(tok, e, 64) for e in got] == [data.encode_prompt(tok, e, 64) for e in want]
+    assert [(e["prompt"], e["history"]) for e in got] == [(e["prompt"], e["history"]) for e in want]
+
+
+def msgs(*turns):
+    return conversation("messages", *turns)
+
+
+GOOD_CHAT = msgs(("user", "q"), ("assistant", "a"))
+CHAT_BAD = [  # (loader, lines, bad line, words the message must contain)
+    ("sft", [GOOD_CHAT, msgs(("user", "q"), ("user", "q2"), ("assistant", "a"))], 2,
+     "messages[1].role is 'user' where 'assistant' should come"),
+    ("sft", [msgs(("assistant", "a"), ("user", "q"))], 1, "messages[0].role is 'assistant' where 'user'"),
+    ("sft", [msgs(("user", "q"), ("assistant", "a"), ("system", "s"), ("assistant", "a"))], 1, "messages[2].role is 'system'"),
+    ("sft", [GOOD_CHAT, msgs(("user", "q"), ("assistant", "a"), ("user", "q2"))], 2, "ends with 'user', not 'assistant'"),
+    ("sft", [conversation("conversations", ("user", "q"))], 1, "ends with 'human', not 'gpt'"),
+    ("sft", [msgs(("user", "q"), ("bot", "a"))], 1, "messages[1].role is \"bot\", an unknown role"),
+    ("sft", [row(conversations=[{"from": "user", "value": "q"}])], 1, "conversations[0].from is \"user\", an unknown role"),
+    ("sft", [row(messages=[dict(role="user", content=["q"]), dict(role="assistant", content="a")])], 1,
+     "'messages[0].content' is a list, not a string"),
+    ("sft", [row(messages=[dict(role="user", text="q")])], 1, "messages[0] is"),
+    ("sft", [row(messages=[dict(role=["user"], content="q")])], 1, "unknown role"),
+    ("sft", [row(messages=[])], 1, "'messages' is empty"),
+    ("sft", [row(conversations="hi")], 1, "'conversations' is a string"),
+    ("sft", [msgs(("system", "s"))], 1, "only a 'system' message"),
+    ("sft", [msgs(("user", "q"), ("assistant", " "))], 1, "'messages[1].content' is empty"),
+    ("sft", [row(messages=[dict(role="user", content="q"), dict(role="assistant", content="a")], prompt="p")], 1,
+     "both 'messages' and 'prompt'"),
+    ("prompts", [msgs(("assistant", "a"))], 1, "messages[0].role is 'assistant'"),
+    ("prompts", [GOOD_CHAT, msgs(("system", "s"), ("user", ""))], 2, "'messages[1].content' is empty"),
+]
+
+
+def test_check_takes_max_len_and_its_old_spelling(tmp_path, capsys):
+    long = " ".join(["What is 1 plus 1?"] * 8)  # well over 16 tokens
+    path = write(tmp_path, [row(prompt="What is 1 plus 1?", response="2"), msgs(("user", long), ("assistant", "2"))])
+    printed = []
+    for flag in ("--max_len", "--max-len"):
+        data.main(["check", path, "--kind", "sft", "--tokenizer", TOK_PATH, flag, "16"])
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1]
+    assert f"{path}: 2 sft examples, all well-formed" in printed[0]
+    assert "max_len 16: truncated 1 of 2 sequences (prompt cut in 1," in printed[0]
+    # a bad line through the command line: one line on stderr, exit code 2
+    bad = write(tmp_path, [GOOD_CHAT, msgs(("user", "q"))], "bad.jsonl")
+    with pytest.raises(SystemExit) as e:
+        flags.run(data.main, ["check", bad, "--kind", "sft"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {bad}:2: the conversation ends with") and err.count("\n") == 1

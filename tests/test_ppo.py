@@ -597,15 +597,16 @@ def test_toy_run_uses_the_toy_sft_and_rm_results_beside_out(toy_chain):
     assert sft.keys() == final.keys() and any(not torch.equal(sft[k], final[k]) for k in sft)
 
 
-def test_toy_prerequisites_are_trained_by_their_own_scripts(tmp_path, monkeypatch, capsys):
+def test_toy_prerequisites_are_trained_by_their_own_scripts(tmp_path, monkeypatch):
     """A missing toy SFT or RM result is made by `python train_sft.py` / `python train_rm.py` as
-    subprocesses (scripts do not import each other); present ones are used; under torchrun (world
-    > 1) no rank starts them: the run stops and says what to run first."""
+    subprocesses (scripts do not import each other); present ones are used; a failed one stops the
+    run with its command."""
     calls = []
 
-    def run(cmd, check):
+    def run(cmd, code=0):
         calls.append(cmd)
         os.makedirs(os.path.join(cmd[-1], "final"))
+        return SimpleNamespace(returncode=code)
     monkeypatch.setattr(train_ppo.subprocess, "run", run)
     runs = tmp_path / "runs"
     fresh = lambda: train_ppo.Config(out=str(runs / "toy_ppo"))
@@ -618,18 +619,42 @@ def test_toy_prerequisites_are_trained_by_their_own_scripts(tmp_path, monkeypatc
     shutil.rmtree(runs / "toy_rm")
     train_ppo.toy_models_and_data(fresh(), dist.Dist())
     assert calls == [[sys.executable, os.path.join(ROOT, "train_rm.py"), "--out", str(runs / "toy_rm")]]
-    calls.clear()
-    train_ppo.toy_models_and_data(fresh(), dist.Dist(world=2))  # both present: nothing to start
-    shutil.rmtree(runs / "toy_sft")
-    with pytest.raises(SystemExit) as e:  # under torchrun a missing one is an error that says what to run
-        train_ppo.toy_models_and_data(fresh(), dist.Dist(world=2))
-    assert e.value.code == 2 and calls == []
-    assert f"python train_sft.py --out {runs / 'toy_sft'}" in capsys.readouterr().err
+    shutil.rmtree(runs / "toy_rm")
+    monkeypatch.setattr(train_ppo.subprocess, "run", lambda cmd: run(cmd, code=3))
+    with pytest.raises(SystemExit, match=r"train_rm.py --out .*failed \(exit code 3\)"):
+        train_ppo.toy_models_and_data(fresh(), dist.Dist())
+
+
+def test_under_torchrun_rank_0_trains_the_toy_prerequisites_while_the_others_wait(tmp_path):
+    """`torchrun --nproc_per_node=N train_ppo.py`: rank 0 starts the two toy runs, the other ranks
+    wait for their results (longer than a barrier would), and every rank goes on with the same models."""
+    import time
+    from conftest import fork_ranks
+
+    def rank_main(rank):
+        calls = []
+
+        def run(cmd):  # a toy run that takes a while
+            calls.append(cmd[1])
+            time.sleep(1.0)
+            os.makedirs(os.path.join(cmd[-1], "final"))
+            return SimpleNamespace(returncode=0)
+        train_ppo.subprocess.run = run
+        d = dist.setup(1, timeout_min=0.025)  # a barrier over both toy runs (2 s) would time out after 1.5 s
+        cfg = train_ppo.toy_models_and_data(train_ppo.Config(out=str(tmp_path / "runs" / "toy_ppo")), d)
+        (tmp_path / f"rank{rank}.json").write_text(json.dumps([cfg.actor, cfg.rm_dir, calls]))
+        dist.teardown()
+
+    fork_ranks(rank_main, tmp_path / "logs", nproc=2, timeout=60)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0[:2] == r1[:2] == [str(tmp_path / "runs" / n / "final") for n in ("toy_sft", "toy_rm")]
+    assert [os.path.basename(c) for c in r0[2]] == ["train_sft.py", "train_rm.py"] and r1[2] == []
 
 
 def test_toy_prerequisites_are_found_when_out_ends_in_a_slash(tmp_path, monkeypatch):
     """`--out runs/toy_ppo/` (as shell completion writes it) names the same run as `--out runs/toy_ppo`."""
-    monkeypatch.setattr(train_ppo.subprocess, "run", lambda cmd, check: os.makedirs(os.path.join(cmd[-1], "final")))
+    monkeypatch.setattr(train_ppo.subprocess, "run", lambda cmd: SimpleNamespace(
+        returncode=os.makedirs(os.path.join(cmd[-1], "final")) or 0))
     cfg = train_ppo.toy_models_and_data(train_ppo.Config(out=str(tmp_path / "runs" / "toy_ppo") + "/"), dist.Dist())
     assert cfg.actor == str(tmp_path / "runs" / "toy_sft" / "final")
 

@@ -6,13 +6,15 @@ import json
 import math
 import os
 import re
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import ckpt
 import data
+import flags
 import glm
 import lora
 import train_rm
@@ -431,3 +433,48 @@ def test_sft_checkpoint_that_does_not_match_is_a_clear_error(tmp_path, base, dat
         train_rm.main(rm_argv(base, data12, tmp_path / "d", "--sft_adapter", right, "--train_layers", "1"))
     with pytest.raises(FileNotFoundError, match="reward_head.safetensors"):  # a model that is no RM
         train_rm.score(["--model", base, "--data", data12])
+
+
+def test_score_reads_a_mixed_file_line_by_line(tmp_path, base, tok, capsys):
+    rm = tmp_path / "rm"  # the random toy base with a reward head: an RM folder as train_rm.py leaves it
+    shutil.copytree(base, rm)
+    head = glm.reward_head(glm.GLMConfig.toy().hidden_size, seed=1)
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(rm / "reward_head.safetensors"))
+    ranked = [dict(prompt="What is 3 plus 4?", answers=["7", "8", "It is 12"]),
+              dict(prompt="5 减 2 等于多少?", chosen="3", rejected="4", history=[["1 加 1 等于多少?", "2"]])]
+    sft = [dict(prompt="What is 9 minus 1?", response="8"),
+           dict(instruction="What is 2 plus 2?", output="4"),
+           dict(messages=[dict(role="system", content="Be brief."), dict(role="user", content="What is 1 plus 1?"),
+                          dict(role="assistant", content="2")]),
+           dict(conversations=[{"from": "human", "value": "What is 6 minus 6?"}, {"from": "gpt", "value": "0"}])]
+    mixed = [sft[0], ranked[0], sft[1], sft[2], ranked[1], sft[3]]
+    flags_ = ["--model", str(rm), "--max_len", "48"]
+    got = train_rm.score(flags_ + ["--data", write_jsonl(tmp_path / "mixed.jsonl", mixed)])
+    printed = capsys.readouterr().out
+    alone_rm = train_rm.score(flags_ + ["--data", write_jsonl(tmp_path / "rm.jsonl", ranked)])
+    alone_sft = train_rm.score(flags_ + ["--data", write_jsonl(tmp_path / "sft.jsonl", sft)])
+    want = [alone_sft[0], alone_rm[0], alone_sft[1], alone_sft[2], alone_rm[1], alone_sft[3]]
+    assert [len(s) for s in got] == [1, 3, 1, 1, 2, 1]
+    torch.testing.assert_close(torch.tensor(sum(got, [])), torch.tensor(sum(want, [])), atol=1e-5, rtol=1e-5)
+    # independently: each answer alone, unpadded, from the examples written here in our own shape
+    model = glm.ChatGLM.from_pretrained(rm).eval()
+    by_hand = [dict(prompt="What is 9 minus 1?", answers=["8"]), dict(prompt="What is 3 plus 4?", answers=["7", "8", "It is 12"]),
+               dict(prompt="What is 2 plus 2?", answers=["4"]), dict(prompt="Be brief.\nWhat is 1 plus 1?", answers=["2"]),
+               dict(prompt="5 减 2 等于多少?", answers=["3", "4"], history=[["1 加 1 等于多少?", "2"]]),
+               dict(prompt="What is 6 minus 6?", answers=["0"])]
+    alone = [reward_alone(model, head, s) for ex in by_hand for s in data.encode_ranked(tok, ex, 48)]
+    torch.testing.assert_close(torch.tensor(sum(got, []), dtype=torch.float64), torch.tensor(alone, dtype=torch.float64),
+                               atol=1e-5, rtol=1e-5)
+    # the output keeps each shape's form: ranks for ranked lines, "answer" for SFT lines, pairs of ranked lines only
+    pairs = [got[1][0] > got[1][1], got[1][0] > got[1][2], got[1][1] > got[1][2], got[4][0] > got[4][1]]
+    assert printed.count("rank 1: ") == 2 and printed.count("answer: ") == 4
+    assert f"pairwise accuracy {sum(pairs) / 4:.1%} over 4 pairs" in printed
+    assert f"mixed.jsonl:4  {'Be brief.' + chr(10) + 'What is 1 plus 1?'!r}" in printed
+    # a line of no shape: one line naming file:line, exit code 2, before any weight is read
+    bad = write_jsonl(tmp_path / "bad.jsonl", [ranked[0], {"text": "What is 1 plus 1?"}])
+    with pytest.raises(data.DataError, match=re.escape(f"{bad}:2: the line is neither ranked answers nor an SFT")):
+        train_rm.score(["--model", str(tmp_path / "nowhere"), "--data", bad])
+    with pytest.raises(SystemExit) as e:
+        flags.run(train_rm.score, ["--model", str(rm), "--data", bad])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {bad}:2: ") and err.count("\n") == 1
