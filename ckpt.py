@@ -6,6 +6,7 @@ state and the metrics log; a checkpoint reads back with any number of pipeline s
     OUT/args.json              script, settings, command line    OUT/final/         the result
     OUT/checkpoint-STEP/       the last --keep_checkpoints ones  OUT/latest_checkpoint  names the newest
     OUT/metrics.jsonl          one JSON object per logged step   OUT/tb/            TensorBoard, if installed
+    OUT/report.html            the curves (report.py), rewritten at each checkpoint and at the end
 """
 import glob
 import hashlib
@@ -15,7 +16,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 
 import torch
@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 import dist
 import glm
 import lora
+import report
 
 STATE_FILE = "train_state.json"        # the loop's state; written last, so it marks a complete checkpoint
 POINTER = "latest_checkpoint"          # a text file naming the newest checkpoint folder
@@ -81,6 +82,7 @@ def save_checkpoint(out, step, d, tokenizer_path, models, heads=None, optimizers
         _fsync_dir(out)
         for _, old in checkpoints(out)[:-keep] if keep > 0 else ():
             shutil.rmtree(old)
+        report.write(out)  # the curves so far, for a look while the run goes on
     dist.barrier()
 
 
@@ -285,7 +287,7 @@ def atomic_dir_all(out_dir, write, d):
     out_dir, tmp = os.path.abspath(out_dir), None
     if dist.is_main():
         os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=os.path.dirname(out_dir))
+        tmp = glm.make_temp_dir(out_dir)
     tmp = dist.broadcast_object(tmp, d)
     write(tmp)
     dist.barrier()
@@ -296,6 +298,7 @@ def atomic_dir_all(out_dir, write, d):
 
 def publish(tmp, out_dir):
     """Rename the finished folder tmp to out_dir, with its files and the rename on disk (fsync)."""
+    glm.share_modes(tmp)
     for root, _, files in os.walk(tmp):
         for name in files:
             with open(os.path.join(root, name), "rb") as f:
@@ -353,13 +356,16 @@ def write_stage_weights(model, tmp, d, lora_name=None):
 def finish_weights(model, tmp, tokenizer_path, lora_name=None):
     """Rank 0, after every stage wrote its part: index + config.json (full), or one PEFT
     adapter_model.safetensors + adapter_config.json (LoRA); the tokenizer beside them."""
-    if lora_name is None:
-        weight_map = {}
-        for path in sorted(glob.glob(os.path.join(tmp, "model-stage*.safetensors"))):
-            with safe_open(path, framework="pt") as f:
-                weight_map.update({k: os.path.basename(path) for k in f.keys()})
+    if lora_name is None:  # one shard a stage, renamed as HF names shards: model-00001-of-00004.safetensors
+        weight_map, parts = {}, sorted(glob.glob(os.path.join(tmp, "model-stage*.safetensors")))
+        for i, path in enumerate(parts):
+            name = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+            os.rename(path, os.path.join(tmp, name))
+            with safe_open(os.path.join(tmp, name), framework="pt") as f:
+                weight_map.update({k: name for k in f.keys()})
         write_json(os.path.join(tmp, "model.safetensors.index.json"), {"metadata": {}, "weight_map": weight_map})
-        write_json(os.path.join(tmp, "config.json"), model.config.to_json())
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        write_json(os.path.join(tmp, "config.json"), model.config.to_json(dtype))
     else:
         state, fingerprint = {}, {}  # every stage's tensors, and the base fingerprint of what it held
         for path in sorted(glob.glob(os.path.join(tmp, "adapter-stage*.safetensors"))):
@@ -371,7 +377,7 @@ def finish_weights(model, tmp, tokenizer_path, lora_name=None):
                   metadata={"format": "pt", "base_model_fingerprint": json.dumps(fingerprint)})
         write_json(os.path.join(tmp, lora.CONFIG_FILE), lora.adapter_config(model, lora_name))
     if tokenizer_path and os.path.isfile(tokenizer_path):
-        shutil.copy(tokenizer_path, os.path.join(tmp, "ice_text.model"))
+        glm.copy_tokenizer(tokenizer_path, tmp)
 
 
 def save_heads(heads, tmp, d):

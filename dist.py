@@ -156,7 +156,12 @@ class StopSignal:
     @staticmethod
     def exit(signum, step, out, d):
         """After the checkpoint of `step`: say how to resume, leave the process group, exit 128 + signum."""
-        argv = [a for a in sys.argv if a not in ("--resume", "--resume=true")]
+        argv, prev = [], ""
+        for a in sys.argv:  # without --resume, --resume=X or --resume X: a dangling X would be an error
+            value = prev == "--resume" and a.lower() in ("1", "true", "yes", "0", "false", "no")
+            if not (a == "--resume" or a.startswith("--resume=") or value):
+                argv.append(a)
+            prev = a
         launch = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', d.world)}" if d.world > 1 else "python"
         print0(f"stopped by {signal.Signals(signum).name} after step {step}; its checkpoint is in {out}. Resume: "
                f"{launch} {' '.join(map(shlex.quote, argv))} --resume")

@@ -54,9 +54,10 @@ def parser_for(cls, preset=None):
     the preset's values for the default config (the toy run) close the help."""
     module = sys.modules[cls.__module__]
     toy = preset(cls()) if preset else {}
-    p = Parser(prog=os.path.basename(module.__file__), description=module.__doc__,
-               epilog=textwrap.fill("with no --model, the toy run's preset fills the flags not given: " + ", ".join(
-                   f"--{k} {v}" for k, v in toy.items()), 100) if toy else None,
+    pairs = ", ".join(f"--{k}\xa0{str(v).lower() if isinstance(v, bool) else v}" for k, v in toy.items())
+    p = Parser(prog=os.path.basename(module.__file__), description=module.__doc__,  # \xa0: a flag keeps its value
+               epilog=textwrap.fill("with no --model, the toy run's preset fills the flags not given: " + pairs,
+                                    100).replace("\xa0", " ") if toy else None,
                formatter_class=argparse.RawDescriptionHelpFormatter,
                argument_default=argparse.SUPPRESS)  # the namespace holds only given flags
     p.add_argument("--config", metavar="FILE.toml", help="read flags from a TOML file (keys are flag names); "
@@ -68,6 +69,7 @@ def parser_for(cls, preset=None):
             groups[group] = p.add_argument_group(group or None)
         shown = str(f.default).lower() if isinstance(f.default, bool) else f.default if f.default != "" else '""'
         text = f"{comment} (default: {shown})" if comment else f"default: {shown}"
+        text = text.replace("%", "%%")  # argparse formats help with %
         if f.type in (bool, "bool"):
             groups[group].add_argument(f"--{f.name}", nargs="?", const=True, type=boolean, metavar="BOOL", help=text)
         else:
@@ -87,7 +89,10 @@ def read_config_file(path, cls):
         raise ValueError(f"--config {path}: not valid TOML ({e}). HINT: write lines such as lr = 1e-4") from None
     values = {}
     for key, value in table.items():  # [sections] only group keys, as the --help groups do
-        values.update(value if isinstance(value, dict) else {key: value})
+        for k, v in (value if isinstance(value, dict) else {key: value}).items():
+            if k in values:
+                raise ValueError(f"--config {path}: {k} is set twice. HINT: keep one {k} = ... line")
+            values[k] = v
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in values.items():
         if key not in fields:
@@ -95,8 +100,8 @@ def read_config_file(path, cls):
         want = type(fields[key].default)
         if not (isinstance(value, want) and (want is bool or not isinstance(value, bool))
                 or want is float and isinstance(value, int) and not isinstance(value, bool)):
-            raise ValueError(f"--config {path}: {key} = {value!r} is not a {want.__name__}. HINT: e.g. "
-                             f"{key} = {fields[key].default!r}".replace("'", '"'))
+            raise ValueError(f"--config {path}: {key} = {value!r} is not {'an' if want is int else 'a'} "
+                             f"{want.__name__}. HINT: e.g. {key} = {fields[key].default!r}".replace("'", '"'))
     return {k: float(v) if type(fields[k].default) is float else v for k, v in values.items()}
 
 
@@ -125,9 +130,15 @@ def parse(cls, argv=None, preset=None, positive=(), non_negative=()):
 def run(main, *args):
     """A command's entry point: a user's mistake (a flag, file, folder or setting: ValueError, OSError,
     KeyError, with a message that says what to do) ends in one line on stderr and exit code 2, not a
-    traceback; DEBUG=1 shows the traceback."""
+    traceback; DEBUG=1 shows the traceback. A Ctrl-C that stops at once ends in one line and 130."""
     try:
         return main(*args)
+    except KeyboardInterrupt:
+        if os.environ.get("DEBUG"):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
     except (ValueError, OSError, KeyError) as e:
         if os.environ.get("DEBUG"):
             raise

@@ -1,7 +1,9 @@
 """The ChatGLM-6B (v1) model: config, tokenizer, network, reward head, generation, checkpoint files.
 
     python glm.py convert SRC_DIR DST_DIR     # official pytorch_model-*.bin release -> safetensors
-    python glm.py chat --model DIR            # interactive multi-turn chat, streamed
+    python glm.py chat --model DIR            # interactive multi-turn chat, streamed (infer.py, as are:)
+    python glm.py predict --model DIR --data in.jsonl --out out.jsonl
+    python glm.py serve --model DIR --port 8000
 
 Shape vocabulary in comments: B batch, T query length, S key length, C hidden size,
 nh heads, hs head size, V vocabulary.
@@ -88,9 +90,17 @@ class GLMConfig:
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
 
-    def to_json(self):
+    def to_json(self, torch_dtype="float32"):
+        """config.json: these fields plus what the release's own loading code (configuration_chatglm.py
+        and modeling_chatglm.py placed beside the weights, with trust_remote_code) expects. Without
+        tie_word_embeddings false, transformers ties lm_head to the embedding and the logits go wrong."""
         d = {fd.name: getattr(self, fd.name) for fd in fields(self)}
-        d.update(model_type="chatglm", architectures=["ChatGLMModel"], position_encoding_2d=True)
+        d.update(model_type="chatglm", architectures=["ChatGLMModel"], position_encoding_2d=True,
+                 auto_map={"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+                           "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+                           "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration"},
+                 torch_dtype=torch_dtype, tie_word_embeddings=False, use_cache=True, pre_seq_len=None,
+                 prefix_projection=False, quantization_bit=0)
         return d
 
 
@@ -503,10 +513,10 @@ class ChatGLM(nn.Module):
         """config.json + sharded model-*.safetensors + index (+ ice_text.model), written atomically."""
         def write(tmp):
             with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-                json.dump(self.config.to_json(), f, indent=2)
+                json.dump(self.config.to_json(str(next(self.parameters()).dtype).removeprefix("torch.")), f, indent=2)
             write_safetensors_shards(base_state_dict(self), tmp, max_shard_bytes)
             if tokenizer is not None:
-                shutil.copy(tokenizer.path, os.path.join(tmp, "ice_text.model"))
+                copy_tokenizer(tokenizer.path, tmp)
         atomic_dir(out_dir, write)
 
 
@@ -859,14 +869,46 @@ def write_safetensors_shards(state, out_dir, max_shard_bytes=2 << 30, prefix="mo
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
+# tokenizer_config.json for the release's own tokenizer code (tokenization_chatglm.py placed beside)
+TOKENIZER_CONFIG = {"tokenizer_class": "ChatGLMTokenizer",
+                    "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]},
+                    "bos_token": "<sop>", "eos_token": "<eop>", "mask_token": "[MASK]", "gmask_token": "[gMASK]",
+                    "pad_token": "<pad>", "unk_token": "<unk>", "padding_side": "left", "remove_space": False,
+                    "do_lower_case": False}
+
+
+def copy_tokenizer(path, out_dir):
+    """ice_text.model into a model folder, with the tokenizer_config.json HF's AutoTokenizer reads."""
+    shutil.copy(path, os.path.join(out_dir, "ice_text.model"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(TOKENIZER_CONFIG, f, indent=2)
+
+
+def make_temp_dir(out_dir):
+    """A temporary folder beside out_dir, written and then renamed into place."""
+    return tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=os.path.dirname(out_dir))
+
+
+def share_modes(tmp):
+    """Folders 0755 and files 0644 under a umask of 022 (as the umask allows): mkdtemp and safetensors
+    make them private (0700 / 0600), and teammates on a shared cluster must be able to read results."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(tmp):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 def atomic_dir(out_dir, write):
     """Run write(tmp_dir), then move tmp_dir to out_dir: readers never see a half-written folder."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
+    tmp = make_temp_dir(out_dir)
     try:
         write(tmp)
+        share_modes(tmp)
         if os.path.exists(out_dir):  # replace: move the old one aside first, drop it once the new is in place
             old = tmp + ".old"
             os.rename(out_dir, old)
@@ -953,48 +995,18 @@ def convert(src, dst):
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(raw, f, indent=2)
         if os.path.isfile(tok_path):
-            shutil.copy(tok_path, os.path.join(tmp, "ice_text.model"))
+            copy_tokenizer(tok_path, tmp)
         else:
             print(f"warning: {tok_path} not found; copy the tokenizer into {dst} by hand", file=sys.stderr)
     atomic_dir(dst, write)
 
 
 # -----------------------------------------------------------------------------
-# terminal chat
+# command line: convert here; chat, predict and serve live in infer.py
 
-
-def chat(args):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = ChatGLM.from_pretrained(args.model, dtype=dtype, device=device).eval()
-    tok = Tokenizer.from_dir(args.model)
-    history = []
-    print("ChatGLM chat. Empty line or Ctrl-D to quit; 'clear' resets the history.")
-    while True:
-        try:
-            query = input("\nUser: ").strip()
-        except EOFError:
-            break
-        if not query:
-            break
-        if query == "clear":
-            history = []
-            continue
-        ids = torch.tensor([tok.encode(chat_prompt(query, history))], device=device)
-        new, shown = [], ""
-
-        def stream(t):  # print the text as it grows; decode the whole answer so pieces join correctly
-            nonlocal shown
-            if int(t[0]) != tok.eop_id:
-                new.append(int(t[0]))
-            text = tok.decode(new, skip_special_tokens=True)
-            print(text[len(shown):], end="", flush=True)
-            shown = text
-        print("ChatGLM: ", end="", flush=True)
-        model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                       temperature=max(args.temperature, 1e-5), top_p=args.top_p, streamer=stream)
-        print()
-        history.append((query, shown))
+INFER_COMMANDS = {"chat": "interactive chat in the terminal (--adapter: with a LoRA adapter)",
+                  "predict": "answer every line of a jsonl file, resumable (torchrun: --pp)",
+                  "serve": "OpenAI-compatible chat-completions server"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -1005,22 +1017,20 @@ class Parser(argparse.ArgumentParser):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in INFER_COMMANDS:
+        import infer  # imported here, not at the top: glm.py is the bottom layer and imports no project module
+        return infer.main(argv, prog="glm.py")
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("convert", help="official pytorch_model-*.bin release -> safetensors")
     c.add_argument("src")
     c.add_argument("dst")
-    t = sub.add_parser("chat", help="interactive chat in the terminal")
-    t.add_argument("--model", required=True)
-    t.add_argument("--max_new_tokens", type=int, default=512)
-    t.add_argument("--temperature", type=float, default=0.95)
-    t.add_argument("--top_p", type=float, default=0.7)
+    for name, text in INFER_COMMANDS.items():  # listed in --help; `glm.py NAME --help` shows their flags
+        sub.add_parser(name, help=text)
     args = p.parse_args(argv)
-    if args.cmd == "convert":
-        convert(args.src, args.dst)
-        print(f"wrote {args.dst}")
-    else:
-        chat(args)
+    convert(args.src, args.dst)
+    print(f"wrote {args.dst}")
 
 
 if __name__ == "__main__":
@@ -1029,5 +1039,6 @@ if __name__ == "__main__":
     except (ValueError, OSError, KeyError) as e:  # a user's mistake: one line and exit 2 (DEBUG=1: traceback)
         if os.environ.get("DEBUG"):
             raise
-        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same mistake
+            print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         sys.exit(2)

@@ -37,7 +37,7 @@ def warn_settings(total_steps, warmup_steps, lr, mode, n_eval, pretrained=True):
     """Settings that quietly waste a run, said before it starts: a run that never leaves its warmup,
     a held-out set too small to mean anything, a learning rate far from the usual range."""
     warnings = []
-    if total_steps <= warmup_steps:
+    if total_steps < warmup_steps:  # equal: the last step reaches --lr
         warnings.append(f"the run's {total_steps} steps end inside the {warmup_steps}-step warmup, so the learning "
                         f"rate peaks at {lr_at(total_steps - 1, lr, warmup_steps, total_steps):.2g}, not --lr {lr:g}. "
                         "HINT: lower --warmup_steps")

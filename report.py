@@ -198,10 +198,20 @@ def page(out_dir, title, tables, notes):
     return "\n".join(parts + ["</body></html>\n"])
 
 
-def write(out_dir, title, tables=(), notes=()):
+def default_title(out_dir):
+    """"train_sft.py: toy_sft": the script from OUT/args.json, and the folder's name."""
+    title = os.path.basename(os.path.abspath(out_dir))
+    try:
+        with open(os.path.join(out_dir, "args.json"), encoding="utf-8") as f:
+            return f"{json.load(f)['script']}.py: {title}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return title  # a run record we cannot read only costs the title its script name
+
+
+def write(out_dir, title=None, tables=(), notes=()):
     """Writes OUT/report.html whole or not at all (a temporary file renamed into place); returns its path.
     tables: (caption, header, rows) each; notes: paragraphs of plain text."""
-    text = page(out_dir, title, tables, notes)
+    text = page(out_dir, title or default_title(out_dir), tables, notes)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "report.html")
     tmp = os.path.join(out_dir, f".tmp-report.html.{os.getpid()}")
@@ -223,14 +233,7 @@ def main(argv=None):
     if not os.path.isfile(os.path.join(args.out_dir, "metrics.jsonl")):
         raise FileNotFoundError(f"{os.path.join(args.out_dir, 'metrics.jsonl')}: no such file, so no run to "
                                 "report. HINT: pass the --out folder of a train_*.py run")
-    title = args.title or os.path.basename(os.path.abspath(args.out_dir))
-    if args.title is None and os.path.isfile(os.path.join(args.out_dir, "run.json")):
-        try:
-            with open(os.path.join(args.out_dir, "run.json"), encoding="utf-8") as f:
-                title = f"{json.load(f)['script']}: {title}"
-        except (ValueError, KeyError, TypeError):
-            pass  # a run record we cannot read only costs the title its script name
-    print(write(args.out_dir, title))
+    print(write(args.out_dir, args.title))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import glm
 import lora
 import optim
 import plan
+import report
 
 
 @dataclass
@@ -470,23 +471,31 @@ def toy_report(roles, tok, d, cfg):
     return data.toy_accuracy(eval_ex, answers), float(score), [[e["prompt"], a] for e, a in zip(eval_ex, answers)]
 
 
-def print_toy_table(before, after, rows):
-    """before/after on the held-out questions, and the first and last logged steps (from metrics.jsonl,
-    so a resumed run's table covers the whole run)."""
+def toy_tables(before, after, rows):
+    """The toy run's before/after table on the held-out questions, its first and last logged steps
+    (from metrics.jsonl, so a resumed run's table covers the whole run), and the answers that changed:
+    [(caption, header, rows)], as report.write takes them."""
     rows = [r for r in rows if r.get("reward_mean") is not None]
-    first, last = rows[:5], rows[-5:]
-    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows) if rows else float("nan")
-    print("\non the held-out questions (PPO's prompts; no labels seen in RL):")
-    print("                                          before RLHF   after RLHF")
-    print(f"accuracy of the greedy answers            {before[0]:>11.1%}   {after[0]:>10.1%}")
-    print(f"RM score of the greedy answers            {before[1]:>11.3f}   {after[1]:>10.3f}")
-    print(f"rollout reward mean (first / last 5 steps) {mean(first, 'reward_mean'):>10.3f}   {mean(last, 'reward_mean'):>10.3f}")
-    print(f"KL to the reference (first / last 5 steps) {mean(first, 'kl'):>10.3f}   {mean(last, 'kl'):>10.3f}")
-    changed = [(p, a, b) for (p, a), (_, b) in zip(before[2], after[2]) if a != b]
-    print(f"greedy answers that changed: {len(changed)} of {len(before[2])}" + (", e.g.:" if changed else ""))
-    for p, a, b in changed[:6]:
-        mark = lambda x: "right" if data.toy_answer_correct(p, x) else "wrong"
-        print(f"  {p!r}\n      before: {a!r} ({mark(a)})   after: {b!r} ({mark(b)})")
+    mean = lambda rows, k: f"{sum(r[k] for r in rows) / len(rows):.3f}" if rows else "n/a"
+    summary = [["accuracy of the greedy answers", f"{before[0]:.1%}", f"{after[0]:.1%}"],
+               ["RM score of the greedy answers", f"{before[1]:.3f}", f"{after[1]:.3f}"],
+               ["rollout reward mean (first / last 5 steps)", mean(rows[:5], "reward_mean"), mean(rows[-5:], "reward_mean")],
+               ["KL to the reference (first / last 5 steps)", mean(rows[:5], "kl"), mean(rows[-5:], "kl")]]
+    mark = lambda p, x: "right" if data.toy_answer_correct(p, x) else "wrong"
+    changed = [[p, f"{a!r} ({mark(p, a)})", f"{b!r} ({mark(p, b)})"]
+               for (p, a), (_, b) in zip(before[2], after[2]) if a != b]
+    return [("on the held-out questions (PPO's prompts; no labels seen in RL)", ["", "before RLHF", "after RLHF"],
+             summary),
+            (f"greedy answers that changed: {len(changed)} of {len(before[2])}", ["question", "before", "after"],
+             changed)]
+
+
+def print_tables(tables):
+    for caption, header, rows in tables:
+        print(f"\n{caption}")
+        widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+        for row in [header, *rows]:
+            print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
 
 
 def sample_text(tok, ids):
@@ -594,8 +603,11 @@ def main(argv=None):
         dist.print0(f"wrote {final} (the trained policy)")
     if toy:
         after = toy_report(roles, tok, d, cfg)  # every stage takes part: it runs through the pipeline
+        tables = toy_tables(before, after, ckpt.read_metrics(cfg.out))
         if dist.is_main():
-            print_toy_table(before, after, ckpt.read_metrics(cfg.out))
+            print_tables(tables)
+    if dist.is_main():
+        dist.print0(f"report: {report.write(cfg.out, tables=tables if toy else ())}")
     dist.report_memory_and_busy(the_plan.stages[d.pp_rank], d, wall)
     dist.teardown()
 

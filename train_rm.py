@@ -41,6 +41,7 @@ import glm
 import lora
 import optim
 import plan
+import report
 
 
 @dataclass
@@ -285,7 +286,7 @@ def evaluate(model, head, d, mbs):
     return ranking_metrics(rewards, mbs)
 
 
-def report(ev, when):
+def print_eval(ev, when):
     dist.print0(f"{when}: held-out pairwise accuracy {ev['pair_acc']:.1%}, full-ranking accuracy "
                 f"{ev['rank_acc']:.1%}, loss {ev['loss']:.4f}, reward mean {ev['mean']:+.3f} std {ev['std']:.3f}")
 
@@ -347,8 +348,10 @@ def main(argv=None):
 
     # ---- loop
     log = ckpt.start_run(cfg.out, "train_rm", asdict(cfg), state["step"] if resume_dir else None)
+    ev_before = state.get("toy_before")  # the toy run's held-out scores before training, carried by checkpoints
     if toy and not resume_dir:
-        report(evaluate(model, head, d, eval_mbs), "toy, before training")
+        ev_before = evaluate(model, head, d, eval_mbs)
+        print_eval(ev_before, "toy, before training")
     model.train()
     t_start, tokens_seen, ev, stopped = dist.start_clock(), 0, None, 0
     with dist.Progress(total_steps, step) as bar, dist.StopSignal() as stop:
@@ -371,7 +374,7 @@ def main(argv=None):
                 reward_stats = dict(mean=ev["mean"], std=ev["std"], count=ev["count"], step=step)
                 log.log(step, eval_loss=ev["loss"], eval_pair_acc=ev["pair_acc"], eval_rank_acc=ev["rank_acc"],
                         reward_mean=ev["mean"], reward_std=ev["std"])
-                report(ev, f"\nstep {step}")
+                print_eval(ev, f"\nstep {step}")
                 if cfg.keep_best:
                     best = ckpt.save_if_best(cfg.out, best, step, ev["loss"], d, tok.path, {"": (model, lora_name)},
                                              heads)
@@ -379,7 +382,8 @@ def main(argv=None):
             if stopped or step % cfg.save_every == 0 or step == total_steps:
                 ckpt.save_checkpoint(cfg.out, step, d, tok.path, {"": (model, lora_name)}, heads, {"optim": opt},
                                      dict(step=step, bad_steps=bad_steps, data=batches.state_dict(), data_hashes=hashes,
-                                          reward_stats=reward_stats, config=asdict(cfg), best=best),
+                                          reward_stats=reward_stats, config=asdict(cfg), best=best,
+                                          toy_before=ev_before),
                                      keep=cfg.keep_checkpoints)
     if stopped:
         stop.exit(stopped, step, cfg.out, d)
@@ -397,7 +401,12 @@ def main(argv=None):
     ckpt.save(final, d, tok.path, {"": (model, lora_name)}, heads, extra_json={STATS_FILE: stats_json})
     dist.print0(f"wrote {final} ({'LoRA adapter' if mode == 'lora' else 'full HF weights'} + {HEAD}.safetensors "
                 f"+ {STATS_FILE}); {tokens_seen / max(wall, 1e-9):.0f} tokens/s over the run")
-    report(ev, "toy, after training" if toy else "final")
+    print_eval(ev, "toy, after training" if toy else "final")
+    if dist.is_main():
+        rows = [[name, *(f"{e[k]:.3g}" if e else "n/a" for e in (ev_before, ev))] for name, k in (
+            ("pairwise accuracy", "pair_acc"), ("full-ranking accuracy", "rank_acc"), ("loss", "loss"),
+            ("reward mean", "mean"), ("reward std", "std"))]
+        dist.print0(f"report: {report.write(cfg.out, tables=[('held-out rankings', ['', 'before', 'after'], rows)])}")
     dist.report_memory_and_busy(stage, d, wall)
     dist.teardown()
     return ev

@@ -24,6 +24,7 @@ import flags
 import glm
 import optim
 import plan
+import report
 
 
 @dataclass
@@ -167,8 +168,10 @@ def main(argv=None):
 
     # ---- loop
     log = ckpt.start_run(cfg.out, "train_sft", asdict(cfg), state["step"] if resume_dir else None)
+    acc_before = state.get("toy_before")  # the toy run's accuracy before training, carried by the checkpoints
     if toy and not resume_dir:
-        dist.print0(f"toy held-out accuracy before training: {toy_accuracy(model, tok, eval_ex, cfg.max_len, d):.1%}")
+        acc_before = toy_accuracy(model, tok, eval_ex, cfg.max_len, d)
+        dist.print0(f"toy held-out accuracy before training: {acc_before:.1%}")
     model.train()
     t_start, tokens_seen, stopped = dist.start_clock(), 0, 0
     with dist.Progress(total_steps, step) as bar, dist.StopSignal() as stop:
@@ -195,7 +198,8 @@ def main(argv=None):
             if stopped or step % cfg.save_every == 0 or step == total_steps:
                 ckpt.save_checkpoint(cfg.out, step, d, tok.path, {"": (model, lora_name)}, optimizers={"optim": opt},
                                      train_state=dict(step=step, bad_steps=bad_steps, data=batches.state_dict(),
-                                                      data_hashes=hashes, config=asdict(cfg), best=best),
+                                                      data_hashes=hashes, config=asdict(cfg), best=best,
+                                                      toy_before=acc_before),
                                      keep=cfg.keep_checkpoints)
     if stopped:
         stop.exit(stopped, step, cfg.out, d)
@@ -207,8 +211,14 @@ def main(argv=None):
     ckpt.save(final, d, tok.path, {"": (model, lora_name)})
     dist.print0(f"wrote {final} ({'LoRA adapter' if mode == 'lora' else 'full HF weights'}); "
                 f"{tokens_seen / max(wall, 1e-9):.0f} tokens/s over the run")
+    tables = []
     if toy:
-        dist.print0(f"toy held-out accuracy after training: {toy_accuracy(model, tok, eval_ex, cfg.max_len, d):.1%}")
+        acc_after = toy_accuracy(model, tok, eval_ex, cfg.max_len, d)
+        dist.print0(f"toy held-out accuracy after training: {acc_after:.1%}")
+        tables = [("toy task: held-out exact-match accuracy of greedy answers", ["before", "after"],
+                   [[f"{acc_before:.1%}" if acc_before is not None else "n/a", f"{acc_after:.1%}"]])]
+    if dist.is_main():
+        dist.print0(f"report: {report.write(cfg.out, tables=tables)}")
     dist.report_memory_and_busy(stage, d, wall)
     dist.teardown()
 

@@ -201,7 +201,7 @@ def test_nice_ticks_cover_the_range():
 
 def test_cli(tmp_path):
     write_jsonl(tmp_path / "metrics.jsonl", [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}])
-    (tmp_path / "run.json").write_text(json.dumps({"script": "train_sft.py", "config": {}}))
+    (tmp_path / "args.json").write_text(json.dumps({"script": "train_sft", "config": {}}))
     run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "report.py"), *a],
                                     capture_output=True, text=True, cwd=tmp_path)
     r = run(str(tmp_path))

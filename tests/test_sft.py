@@ -190,6 +190,31 @@ def test_toy_default_run(toy_chain):
     assert glm.ChatGLM.from_pretrained(out / "final").config == glm.GLMConfig.toy()
 
 
+def test_results_are_readable_by_teammates_and_by_the_release_s_own_code(toy_chain):
+    """final/ as HF's loaders expect it: shards named model-00001-of-00001, a config.json with the
+    fields the release's configuration/modeling code reads (tie_word_embeddings false: transformers
+    would otherwise tie lm_head to the embedding), tokenizer_config.json; folders 0755 and files
+    0644 under the usual umask of 022 (mkdtemp and safetensors alone would make them private)."""
+    final = toy_chain.runs / "toy_sft" / "final"
+    assert sorted(os.listdir(final)) == ["config.json", "ice_text.model", "model-00001-of-00001.safetensors",
+                                         "model.safetensors.index.json", "tokenizer_config.json"]
+    config = json.load(open(final / "config.json", encoding="utf-8"))
+    assert config["tie_word_embeddings"] is False and config["architectures"] == ["ChatGLMModel"]
+    assert config["auto_map"]["AutoModel"] == "modeling_chatglm.ChatGLMForConditionalGeneration"
+    assert config["torch_dtype"] == "float32" and config["model_type"] == "chatglm"
+    toy = glm.GLMConfig.toy()
+    assert (config["bos_token_id"], config["eos_token_id"], config["gmask_token_id"]) == \
+        (toy.bos_token_id, toy.eos_token_id, toy.gmask_token_id)
+    tokenizer = json.load(open(final / "tokenizer_config.json", encoding="utf-8"))
+    assert tokenizer["auto_map"]["AutoTokenizer"][0] == "tokenization_chatglm.ChatGLMTokenizer"
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(toy_chain.runs / "toy_sft"):  # 0755 / 0644 under the usual umask 022
+        assert os.stat(root).st_mode & 0o777 == 0o777 & ~umask, root
+        for name in files:
+            assert os.stat(os.path.join(root, name)).st_mode & 0o777 == 0o666 & ~umask, (root, name)
+
+
 def test_small_file_without_eval_data_trains_to_the_end(tmp_path, capsys, base):
     """Fewer than 10 examples: the 5 % holdout rounds to none; the run says so, trains all four
     examples to the end and evaluates nothing."""
