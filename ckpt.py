@@ -15,7 +15,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 
 import torch
@@ -23,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import dist
+import flags
 import glm
 import lora
 import report
@@ -174,7 +174,7 @@ def start_run(out, script, config, resume_step):
             path = os.path.join(out, name)
             if stale or earlier:
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        write_json(os.path.join(out, RUN_FILE), {"script": script, "config": config, "argv": sys.argv[1:],
+        write_json(os.path.join(out, RUN_FILE), {"script": script, "config": config, "argv": flags.argv_parsed,
                                                  "started": time.strftime("%Y-%m-%d %H:%M:%S %z")})
     dist.barrier()
     return MetricsLog(out, resume_step)
@@ -428,12 +428,9 @@ class MetricsLog:
         if not dist.is_main():
             return
         os.makedirs(out_dir, exist_ok=True)
-        rows = []
-        if resume_step is not None and os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                rows = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+        rows = [r for r in read_metrics(out_dir) if r.get("step", 0) <= resume_step] if resume_step is not None else []
         with open(self.path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(rows)
+            f.writelines(json.dumps(r) + "\n" for r in rows)
         os.replace(self.path + ".tmp", self.path)
         try:
             from torch.utils.tensorboard import SummaryWriter

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as tdist
 from tqdm import tqdm
 
+import flags
 import glm
 
 GiB = 1 << 30
@@ -157,7 +158,7 @@ class StopSignal:
     def exit(signum, step, out, d):
         """After the checkpoint of `step`: say how to resume, leave the process group, exit 128 + signum."""
         argv, prev = [], ""
-        for a in sys.argv:  # without --resume, --resume=X or --resume X: a dangling X would be an error
+        for a in [sys.argv[0], *flags.argv_parsed]:  # without --resume, --resume=X or --resume X
             value = prev == "--resume" and a.lower() in ("1", "true", "yes", "0", "false", "no")
             if not (a == "--resume" or a.startswith("--resume=") or value):
                 argv.append(a)

@@ -18,6 +18,7 @@ import textwrap
 import tomllib
 
 TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no")
+argv_parsed = []  # the command line parse() read last: args.json records it, a stopped run's resume line repeats it
 
 
 def boolean(value):
@@ -110,6 +111,8 @@ def parse(cls, argv=None, preset=None, positive=(), non_negative=()):
     flags are errors; a boolean flag alone means true. Values come from, first to last: a flag,
     --config's file, preset(cfg) -> {field: value} (the toy run's values), the default. Every
     number must be finite, those named in `positive` > 0 and in `non_negative` >= 0."""
+    global argv_parsed
+    argv_parsed = list(sys.argv[1:] if argv is None else argv)
     p = parser_for(cls, preset)
     given = vars(p.parse_args(argv))
     given = {**(read_config_file(given.pop("config"), cls) if "config" in given else {}), **given}

@@ -585,7 +585,7 @@ def main(argv=None):
                 dist.print0(f"\nstep {step}: reward {m['reward_mean']:.3f} kl {m['kl']:.4f} | sample: "
                             f"{sample_text(tok, batch['input_ids'][0, :T])!r} -> "
                             f"{sample_text(tok, batch['input_ids'][0, T:])!r}")
-            stopped = stop.requested(d)
+            stopped = step < cfg.max_steps and stop.requested(d)  # a signal in the last step: just finish
             if stopped or cfg.save_every > 0 and (step % cfg.save_every == 0 or step == cfg.max_steps):
                 ckpt.save_checkpoint(cfg.out, step, d, tok.path, roles.checkpointed(),
                                      {"value_head": roles.value_head} if roles.value_head else None, saved_opts,

@@ -343,7 +343,7 @@ def main(argv=None):
     state = ckpt.resume(resume_dir, d, {"optim": opt}, {"data": batches}, hashes,
                         cfg.allow_data_change) if resume_dir else {}
     step, bad_steps, reward_stats = state.get("step", 0), state.get("bad_steps", 0), state.get("reward_stats")
-    best = state.get("best")
+    best = state.get("best") if cfg.keep_best else None  # {"step", "eval_loss"} of OUT/best
     eval_mbs = microbatches(eval_enc, list(range(len(eval_enc))), cfg.micro_batch_size, tok, d.device)
 
     # ---- loop
@@ -378,7 +378,7 @@ def main(argv=None):
                 if cfg.keep_best:
                     best = ckpt.save_if_best(cfg.out, best, step, ev["loss"], d, tok.path, {"": (model, lora_name)},
                                              heads)
-            stopped = stop.requested(d)
+            stopped = step < total_steps and stop.requested(d)  # a signal in the last step: just finish
             if stopped or step % cfg.save_every == 0 or step == total_steps:
                 ckpt.save_checkpoint(cfg.out, step, d, tok.path, {"": (model, lora_name)}, heads, {"optim": opt},
                                      dict(step=step, bad_steps=bad_steps, data=batches.state_dict(), data_hashes=hashes,

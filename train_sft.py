@@ -160,7 +160,8 @@ def main(argv=None):
     hashes = ckpt.file_hashes({"data": cfg.data})  # recorded by each checkpoint, checked on resume
     state = ckpt.resume(resume_dir, d, {"optim": opt}, {"data": batches}, hashes,
                         cfg.allow_data_change) if resume_dir else {}
-    step, bad_steps, best = state.get("step", 0), state.get("bad_steps", 0), state.get("best")
+    step, bad_steps = state.get("step", 0), state.get("bad_steps", 0)
+    best = state.get("best") if cfg.keep_best else None  # {"step", "eval_loss"} of OUT/best
 
     def evaluate():  # every replica scores the whole held-out set: no cross-replica sums needed
         mbs = microbatches(eval_enc, list(range(len(eval_enc))), cfg.micro_batch_size, tok.pad_id, d.device)
@@ -194,7 +195,7 @@ def main(argv=None):
                 dist.print0(f"\nstep {step}: eval loss {ev:.4f} (perplexity {math.exp(min(ev, 50)):.2f})")
                 if cfg.keep_best:
                     best = ckpt.save_if_best(cfg.out, best, step, ev, d, tok.path, {"": (model, lora_name)})
-            stopped = stop.requested(d)
+            stopped = step < total_steps and stop.requested(d)  # a signal in the last step: just finish
             if stopped or step % cfg.save_every == 0 or step == total_steps:
                 ckpt.save_checkpoint(cfg.out, step, d, tok.path, {"": (model, lora_name)}, optimizers={"optim": opt},
                                      train_state=dict(step=step, bad_steps=bad_steps, data=batches.state_dict(),

@@ -188,6 +188,19 @@ def load_tensors(folder):
 
 
 @pytest.fixture(scope="session")
+def base(tmp_path_factory):
+    """A random 2-block toy ChatGLM as an HF folder (modules may define their own)."""
+    return make_base(tmp_path_factory.mktemp("base") / "toy")
+
+
+@pytest.fixture(scope="session")
+def data8(tmp_path_factory):
+    """The first 8 lines of the toy SFT data."""
+    import data
+    return write_jsonl(tmp_path_factory.mktemp("data") / "sft8.jsonl", head_lines(data.toy_file("sft_train"), 8))
+
+
+@pytest.fixture(scope="session")
 def toy_chain(tmp_path_factory):
     """The README's toy chain in one runs/ folder, each script on its toy defaults but for a few steps:
     train_sft.py --out RUNS/toy_sft, then train_rm.py (which finds the toy SFT result), then

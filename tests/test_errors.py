@@ -21,16 +21,6 @@ from conftest import RunKilled, head_lines, losses, make_base, newest_checkpoint
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return make_base(tmp_path_factory.mktemp("base") / "toy")
-
-
-@pytest.fixture(scope="module")
-def data8(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("data") / "sft8.jsonl", head_lines(data.toy_file("sft_train"), 8))
-
-
 def tree_hash(folder):
     """{relative path: sha256} of every file under folder ({} if there is none)."""
     out = {}

@@ -8,6 +8,8 @@ rm_adapter/ subfolder (the reward adapter of --mode lora) and 512 random prompts
 runs are ranks forked from the test process (conftest.gloo_mains).
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import bench
+import ckpt
 import data
 import dist
 import glm
@@ -595,6 +598,30 @@ def test_toy_run_uses_the_toy_sft_and_rm_results_beside_out(toy_chain):
     # final/ is the policy: the SFT model after one PPO step
     sft, final = load_tensors(runs / "toy_sft" / "final"), load_tensors(runs / "toy_ppo" / "final")
     assert sft.keys() == final.keys() and any(not torch.equal(sft[k], final[k]) for k in sft)
+
+
+def test_toy_table_is_right_under_pp_2_and_after_resume(toy_chain, tmp_path, gloo_mains):
+    """The toy table's "before" column is the SFT policy's, measured once: the same under --pp 2 (the
+    RM score is read on the last stage and shared) and in a resumed run (carried by the checkpoint,
+    not measured again on the trained policy); the step rows come from the whole metrics.jsonl."""
+    def before_column(text):
+        rows = [line for line in text.splitlines() if line.startswith(("accuracy of the greedy", "RM score of the"))]
+        assert len(rows) == 2, text
+        return [row.split()[-2] for row in rows]
+    single = before_column(toy_chain.toy_ppo.printed)
+    out = tmp_path / "runs" / "toy_ppo"
+    shutil.copytree(toy_chain.runs / "toy_sft", tmp_path / "runs" / "toy_sft")
+    shutil.copytree(toy_chain.runs / "toy_rm", tmp_path / "runs" / "toy_rm")
+    argv = ["--out", str(out), "--rollout_batch_size", "8", "--mini_batch_size", "8", "--micro_batch_size", "8"]
+    gloo_mains("train_ppo", [argv + ["--pp", "2", "--max_steps", "1", "--save_every", "1"]])
+    piped = (tmp_path / "train_ppo-ranks" / "rank-0.log").read_text()
+    assert before_column(piped) == single and "nan" not in piped and "greedy answers that changed: " in piped
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train_ppo.main(argv + ["--max_steps", "2", "--resume"])
+    assert before_column(printed.getvalue()) == single
+    rows = [r for r in ckpt.read_metrics(out) if "reward_mean" in r]
+    assert [r["step"] for r in rows] == [1, 2]  # the first row, logged before the resume, is in the table too
 
 
 def test_toy_prerequisites_are_trained_by_their_own_scripts(tmp_path, monkeypatch):
