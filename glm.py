@@ -1023,9 +1023,11 @@ def main(argv=None):
         return infer.main(argv, prog="glm.py")
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("convert", help="official pytorch_model-*.bin release -> safetensors")
-    c.add_argument("src")
-    c.add_argument("dst")
+    c = sub.add_parser("convert", help="official pytorch_model-*.bin release -> safetensors",
+                       description="The official release (pytorch_model-*.bin) -> this project's layout: sharded "
+                                   "safetensors, config.json, ice_text.model, tokenizer_config.json.")
+    c.add_argument("src", help="the release folder: config.json, pytorch_model*.bin (+ index), ice_text.model")
+    c.add_argument("dst", help="the folder to write (written whole, or not at all)")
     for name, text in INFER_COMMANDS.items():  # listed in --help; `glm.py NAME --help` shows their flags
         sub.add_parser(name, help=text)
     args = p.parse_args(argv)

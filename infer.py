@@ -606,22 +606,22 @@ def parse_args(argv=None, prog="infer.py"):
                 "predict": (predict, "answer every line of a jsonl file (resumable; --pp under torchrun)", 512, 0, 1),
                 "serve": (serve, "OpenAI-compatible POST /v1/chat/completions", 512, 0.95, 0.7)}
     for name, (fn, text, n, temperature, top_p) in commands.items():
-        c = sub.add_parser(name, help=text, description=text)
+        c = sub.add_parser(name, help=text, description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         c.set_defaults(run=fn)
         c.add_argument("--model", help="base model folder (config.json, model*.safetensors, ice_text.model)")
         c.add_argument("--adapter", help="LoRA adapter folder to load onto the base (adapter_config.json ...)")
         c.add_argument("--max_new_tokens", type=int, default=n, help="longest answer" + (
             " (a request's max_tokens overrides it)" if name == "serve" else ""))
         c.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-        c.add_argument("--top_p", type=float, default=top_p)
+        c.add_argument("--top_p", type=float, default=top_p, help="nucleus sampling (1 = off)")
         if name != "predict":  # predict takes each rank's device from torchrun's LOCAL_RANK
-            c.add_argument("--device", default="", help="cpu, cuda, cuda:1 ... (default: cuda if there is one)")
+            c.add_argument("--device", default="", help='cpu, cuda, cuda:1 ...; "" = cuda if there is one')
     c = sub.choices["predict"]
     c.add_argument("--data", required=True, help="jsonl: prompt (+ history), Alpaca instruction/input, or messages")
     c.add_argument("--out", required=True, help="jsonl to write; an existing one is continued")
     c.add_argument("--output_key", default="output", help="field that receives the answer")
     c.add_argument("--overwrite", action="store_true", help="start --out again instead of continuing it")
-    c.add_argument("--batch_size", type=int, default=8)
+    c.add_argument("--batch_size", type=int, default=8, help="prompts generated together")
     c.add_argument("--max_prompt_len", type=int, default=0, help="prompt tokens kept (from the end); "
                    "0 = what max_new_tokens leaves of the context")
     c.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
@@ -629,8 +629,8 @@ def parse_args(argv=None, prog="infer.py"):
     c.add_argument("--timeout_min", type=float, default=10.0, help="a rank silent this long ends the run")
     c = sub.choices["serve"]
     c.add_argument("--host", default="127.0.0.1", help="0.0.0.0 listens on every interface")
-    c.add_argument("--port", type=int, default=8000)
-    c.add_argument("--name", default="", help="model name in replies (default: the folder's name)")
+    c.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    c.add_argument("--name", default="", help="model name in replies; \"\" = the folder's name")
     c.add_argument("--max_batch", type=int, default=16, help="requests generated together")
     c.add_argument("--batch_wait_ms", type=float, default=0.0, help="wait this long for more requests to batch")
     args = p.parse_args(argv)
