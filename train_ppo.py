@@ -116,6 +116,14 @@ NON_NEGATIVE = ("threads", "actor_lr", "critic_lr", "weight_decay", "grad_clip",
                 "save_every", "gpu_mem_gib")
 
 
+def one_process_env():
+    """This process's environment without torchrun's variables: a script started from a rank must run as
+    one process of its own, not join (and wait for) this run's process group."""
+    launch = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+              "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+    return {k: v for k, v in os.environ.items() if k not in launch and not k.startswith(("TORCHELASTIC_", "TORCH_NCCL"))}
+
+
 def toy_models_and_data(cfg, d):
     """The toy run (no models given): the toy SFT policy and toy RM next to --out, trained first by
     their own scripts if missing (the quickstart chain; under torchrun rank 0 runs them, one process
@@ -132,7 +140,7 @@ def toy_models_and_data(cfg, d):
         cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script),
                "--out", os.path.dirname(result)]
         print(f"$ {' '.join(cmd)}", flush=True)
-        code = subprocess.run(cmd).returncode
+        code = subprocess.run(cmd, env=one_process_env()).returncode
         if code:
             raise SystemExit(f"error: the toy run's `{' '.join(cmd)}` failed (exit code {code}); see its output above")
     dist.barrier()

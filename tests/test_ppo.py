@@ -629,8 +629,11 @@ def test_toy_prerequisites_are_trained_by_their_own_scripts(tmp_path, monkeypatc
     subprocesses (scripts do not import each other); present ones are used; a failed one stops the
     run with its command."""
     calls = []
+    monkeypatch.setenv("RANK", "3")  # as under torchrun: the toy runs must not see it
+    monkeypatch.setenv("WORLD_SIZE", "8")
 
-    def run(cmd, code=0):
+    def run(cmd, env, code=0):
+        assert "RANK" not in env and "WORLD_SIZE" not in env and env["PATH"] == os.environ["PATH"]
         calls.append(cmd)
         os.makedirs(os.path.join(cmd[-1], "final"))
         return SimpleNamespace(returncode=code)
@@ -647,7 +650,7 @@ def test_toy_prerequisites_are_trained_by_their_own_scripts(tmp_path, monkeypatc
     train_ppo.toy_models_and_data(fresh(), dist.Dist())
     assert calls == [[sys.executable, os.path.join(ROOT, "train_rm.py"), "--out", str(runs / "toy_rm")]]
     shutil.rmtree(runs / "toy_rm")
-    monkeypatch.setattr(train_ppo.subprocess, "run", lambda cmd: run(cmd, code=3))
+    monkeypatch.setattr(train_ppo.subprocess, "run", lambda cmd, env: run(cmd, env, code=3))
     with pytest.raises(SystemExit, match=r"train_rm.py --out .*failed \(exit code 3\)"):
         train_ppo.toy_models_and_data(fresh(), dist.Dist())
 
@@ -661,7 +664,8 @@ def test_under_torchrun_rank_0_trains_the_toy_prerequisites_while_the_others_wai
     def rank_main(rank):
         calls = []
 
-        def run(cmd):  # a toy run that takes a while
+        def run(cmd, env):  # a toy run that takes a while, as one process of its own
+            assert "RANK" not in env and "MASTER_PORT" not in env
             calls.append(cmd[1])
             time.sleep(1.0)
             os.makedirs(os.path.join(cmd[-1], "final"))
@@ -680,7 +684,7 @@ def test_under_torchrun_rank_0_trains_the_toy_prerequisites_while_the_others_wai
 
 def test_toy_prerequisites_are_found_when_out_ends_in_a_slash(tmp_path, monkeypatch):
     """`--out runs/toy_ppo/` (as shell completion writes it) names the same run as `--out runs/toy_ppo`."""
-    monkeypatch.setattr(train_ppo.subprocess, "run", lambda cmd: SimpleNamespace(
+    monkeypatch.setattr(train_ppo.subprocess, "run", lambda cmd, env: SimpleNamespace(
         returncode=os.makedirs(os.path.join(cmd[-1], "final")) or 0))
     cfg = train_ppo.toy_models_and_data(train_ppo.Config(out=str(tmp_path / "runs" / "toy_ppo") + "/"), dist.Dist())
     assert cfg.actor == str(tmp_path / "runs" / "toy_sft" / "final")
