@@ -487,31 +487,34 @@ def first_trainable_stage(model, d):
 
 
 def generate(model, d, input_ids, max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0,
-             top_k=0, generator=None, micro_batches=None, cuda_graph=None):
+             top_k=0, generator=None, micro_batches=None, cuda_graph=None, group_size=1):
     """KV-cached sampling through the pipeline; every stage of the replica gets the result:
-    ids [B, T + N'] (pad after <eop>) and the sampled tokens' log-probabilities [B, N']."""
+    ids [B*n, T + N'] (pad after <eop>) and the sampled tokens' log-probabilities [B*n, N'], with
+    n = group_size completions of each prompt (rows i*n .. i*n + n-1), each prompt computed once
+    and sent between stages once."""
     sampling = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
     if d.P == 1:
         return model.generate(input_ids, max_new_tokens=max_new_tokens, return_logprobs=True,
-                              cuda_graph=cuda_graph, **sampling)
+                              cuda_graph=cuda_graph, group_size=group_size, **sampling)
     model.check_ids(input_ids, max_new_tokens)
-    cfg, (B, T), N = model.config, input_ids.shape, max_new_tokens
+    cfg, (B, T), N, n = model.config, input_ids.shape, max_new_tokens, group_size
     use_graph = d.device.type == "cuda" if cuda_graph is None else cuda_graph
     chunks = input_ids.tensor_split(min(B, max(micro_batches or d.P, d.P)))
-    starts = [0] + torch.tensor([c.shape[0] for c in chunks]).cumsum(0).tolist()
-    rows = [slice(a, b) for a, b in zip(starts, starts[1:])]
+    starts = [0] + torch.tensor([c.shape[0] * n for c in chunks]).cumsum(0).tolist()
+    rows = [slice(a, b) for a, b in zip(starts, starts[1:])]  # a chunk's completions
     layouts = [glm.derive_layout(c, cfg) for c in chunks]
-    decoders = [glm.Decoder(model, c.shape[0], T + N, use_graph) for c in chunks]
-    out = torch.full((B, N), cfg.pad_token_id, dtype=torch.long, device=d.device)
-    logprobs = torch.zeros(B, N, device=d.device)
-    done = torch.zeros(B, dtype=torch.bool, device=d.device)
+    decoders = [glm.Decoder(model, c.shape[0] * n, T + N, use_graph) for c in chunks]
+    out = torch.full((B * n, N), cfg.pad_token_id, dtype=torch.long, device=d.device)
+    logprobs = torch.zeros(B * n, N, device=d.device)
+    done = torch.zeros(B * n, dtype=torch.bool, device=d.device)
     ring = _Ring(d, stage_dtype(model), cfg.hidden_size)
     with torch.no_grad():
         for k in range(N):  # k = 0: the prompt; k > 0: the token sampled at step k - 1
             for m, c in enumerate(chunks):
-                x = ring.receive(c, k, T)
+                x = ring.receive(c, k, T, n)
                 if k == 0:
-                    y = decoders[m].prefill(x, layouts[m])
+                    y = decoders[m].prefill(x, layouts[m], n)
+                    layouts[m] = glm.repeat_rows(layouts[m], n)
                 else:
                     y = decoders[m].step(x, glm.new_token_positions(layouts[m], T + k - 1), T + k - 1)
                 if not d.last:
@@ -525,7 +528,7 @@ def generate(model, d, input_ids, max_new_tokens, do_sample=False, temperature=1
     broadcast_from_last_stage(out, d)
     broadcast_from_last_stage(logprobs, d)
     out, logprobs = glm.trim_finished(out, logprobs, cfg.eos_token_id)
-    return torch.cat([input_ids, out], dim=1), logprobs
+    return torch.cat([input_ids.repeat_interleave(n, 0), out], dim=1), logprobs
 
 
 def greedy_answers(model, d, tok, prompts, max_new_tokens, batch_size=128):
@@ -548,10 +551,10 @@ class _Ring:
     def __init__(self, d, dtype, C):
         self.d, self.dtype, self.C, self.pending = d, dtype, C, []
 
-    def receive(self, chunk, k, T):
-        """Stage 0: the prompt chunk [b, T] at k = 0, then its newest tokens [b]; later stages:
-        the previous stage's hidden states [b, T or 1, C]."""
-        d, b = self.d, chunk.shape[0]
+    def receive(self, chunk, k, T, n=1):
+        """Stage 0: the prompt chunk [b, T] at k = 0, then its newest tokens [b*n]; later stages:
+        the previous stage's hidden states, [b, T, C] of the prompts, then [b*n, 1, C]."""
+        d, b = self.d, chunk.shape[0] * (n if k else 1)
         if d.first and k == 0:
             return chunk
         if d.first:

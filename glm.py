@@ -271,6 +271,12 @@ def derive_layout(input_ids, cfg):
     return Layout(position_ids, attend[:, None], ~is_pad, ctx, mask_idx - n_pad)
 
 
+def repeat_rows(layout, n):
+    """The layout with each row repeated n times in place (row i -> rows i*n .. i*n + n-1): the n
+    completions of one prompt."""
+    return Layout(*(getattr(layout, f.name).repeat_interleave(n, 0) for f in fields(layout)))
+
+
 def rotary_inv_freq(rotary_dim, device):
     """1 / 10000^(2i/d), rounded through float16 as the released model computes it."""
     inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim))
@@ -460,19 +466,21 @@ class ChatGLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens=128, do_sample=False, temperature=1.0,
                  top_p=1.0, top_k=0, generator=None, return_logprobs=False, stop_at_eop=True,
-                 streamer=None, cuda_graph=None):
+                 streamer=None, cuda_graph=None, group_size=1):
         """Extend left-padded prompts [B, T] by up to max_new_tokens with a fixed-shape KV cache.
 
         Returns ids [B, T + N], N <= max_new_tokens (pad after a row's <eop>) and, with return_logprobs, the
         log-probabilities [B, N] of the chosen tokens under softmax(logits / temperature).
-        On CUDA each decode step replays a captured CUDA graph unless cuda_graph=False."""
+        group_size n: n completions of every prompt, rows i*n .. i*n + n-1 of [B*n, T + N], each prompt
+        computed once. On CUDA each decode step replays a captured CUDA graph unless cuda_graph=False."""
         self.check_ids(input_ids, max_new_tokens)
-        cfg, (B, T) = self.config, input_ids.shape
-        device = input_ids.device
+        cfg, device = self.config, input_ids.device
         use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        B, T = input_ids.shape[0] * group_size, input_ids.shape[1]
         decoder = Decoder(self, B, T + max_new_tokens, use_graph)
         layout = derive_layout(input_ids, cfg)
-        logits = decoder.prefill(input_ids, layout)  # [B, V]
+        logits = decoder.prefill(input_ids, layout, group_size)  # [B, V]
+        layout, input_ids = repeat_rows(layout, group_size), input_ids.repeat_interleave(group_size, 0)
 
         out = torch.full((B, max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(B, max_new_tokens, device=device)
@@ -602,17 +610,31 @@ class Decoder:
         self.slot = torch.zeros(1, dtype=torch.long, device=p.device)
         self.graphs, self.pool = {}, None
 
-    def run(self, x, rope, attend, pos):
+    def run(self, x, rope, attend, pos, caches=None):
         """Logits [B, V] at the last position (hidden states [B, T, C] on a stage without the head)."""
-        h = self.model.transformer(x, rope, attend, self.caches, pos)
+        h = self.model.transformer(x, rope, attend, caches or self.caches, pos)
         return self.model.lm_head(h[:, -1]) if self.model.lm_head is not None else h
 
-    def prefill(self, x, layout):
-        """The whole prompt in one pass; logits [B, V] at its last position (or hidden states)."""
+    def prefill(self, x, layout, group=1):
+        """The whole prompt in one pass; logits [B, V] at its last position (or hidden states).
+
+        group = n: x and layout hold B/n distinct prompts, each the start of n completions (a GRPO
+        group). Each prompt is computed once, into a cache of its own, whose keys and values then fill
+        the n cache rows of its completions; the logits are repeated n times, while hidden states for
+        the next stage stay one per prompt (that stage repeats them in its own cache)."""
         T = layout.position_ids.shape[-1]
-        self.key_valid[:, :T] = layout.key_valid
         rope = rotary_tables(layout.position_ids, self.model.config.rotary_dim)
-        return self.run(x, rope, layout.attend, pos=(torch.arange(T, device=x.device), T))
+        pos = (torch.arange(T, device=layout.attend.device), T)
+        self.key_valid[:, :T] = layout.key_valid.repeat_interleave(group, 0)
+        if group == 1:
+            return self.run(x, rope, layout.attend, pos)
+        some = next(iter(self.caches.values())).k  # [B, S, nh, hs]
+        once = {i: KVCache(x.shape[0], some.shape[2], T, some.shape[3], some.dtype, some.device) for i in self.caches}
+        out = self.run(x, rope, layout.attend, pos, once)
+        for i, c in once.items():  # [B/n, T, nh, hs] -> [B, T, nh, hs]
+            self.caches[i].k[:, :T] = c.k.repeat_interleave(group, 0)
+            self.caches[i].v[:, :T] = c.v.repeat_interleave(group, 0)
+        return out.repeat_interleave(group, 0) if self.model.lm_head is not None else out
 
     def step(self, x, pos_ids, slot):
         """One new token per row (ids [B] or hidden [B, 1, C]) at cache slot `slot`."""

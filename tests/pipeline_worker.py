@@ -159,7 +159,9 @@ def generate_job(job, out):
     ids, logprobs = dist.generate(model, d, glm.left_pad(mine, tok.pad_id), NEW_TOKENS,
                                   micro_batches=job["micro_batches"])
     texts = dist.greedy_answers(model, d, tok, mine, NEW_TOKENS, batch_size=2)
-    _save(job, out, d, {"dp_rank": d.dp_rank, "ids": ids, "logprobs": logprobs, "texts": texts})
+    group = dist.generate(model, d, glm.left_pad(mine, tok.pad_id), NEW_TOKENS, micro_batches=job["micro_batches"],
+                          group_size=3)  # 3 greedy completions of each prompt, the prompt sent once
+    _save(job, out, d, {"dp_rank": d.dp_rank, "ids": ids, "logprobs": logprobs, "texts": texts, "group": group})
 
 
 def train_job(job, out):

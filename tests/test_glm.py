@@ -67,6 +67,34 @@ def test_golden_greedy_generation(golden, golden_model, tok):
         assert out[0, ids.shape[1]:].tolist() == case["new_ids"]
 
 
+def test_group_generation_computes_each_prompt_once(golden, golden_model, tok):
+    """n completions of a prompt (GRPO's group) share one prefill: the embedding sees each prompt's
+    tokens once, not n times; greedy, each completion is the golden answer, and sampled, the n
+    completions differ from each other and match the golden model's own log-probabilities."""
+    meta, _ = golden
+    cases = meta["generation"]["cases"][:2]
+    ids = glm.left_pad([c["prompt_ids"] for c in cases], tok.pad_id)  # [2, T]
+    N = min(c["num_new"] for c in cases)
+    seen = []
+    hook = golden_model.transformer.word_embeddings.register_forward_hook(lambda m, x, y: seen.append(x[0].numel()))
+    try:
+        out = golden_model.generate(ids, max_new_tokens=N, group_size=4, stop_at_eop=False)
+    finally:
+        hook.remove()
+    assert seen[0] == ids.numel() and seen[1:] == [2 * 4] * (N - 1)  # the prompts once, then 8 rows a step
+    for i, case in enumerate(cases):
+        for j in range(4):
+            assert out[i * 4 + j, ids.shape[1]:].tolist() == case["new_ids"][:N]
+    gen = torch.Generator().manual_seed(0)
+    sampled, logprobs = golden_model.generate(ids, max_new_tokens=N, group_size=4, do_sample=True, generator=gen,
+                                              return_logprobs=True, stop_at_eop=False)
+    assert len({tuple(r) for r in sampled[:4, ids.shape[1]:].tolist()}) > 1
+    with torch.no_grad():  # each sampled token's log-probability, recomputed without a cache
+        full = torch.log_softmax(golden_model(sampled).float(), dim=-1)[:, ids.shape[1] - 1:-1]
+    want = full.gather(-1, sampled[:, ids.shape[1]:, None])[..., 0]
+    torch.testing.assert_close(logprobs, want, atol=1e-4, rtol=0)
+
+
 def test_golden_tokenizer(golden, tok):
     meta, _ = golden
     for case in meta["tokenizer_cases"]["encode"]:

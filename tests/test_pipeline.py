@@ -199,6 +199,9 @@ def check_generation(model_dir, out, name, nproc, replicas, dtype=torch.float32,
             assert torch.equal(r["ids"], ids), (replica, r["ids"], ids)
             torch.testing.assert_close(r["logprobs"], logprobs, atol=atol, rtol=0)
             assert r["texts"] == texts
+            group_ids, group_logprobs = r["group"]  # greedy: each of a prompt's 3 completions is its answer
+            assert torch.equal(group_ids, ids.repeat_interleave(3, 0)), (replica, group_ids, ids)
+            torch.testing.assert_close(group_logprobs, logprobs.repeat_interleave(3, 0), atol=atol, rtol=0)
 
 
 # -----------------------------------------------------------------------------
