@@ -658,6 +658,11 @@ TOY_RM = dict(max_len=64, micro_batch_size=16, grad_accum=1, lr=1e-3, warmup_ste
 TOY_PPO = dict(mode="full", max_prompt_len=48, rollout_batch_size=76, max_new_tokens=6, max_steps=60,
                mini_batch_size=38, micro_batch_size=38, actor_lr=3e-4, critic_lr=1e-3, kl_coef=0.1,
                ppo_epochs=2, temperature=1.0, save_every=20, sample_every=20, out="runs/toy_ppo", threads=1)
+# the critic-free algorithms (python train_ppo.py --algo grpo --reward_fn toy_exact): 16 training
+# questions a step, 8 answers each
+TOY_RL = dict(mode="full", max_prompt_len=48, rollout_batch_size=16, max_new_tokens=6, max_steps=40,
+              mini_batch_size=64, micro_batch_size=64, actor_lr=3e-4, kl_coef=0.05, ppo_epochs=1, temperature=1.0,
+              save_every=20, sample_every=20, out="runs/toy_rl", threads=1)
 
 
 def toy_file(name):

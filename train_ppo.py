@@ -42,6 +42,7 @@ import lora
 import optim
 import plan
 import report
+import rewards
 
 
 @dataclass
@@ -61,25 +62,33 @@ class Config:
     lora_rank: int = 8              # LoRA rank r (0: no LoRA)
     lora_alpha: float = 16.0        # LoRA scale is alpha / r
     lora_targets: str = "query_key_value"  # comma-separated: query_key_value, dense, dense_h_to_4h, dense_4h_to_h
+    # ---- algorithm: PPO (actor and critic), or critic-free GRPO, RLOO, REINFORCE++
+    algo: str = "ppo"               # ppo, grpo, rloo or reinforce_pp
+    group_size: int = 0             # completions per prompt; 0 = 8 for grpo and rloo, 1 for ppo and reinforce_pp
+    no_std_norm: bool = False       # grpo: advantage r - mean of the group, not divided by its std (Dr. GRPO)
+    kl_in: str = ""                 # "reward" (per token, as PPO) or "loss" (k3, as GRPO); "" = the algorithm's
+    loss_agg: str = "token_mean"    # token_mean (every response token weighs the same) or seq_mean (every answer)
+    skip_uniform_groups: bool = False  # groups whose rewards are all equal leave the loss
+    reward_fn: str = ""             # rewards from text, MODULE:FUNCTION[=WEIGHT],... (rewards.py); added to --rm_dir's
     # ---- rollouts
-    rollout_batch_size: int = 64    # prompts per step and data-parallel replica
+    rollout_batch_size: int = 64    # prompts per step and data-parallel replica (each gives group_size answers)
     max_new_tokens: int = 256       # response tokens per rollout
     temperature: float = 1.0        # rollout sampling temperature
     top_p: float = 1.0              # nucleus sampling (1: off)
     top_k: int = 0                  # top-k sampling (0: off)
     # ---- PPO
-    max_steps: int = 100            # PPO steps (one rollout batch each)
+    max_steps: int = 100            # steps (one rollout batch each)
     ppo_epochs: int = 1             # passes over each rollout batch
     mini_batch_size: int = 16       # sequences per optimiser step and replica
     micro_batch_size: int = 4       # sequences per forward
     actor_lr: float = 1e-5          # policy learning rate
-    critic_lr: float = 1e-5         # value model learning rate
+    critic_lr: float = 1e-5         # value model learning rate (ppo)
     weight_decay: float = 0.0       # AdamW's decoupled weight decay
     grad_clip: float = 1.0          # clip the global gradient norm to this (0: off)
-    gamma: float = 1.0              # discount of GAE
+    gamma: float = 1.0              # discount of GAE (and of REINFORCE++'s returns)
     lam: float = 0.95               # lambda of GAE
     clip_ratio: float = 0.2         # PPO's policy ratio clip epsilon
-    value_clip: float = 0.2         # clip of the value update around the old values
+    value_clip: float = 0.2         # clip of the value update around the old values (ppo)
     entropy_coef: float = 0.0       # entropy bonus in the policy loss
     kl_coef: float = 0.05           # beta; adapted towards target_kl when target_kl > 0
     target_kl: float = 0.0          # adaptive beta's KL target (0: fixed kl_coef)
@@ -111,7 +120,7 @@ class Config:
 POSITIVE = ("timeout_min", "max_prompt_len", "rollout_batch_size", "max_new_tokens", "max_steps", "ppo_epochs",
             "mini_batch_size", "micro_batch_size", "kl_horizon", "ptx_batch_size", "log_every", "keep_checkpoints",
             "pp", "temperature", "top_p", "lora_rank", "lora_alpha")
-NON_NEGATIVE = ("threads", "actor_lr", "critic_lr", "weight_decay", "grad_clip", "gamma", "lam", "clip_ratio", "value_clip",
+NON_NEGATIVE = ("group_size", "threads", "actor_lr", "critic_lr", "weight_decay", "grad_clip", "gamma", "lam", "clip_ratio", "value_clip",
                 "entropy_coef", "kl_coef", "target_kl", "reward_clip", "ptx_coef", "top_k", "sample_every",
                 "save_every", "gpu_mem_gib")
 
@@ -128,9 +137,9 @@ def toy_models_and_data(cfg, d):
     """The toy run (no models given): the toy SFT policy and toy RM next to --out, trained first by
     their own scripts if missing (the quickstart chain; under torchrun rank 0 runs them, one process
     each, while the other ranks wait for their results), and the toy prompts."""
-    runs = data.toy_runs(cfg.out)
-    cfg.actor, cfg.rm_dir = os.path.join(runs, "toy_sft", "final"), os.path.join(runs, "toy_rm", "final")
-    for script, result in (("train_sft.py", cfg.actor), ("train_rm.py", cfg.rm_dir)):
+    runs, rm = data.toy_runs(cfg.out), cfg.algo == "ppo" or not cfg.reward_fn  # a reward model, unless not used
+    cfg.actor, cfg.rm_dir = os.path.join(runs, "toy_sft", "final"), os.path.join(runs, "toy_rm", "final") if rm else ""
+    for script, result in (("train_sft.py", cfg.actor), ("train_rm.py", cfg.rm_dir))[:1 + rm]:
         if not dist.is_main():
             while not os.path.isdir(result):  # polled, not a barrier: a busy machine may take longer than its timeout
                 time.sleep(0.5)
@@ -144,22 +153,45 @@ def toy_models_and_data(cfg, d):
         if code:
             raise SystemExit(f"error: the toy run's `{' '.join(cmd)}` failed (exit code {code}); see its output above")
     dist.barrier()
-    cfg.data = cfg.data or data.toy_file("sft_eval")
+    # the RM's prompts: the held-out questions, whose answers neither SFT nor the RM saw; a verifier's
+    # (--reward_fn): the training questions, so that the held-out ones still measure what was learnt
+    cfg.data = cfg.data or data.toy_file("prompts" if cfg.reward_fn else "sft_eval")
+    return cfg
+
+
+ALGOS = ("ppo", "grpo", "rloo", "reinforce_pp")
+GROUPED = ("grpo", "rloo")  # their baseline is the other answers to the same prompt
+
+
+def algorithm_defaults(cfg):
+    """Fill the settings left to the algorithm: group_size (8 for grpo and rloo, else 1) and where the
+    KL goes (in the loss for grpo, as its paper puts it; in the reward for the others)."""
+    if cfg.algo not in ALGOS:
+        raise ValueError(f"--algo {cfg.algo!r}: expected one of {', '.join(ALGOS)}")
+    cfg.group_size = cfg.group_size or (8 if cfg.algo in GROUPED else 1)
+    cfg.kl_in = cfg.kl_in or ("loss" if cfg.algo == "grpo" else "reward")
     return cfg
 
 
 def check_models(cfg):
-    """The folders each mode needs, checked before anything is read."""
+    """The folders each mode needs and the algorithm's settings, checked before anything is read."""
     if cfg.mode not in ("lora", "full"):
         raise ValueError(f"--mode {cfg.mode!r}: expected 'lora' or 'full'")
     if cfg.mode == "lora" and not cfg.model:
         raise ValueError("--mode lora needs --model BASE (the frozen base all roles share)")
     if cfg.mode == "full" and not cfg.actor:
         raise ValueError("--mode full needs --actor SFT_DIR (an HF weight folder)")
-    if not cfg.rm_dir:
-        raise ValueError("--rm_dir is required: the output folder of train_rm.py")
+    if not cfg.rm_dir and (cfg.algo == "ppo" or not cfg.reward_fn):
+        raise ValueError("--rm_dir is required: the output folder of train_rm.py" + (
+            " (PPO's critic starts from it)" if cfg.reward_fn else "; or, for --algo grpo/rloo/reinforce_pp, "
+                                                                 "--reward_fn to score answers by their text"))
     if not cfg.data:
         raise ValueError("--data is required: a jsonl of prompts ({\"prompt\": ..., \"history\": [...]})")
+    if cfg.kl_in not in ("reward", "loss") or cfg.loss_agg not in ("token_mean", "seq_mean"):
+        raise ValueError(f"--kl_in {cfg.kl_in!r} / --loss_agg {cfg.loss_agg!r}: expected reward or loss / "
+                         "token_mean or seq_mean")
+    if cfg.algo in GROUPED and cfg.group_size < 2:
+        raise ValueError(f"--algo {cfg.algo} compares the answers to one prompt: --group_size must be >= 2")
 
 
 def read_reward_stats(rm_dir):
@@ -181,17 +213,20 @@ def read_reward_stats(rm_dir):
 
 class Roles:
     """Which weights each role runs on this stage. In lora mode every role is an adapter (or none)
-    of one model; in full mode each role has its own model. Heads live on the last stage."""
+    of one model; in full mode each role has its own model. Heads live on the last stage. PPO has
+    all four roles; the critic-free algorithms have no critic, and a reward only with --rm_dir."""
 
     def __init__(self, cfg, d, stage):
         self.d, self.mode = d, cfg.mode
+        self.present = ["actor", "reference"] + ["critic"] * (cfg.algo == "ppo") + ["reward"] * bool(cfg.rm_dir)
         (self._build_lora if cfg.mode == "lora" else self._build_full)(cfg, d, stage)
         C = self.models["actor"].config.hidden_size
         self.value_head = self.reward_head = None
-        if d.last:  # the critic starts from the reward model, head included
+        if d.last and "reward" in self.present:
             self.reward_head = nn.Linear(C, 1).to(d.device)
             ckpt.load_head(self.reward_head, cfg.rm_dir, "reward_head")
             self.reward_head.requires_grad_(False)
+        if d.last and "critic" in self.present:  # the critic starts from the reward model, head included
             self.value_head = nn.Linear(C, 1).to(d.device)
             self.value_head.load_state_dict(self.reward_head.state_dict())
             self.value_head.requires_grad_(True)
@@ -207,10 +242,12 @@ class Roles:
         else:  # the base is the SFT model: a fresh adapter (B = 0) starts as exactly the reference
             lora.inject_lora(model, targets=targets, r=cfg.lora_rank, alpha=cfg.lora_alpha, name="policy",
                              dtype=torch.float32, seed=cfg.seed)
-        self._adapter(model, cfg.rm_dir, "critic", torch.float32)
-        self._adapter(model, cfg.rm_dir, "reward", None)
-        lora.mark_only_lora_trainable(model, ("policy", "critic"))
-        self.models = {r: model for r in ("actor", "reference", "critic", "reward")}
+        if "critic" in self.present:
+            self._adapter(model, cfg.rm_dir, "critic", torch.float32)
+        if "reward" in self.present:
+            self._adapter(model, cfg.rm_dir, "reward", None)
+        lora.mark_only_lora_trainable(model, ("policy", "critic") if "critic" in self.present else ("policy",))
+        self.models = {r: model for r in self.present}
         self.adapters = {"actor": "policy", "reference": "reference" if sft else None,
                          "critic": "critic", "reward": "reward"}
 
@@ -224,8 +261,8 @@ class Roles:
 
     def _build_full(self, cfg, d, stage):
         build = lambda path: dist.build_stage(path, stage, d, cfg.checkpoint)
-        self.models = {"actor": build(cfg.actor), "reference": build(cfg.actor),
-                       "critic": build(cfg.rm_dir), "reward": build(cfg.rm_dir)}
+        source = {"actor": cfg.actor, "reference": cfg.actor, "critic": cfg.rm_dir, "reward": cfg.rm_dir}
+        self.models = {role: build(source[role]) for role in self.present}
         for role, m in self.models.items():
             m.requires_grad_(role in ("actor", "critic"))
             optim.fuse_weight_grads(m)
@@ -252,8 +289,8 @@ class Roles:
     def checkpointed(self):
         """{subfolder: (model, adapter name)} of the trained roles, as ckpt.save writes them."""
         lora_mode = self.mode == "lora"
-        return {"policy": (self.models["actor"], "policy" if lora_mode else None),
-                "critic": (self.models["critic"], "critic" if lora_mode else None)}
+        return {sub: (self.models[role], sub if lora_mode else None)
+                for sub, role in (("policy", "actor"), ("critic", "critic")) if role in self.present}
 
 
 # -----------------------------------------------------------------------------
@@ -305,6 +342,35 @@ def kl_rewards(logp, ref_logp, score, mask, end, beta):
     return r.scatter_add(1, last[:, None], score[:, None])
 
 
+def group_advantages(reward, n, algo, std_norm=True):
+    """Per-answer advantages [B] from per-answer rewards [B], in groups of n consecutive rows (the n
+    answers to one prompt). GRPO: (r - mean) / std within the group (std_norm; without it, Dr. GRPO's
+    r - mean); RLOO: r minus the mean of the other n - 1 answers, which is n / (n - 1) (r - mean)."""
+    g = reward.view(-1, n)  # [B/n, n]
+    centred = g - g.mean(1, keepdim=True)
+    if algo == "rloo":
+        return (centred * n / (n - 1)).view(-1)
+    return (centred / (g.std(1, keepdim=True) + 1e-6) if std_norm else centred).view(-1)
+
+
+def advantages(cfg, r, score, beta, d):
+    """Per-action advantages [B, A] of a rollout (r: mask, end, log-probs, PPO's values) for cfg.algo.
+    The KL to the reference enters here as a per-token reward when --kl_in reward, else the loss
+    holds it. PPO: GAE over the critic's values, whitened; REINFORCE++: the returns of the per-token
+    rewards (its group's mean score subtracted first when group_size > 1), whitened over every
+    replica's batch; GRPO / RLOO: one advantage per answer, from its group, on each of its tokens."""
+    mask, beta = r["mask"], beta if cfg.kl_in == "reward" else 0.0
+    if cfg.algo in GROUPED:
+        seq = score - beta * ((r["logp"] - r["ref_logp"]) * mask).sum(1)  # [B]
+        return group_advantages(seq, cfg.group_size, cfg.algo, not cfg.no_std_norm)[:, None] * mask
+    if cfg.algo == "reinforce_pp" and cfg.group_size > 1:
+        score = score - score.view(-1, cfg.group_size).mean(1).repeat_interleave(cfg.group_size)
+    rewards = kl_rewards(r["logp"], r["ref_logp"], score, mask, r["end"], beta)
+    values = r["values"] if cfg.algo == "ppo" else torch.zeros_like(rewards)
+    adv, r["returns"] = gae(rewards, values, mask, cfg.gamma, cfg.lam if cfg.algo == "ppo" else 1.0)
+    return masked_whiten(adv, mask, d.dp_group)
+
+
 class KLController:
     """Fixed beta, or the adaptive rule: beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon."""
 
@@ -328,24 +394,40 @@ def token_logprobs(model, h, ids, temperature=1.0):
     return logp_all.gather(-1, ids[:, 1:, None])[..., 0]
 
 
-def policy_loss(cfg, n_tok, stats):
-    """Clipped surrogate (plus entropy bonus) over response actions, summed / n_tok."""
+def policy_loss(cfg, beta, stats):
+    """Clipped surrogate over response actions, each weighted by mb["w"] (see loss_weights); plus an
+    entropy bonus, and with --kl_in loss beta times the k3 estimate of KL(pi || pi_ref) per token,
+    exp(d) - d - 1 with d = log pi_ref - log pi: never negative, and unbiased under pi's samples."""
     def fn(model, h, mb):
         mask = mb["mask"]
         hs = h[:, :-1][mask]  # [n, C]: the head only where there is an action to score
         logp_all = torch.log_softmax(model.lm_head(hs).float() / cfg.temperature, dim=-1)  # [n, V]
         logp = logp_all.gather(-1, mb["input_ids"][:, 1:][mask][:, None])[:, 0]
-        old, adv = mb["logp"][mask], mb["adv"][mask]
+        old, adv, w = mb["logp"][mask], mb["adv"][mask], mb["w"][mask]
         ratio = torch.exp(logp - old)
-        loss = -torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_ratio, 1 + cfg.clip_ratio) * adv).sum()
+        loss = -(w * torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_ratio, 1 + cfg.clip_ratio) * adv)).sum()
         entropy = -(logp_all.exp() * logp_all).sum(-1)  # [n]
         if cfg.entropy_coef:
-            loss = loss - cfg.entropy_coef * entropy.sum()
+            loss = loss - cfg.entropy_coef * (w * entropy).sum()
+        if cfg.kl_in == "loss":
+            dl = mb["ref_logp"][mask] - logp
+            loss = loss + beta * (w * (torch.exp(dl) - dl - 1)).sum()
         with torch.no_grad():
             stats.add_(torch.stack([((ratio - 1).abs() > cfg.clip_ratio).float().sum(),
                                     (0.5 * (logp - old) ** 2).sum(), entropy.sum(), mask.sum().float()]))
-        return loss / n_tok
+        return loss
     return fn
+
+
+def loss_weights(mask, keep, agg, group):
+    """Per-action weights [b, A] of one mini-batch that sum to 1 over every replica's share of it:
+    each kept response token alike (token_mean), or each kept answer alike, its tokens sharing its
+    weight (seq_mean). keep [b] drops answers from the loss (the groups --skip_uniform_groups skips)."""
+    m = mask.float() * keep[:, None]
+    if agg == "token_mean":
+        return m / dist.all_reduce(m.sum(), "sum", group).clamp(min=1)
+    answers = dist.all_reduce((m.sum(1) > 0).float().sum(), "sum", group).clamp(min=1)
+    return m / m.sum(1, keepdim=True).clamp(min=1) / answers
 
 
 def value_loss(cfg, head, n_tok, stats):
@@ -377,7 +459,8 @@ def split(batch, idx, size):
 
 
 def score_rollout(roles, d, ids, T, cfg):
-    """One pass per role over the finished sequences: old and reference log-probs, values, reward."""
+    """One pass per role present over the finished sequences: old and reference log-probs, the
+    critic's values (PPO), the reward model's score (with --rm_dir)."""
     eos = roles.models["actor"].config.eos_token_id
     mask, end, has_eop = response_mask(ids, T, eos)
     mbs = split({"input_ids": ids, "end": end}, torch.arange(ids.shape[0]), cfg.micro_batch_size)
@@ -385,35 +468,65 @@ def score_rollout(roles, d, ids, T, cfg):
     per_row = lambda mb: (mb["input_ids"].shape[0],)
     run = lambda role, fn, shape: torch.cat(dist.forward(roles.use(role), d, mbs, fn, shape))
     logp_fn = lambda model, h, mb: token_logprobs(model, h, mb["input_ids"], cfg.temperature)
-    logp = run("actor", logp_fn, per_token)
-    ref_logp = run("reference", logp_fn, per_token)
-    values = run("critic", lambda m, h, mb: roles.value_head(h[:, :-1].float())[..., 0], per_token)
-    score = run("reward", lambda m, h, mb: glm.rewards_at(roles.reward_head, h, mb["end"]), per_row)
-    return dict(mask=mask, end=end, has_eop=has_eop, logp=logp, ref_logp=ref_logp, values=values, score=score)
+    r = dict(mask=mask, end=end, has_eop=has_eop, logp=run("actor", logp_fn, per_token),
+             ref_logp=run("reference", logp_fn, per_token))
+    if "critic" in roles.present:
+        r["values"] = run("critic", lambda m, h, mb: roles.value_head(h[:, :-1].float())[..., 0], per_token)
+    if "reward" in roles.present:
+        r["score"] = run("reward", lambda m, h, mb: glm.rewards_at(roles.reward_head, h, mb["end"]), per_row)
+    return r
 
 
-def rollout(roles, d, prompt_ids, cfg, rm_stats, beta, gen):
-    """Sample responses, score them with all four roles, and turn the scores into per-token
-    rewards, advantages and returns; the training batch, and the scores with their timings."""
-    T, t0 = prompt_ids.shape[1], time.perf_counter()
+@dataclass
+class Judge:
+    """What an answer's task reward comes from besides the reward role's score: that model's held-out
+    mean and std (to normalise it), and the --reward_fn functions of the text."""
+    tok: glm.Tokenizer
+    rm_stats: dict
+    fns: list
+
+    def rewards(self, r, ids, T, texts, cfg):
+        """Each answer's task reward [B], raw (logged) and as it trains: the reward model's score,
+        normalised and clipped, plus the functions' rewards."""
+        raw = cfg.no_eop_penalty * (~r["has_eop"]).float()
+        norm = raw
+        if "score" in r:
+            raw = raw + r["score"]
+            norm = ((raw - self.rm_stats["mean"]) / max(self.rm_stats["std"], 1e-6)).clamp(-cfg.reward_clip,
+                                                                                         cfg.reward_clip)
+        if self.fns:
+            answers = [sample_text(self.tok, row[T:]) for row in ids]  # ids outside the tokenizer never pass a check
+            f = torch.tensor(rewards.score(self.fns, texts, answers), device=ids.device)
+            raw, norm = raw + f, norm + f
+        return raw, norm
+
+
+def rollout(roles, d, prompt_ids, texts, cfg, judge, beta, gen):
+    """Sample group_size answers to each prompt (texts: the prompts as text), score them with every
+    role present and the judge, and turn the scores into advantages (and PPO's returns); the
+    training batch, and the scores with their timings."""
+    T, t0, n = prompt_ids.shape[1], time.perf_counter(), cfg.group_size
     ids, _ = dist.generate(roles.use("actor"), d, prompt_ids, cfg.max_new_tokens, do_sample=True,
-                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, generator=gen)
+                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, generator=gen,
+                           group_size=n)
     t1 = time.perf_counter()
     r = score_rollout(roles, d, ids, T, cfg)
-    r["raw_score"] = r["score"] + cfg.no_eop_penalty * (~r["has_eop"]).float()
-    norm = ((r["raw_score"] - rm_stats["mean"]) / max(rm_stats["std"], 1e-6)).clamp(-cfg.reward_clip, cfg.reward_clip)
-    rewards = kl_rewards(r["logp"], r["ref_logp"], norm, r["mask"], r["end"], beta)
-    adv, r["returns"] = gae(rewards, r["values"], r["mask"], cfg.gamma, cfg.lam)
-    adv = masked_whiten(adv, r["mask"], d.dp_group)
+    r["raw_score"], score = judge.rewards(r, ids, T, [t for t in texts for _ in range(n)], cfg)
+    groups = score.view(-1, n)
+    r["uniform"] = (groups.max(1).values - groups.min(1).values) < 1e-6  # [B/n]: every answer scored alike
+    r["group_std"] = groups.std(1) if n > 1 else torch.zeros(groups.shape[0], device=score.device)
+    keep = ~r["uniform"].repeat_interleave(n) if cfg.skip_uniform_groups and n > 1 else torch.ones_like(score)
+    adv = advantages(cfg, r, score, beta, d)
     r["t_generate"], r["t_score"] = t1 - t0, time.perf_counter() - t1
-    batch = {"input_ids": ids, "mask": r["mask"], "logp": r["logp"], "adv": adv, "returns": r["returns"],
-             "values": r["values"]}
+    batch = {"input_ids": ids, "mask": r["mask"], "logp": r["logp"], "adv": adv, "keep": keep.float()}
+    batch.update({k: r[k] for k in ("ref_logp",) if cfg.kl_in == "loss"})
+    batch.update({k: r[k] for k in ("returns", "values") if "values" in r})
     return batch, r
 
 
-def ppo_update(roles, opts, bad, batch, d, cfg, step, next_ptx):
-    """ppo_epochs over shuffled mini-batches: one actor step (clipped policy loss, + ptx) and one
-    critic step (clipped value loss) each. Returns the summed policy and value statistics."""
+def ppo_update(roles, opts, bad, batch, d, cfg, step, next_ptx, beta):
+    """ppo_epochs over shuffled mini-batches: one actor step (clipped policy loss, + ptx) and, for
+    PPO, one critic step (clipped value loss) each. Returns the summed policy and value statistics."""
     pstats, vstats = torch.zeros(4, device=d.device), torch.zeros(2, device=d.device)
     order_gen = torch.Generator().manual_seed(cfg.seed + 31 * step)
     B = batch["input_ids"].shape[0]
@@ -421,10 +534,11 @@ def ppo_update(roles, opts, bad, batch, d, cfg, step, next_ptx):
         perm = torch.randperm(B, generator=order_gen).to(d.device)
         for m in range(0, B, cfg.mini_batch_size):
             rows = perm[m:m + cfg.mini_batch_size]
-            mbs = split(batch, rows, cfg.micro_batch_size)
-            n_tok = dist.all_reduce(batch["mask"][rows].sum().float(), "sum", d.dp_group).clamp(min=1)
+            mini = {**{k: v[rows] for k, v in batch.items()},
+                    "w": loss_weights(batch["mask"][rows], batch["keep"][rows], cfg.loss_agg, d.dp_group)}
+            mbs = split(mini, torch.arange(len(rows), device=d.device), cfg.micro_batch_size)
             actor = roles.use("actor")
-            loss = dist.train_step(actor, d, mbs, policy_loss(cfg, n_tok, pstats))
+            loss = dist.train_step(actor, d, mbs, policy_loss(cfg, beta, pstats))
             if next_ptx is not None:
                 ids, labels = next_ptx()
                 pmbs = [{"input_ids": ids.to(d.device), "labels": labels.to(d.device)}]
@@ -432,10 +546,11 @@ def ppo_update(roles, opts, bad, batch, d, cfg, step, next_ptx):
                 loss = loss + dist.train_step(actor, d, pmbs, ptx_loss(cfg.ptx_coef, p_tok))
             _, _, bad["actor"] = optim.optimizer_step(opts["actor"], loss, cfg.actor_lr, cfg.grad_clip, d,
                                                       bad["actor"], step)
-            critic = roles.use("critic")
-            vloss = dist.train_step(critic, d, mbs, value_loss(cfg, roles.value_head, n_tok, vstats))
-            _, _, bad["critic"] = optim.optimizer_step(opts["critic"], vloss, cfg.critic_lr, cfg.grad_clip, d,
-                                                       bad["critic"], step)
+            if "critic" in opts:
+                n_tok = dist.all_reduce(batch["mask"][rows].sum().float(), "sum", d.dp_group).clamp(min=1)
+                vloss = dist.train_step(roles.use("critic"), d, mbs, value_loss(cfg, roles.value_head, n_tok, vstats))
+                _, _, bad["critic"] = optim.optimizer_step(opts["critic"], vloss, cfg.critic_lr, cfg.grad_clip, d,
+                                                           bad["critic"], step)
     return pstats, vstats
 
 
@@ -444,25 +559,33 @@ def ppo_update(roles, opts, bad, batch, d, cfg, step, next_ptx):
 
 
 def metrics(r, pstats, vstats, d):
-    """Reward, KL, entropy, clip fraction, approximate KL, value loss, explained variance, length,
-    over every replica, from a rollout's scores r and the update's summed statistics."""
-    raw_score, returns, m = r["raw_score"], r["returns"], r["mask"].float()
+    """Reward, KL, entropy, clip fraction, approximate KL, length, the groups' reward spread and
+    uniform share, PPO's value loss and explained variance, over every replica, from a rollout's
+    scores r and the update's summed statistics."""
+    raw_score, m = r["raw_score"], r["mask"].float()
     kl_seq = ((r["logp"] - r["ref_logp"]) * m).sum(1)  # [B]
-    resid = (returns - r["values"]) * m
     n = m.sum()
     var = lambda x: (x ** 2 * m).sum() / n - ((x * m).sum() / n) ** 2
+    critic = "values" in r
+    resid = (r["returns"] - r["values"]) * m if critic else m
     local = torch.stack([raw_score.sum(), (raw_score ** 2).sum(), kl_seq.sum(), m.sum(1).sum(),
-                         torch.tensor(float(raw_score.shape[0]), device=m.device), var(resid) * n, var(returns) * n, n])
+                         torch.tensor(float(raw_score.shape[0]), device=m.device),
+                         var(resid) * n if critic else n * 0, var(r["returns"]) * n if critic else n * 0, n,
+                         r["group_std"].sum(), r["uniform"].float().sum(), torch.tensor(float(len(r["uniform"])),
+                                                                                       device=m.device)])
     g = dist.all_reduce(local, "sum", d.dp_group)
     B = g[4]
     pstats = dist.all_reduce(dist.broadcast_from_last_stage(pstats, d), "sum", d.dp_group)
-    vstats = dist.all_reduce(dist.broadcast_from_last_stage(vstats, d), "sum", d.dp_group)
     mean = g[0] / B
-    return dict(reward_mean=float(mean), reward_std=float((g[1] / B - mean ** 2).clamp(min=0).sqrt()),
-                kl=float(g[2] / B), response_len=float(g[3] / B),
-                explained_var=float(1 - g[5] / g[6].clamp(min=1e-8)),
-                clip_frac=float(pstats[0] / pstats[3].clamp(min=1)), approx_kl=float(pstats[1] / pstats[3].clamp(min=1)),
-                entropy=float(pstats[2] / pstats[3].clamp(min=1)), value_loss=float(vstats[0] / vstats[1].clamp(min=1)))
+    out = dict(reward_mean=float(mean), reward_std=float((g[1] / B - mean ** 2).clamp(min=0).sqrt()),
+               kl=float(g[2] / B), response_len=float(g[3] / B),
+               clip_frac=float(pstats[0] / pstats[3].clamp(min=1)), approx_kl=float(pstats[1] / pstats[3].clamp(min=1)),
+               entropy=float(pstats[2] / pstats[3].clamp(min=1)),
+               group_reward_std=float(g[8] / g[10]), uniform_groups=float(g[9] / g[10]))
+    if critic:
+        vstats = dist.all_reduce(dist.broadcast_from_last_stage(vstats, d), "sum", d.dp_group)
+        out.update(explained_var=float(1 - g[5] / g[6].clamp(min=1e-8)), value_loss=float(vstats[0] / vstats[1].clamp(min=1)))
+    return out
 
 
 def toy_report(roles, tok, d, cfg):
@@ -475,8 +598,9 @@ def toy_report(roles, tok, d, cfg):
     out, _ = dist.generate(model, d, ids, cfg.max_new_tokens)
     model.train()
     answers = [tok.decode(row, skip_special_tokens=True) for row in out[:, ids.shape[1]:]]
-    score = dist.broadcast_from_last_stage(score_rollout(roles, d, out, ids.shape[1], cfg)["score"].mean(), d)
-    return data.toy_accuracy(eval_ex, answers), float(score), [[e["prompt"], a] for e, a in zip(eval_ex, answers)]
+    r = score_rollout(roles, d, out, ids.shape[1], cfg)
+    score = float(r["score"].mean()) if "score" in r else None  # every stage has it (dist.forward)
+    return data.toy_accuracy(eval_ex, answers), score, [[e["prompt"], a] for e, a in zip(eval_ex, answers)]
 
 
 def toy_tables(before, after, rows):
@@ -486,7 +610,7 @@ def toy_tables(before, after, rows):
     rows = [r for r in rows if r.get("reward_mean") is not None]
     mean = lambda rows, k: f"{sum(r[k] for r in rows) / len(rows):.3f}" if rows else "n/a"
     summary = [["accuracy of the greedy answers", f"{before[0]:.1%}", f"{after[0]:.1%}"],
-               ["RM score of the greedy answers", f"{before[1]:.3f}", f"{after[1]:.3f}"],
+               ["RM score of the greedy answers", *(f"{x[1]:.3f}" if x[1] is not None else "n/a" for x in (before, after))],
                ["rollout reward mean (first / last 5 steps)", mean(rows[:5], "reward_mean"), mean(rows[-5:], "reward_mean")],
                ["KL to the reference (first / last 5 steps)", mean(rows[:5], "kl"), mean(rows[-5:], "kl")]]
     mark = lambda p, x: "right" if data.toy_answer_correct(p, x) else "wrong"
@@ -516,10 +640,10 @@ def sample_text(tok, ids):
 
 
 def main(argv=None):
-    cfg = flags.parse(Config, argv, preset=lambda c: {} if c.model or c.actor or c.rm_dir else data.TOY_PPO,
-                      positive=POSITIVE, non_negative=NON_NEGATIVE)
+    cfg = flags.parse(Config, argv, preset=lambda c: {} if c.model or c.actor or c.rm_dir else
+                      data.TOY_PPO if c.algo == "ppo" else data.TOY_RL, positive=POSITIVE, non_negative=NON_NEGATIVE)
     d = dist.setup(cfg.pp, cfg.timeout_min, cfg.threads)
-    toy = not (cfg.model or cfg.actor or cfg.rm_dir)
+    toy, cfg = not (cfg.model or cfg.actor or cfg.rm_dir), algorithm_defaults(cfg)
     cfg = toy_models_and_data(cfg, d) if toy else cfg
     check_models(cfg)
     ckpt.check_out(cfg.out, "train_ppo", asdict(cfg), cfg.resume, cfg.overwrite)  # before any work
@@ -530,7 +654,9 @@ def main(argv=None):
     base_dir = cfg.model if cfg.mode == "lora" else cfg.actor
     tok = glm.Tokenizer.from_dir(base_dir)
     stats = data.TruncationStats()
-    prompts = [data.encode_prompt(tok, e, cfg.max_prompt_len, stats) for e in data.load_prompts(cfg.data)]
+    examples = data.load_prompts(cfg.data)
+    prompts = [data.encode_prompt(tok, e, cfg.max_prompt_len, stats) for e in examples]
+    texts = [e["prompt"] for e in examples]  # the question a --reward_fn judges (its line's "prompt")
     dist.print0(f"prompts: {len(prompts)}; {stats}")
     if cfg.ptx_coef > 0 and not cfg.ptx_data:
         raise ValueError("--ptx_coef > 0 needs --ptx_data (an SFT jsonl)")
@@ -539,20 +665,21 @@ def main(argv=None):
     batches = data.Batches(len(prompts), cfg.rollout_batch_size, cfg.seed, rank=d.dp_rank, world=d.D)
     ptx_batches = data.Batches(len(ptx), cfg.ptx_batch_size, cfg.seed + 1, rank=d.dp_rank, world=d.D) if ptx else None
     next_ptx = (lambda: data.collate([ptx[i] for i in ptx_batches.next()], tok.pad_id)) if ptx else None
-    rm_stats = read_reward_stats(cfg.rm_dir)
+    judge = Judge(tok, read_reward_stats(cfg.rm_dir) if cfg.rm_dir else None,
+                  rewards.load(cfg.reward_fn) if cfg.reward_fn else [])
 
-    # ---- the plan (sized for the actor's training; full mode holds actor and critic training beside
-    # frozen reference and reward copies), the four roles on this stage, their optimisers, resume
+    # ---- the plan (sized for the actor's training; full mode holds actor (and PPO's critic) training
+    # beside frozen reference (and reward) copies), the roles on this stage, their optimisers, resume
     gcfg = glm.GLMConfig.from_json(os.path.join(base_dir, "config.json"))
     the_plan = plan.plan_for_run(gcfg, d.P, d.device, cfg.micro_batch_size, cfg.max_prompt_len + cfg.max_new_tokens,
                                  max(1, cfg.mini_batch_size // cfg.micro_batch_size), cfg.mode,
                                  cfg.lora_rank if cfg.mode == "lora" else 0, cfg.lora_targets.split(","),
                                  gpu_mem_gib=cfg.gpu_mem_gib, method=cfg.plan,
-                                 copies=(1, 0) if cfg.mode == "lora" else (2, 2))
+                                 copies=(1, 0) if cfg.mode == "lora" else (1 + (cfg.algo == "ppo"), 1 + bool(cfg.rm_dir)))
     dist.print0(the_plan.format_table())
     roles = Roles(cfg, d, the_plan.stages[d.pp_rank])
     opts = {role: optim.AdamW(roles.trainables(role), lr, cfg.weight_decay, d, the_plan.hosts)
-            for role, lr in (("actor", cfg.actor_lr), ("critic", cfg.critic_lr))}
+            for role, lr in (("actor", cfg.actor_lr), ("critic", cfg.critic_lr)) if role in roles.present}
     saved_opts = {f"optim-{role}": opt for role, opt in opts.items()}
     resume_dir = ckpt.checkpoint_dir(cfg.out, cfg.resume)
     for sub, (model, name) in roles.checkpointed().items() if resume_dir else ():
@@ -574,11 +701,12 @@ def main(argv=None):
     with dist.Progress(cfg.max_steps, step) as bar, dist.StopSignal() as stop:
         while step < cfg.max_steps and not stopped:
             t0 = time.perf_counter()
-            prompt_ids = glm.left_pad([prompts[i] for i in batches.next()], tok.pad_id).to(d.device)
             gen.manual_seed(cfg.seed * 1_000_003 + step * 1009 + d.dp_rank)  # per step: a resumed run samples the same
-            batch, r = rollout(roles, d, prompt_ids, cfg, rm_stats, kl_ctl.beta, gen)
+            picked = batches.next()
+            prompt_ids = glm.left_pad([prompts[i] for i in picked], tok.pad_id).to(d.device)
+            batch, r = rollout(roles, d, prompt_ids, [texts[i] for i in picked], cfg, judge, kl_ctl.beta, gen)
             t1 = time.perf_counter()
-            pstats, vstats = ppo_update(roles, opts, bad, batch, d, cfg, step, next_ptx)
+            pstats, vstats = ppo_update(roles, opts, bad, batch, d, cfg, step, next_ptx, kl_ctl.beta)
             step += 1
             m = metrics(r, pstats, vstats, d)
             kl_ctl.update(m["kl"], cfg.rollout_batch_size * d.D)
@@ -600,7 +728,7 @@ def main(argv=None):
                                      dict(step=step, bad=bad, beta=kl_ctl.beta, data=batches.state_dict(),
                                           data_hashes=hashes,
                                           ptx_data=ptx_batches.state_dict() if ptx_batches else None,
-                                          config=asdict(cfg), rm_stats=rm_stats, toy_before=before),
+                                          config=asdict(cfg), rm_stats=judge.rm_stats, toy_before=before),
                                      keep=cfg.keep_checkpoints)
     if stopped:
         stop.exit(stopped, step, cfg.out, d)

@@ -201,6 +201,19 @@ def data8(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def toy_dir(tmp_path_factory):
+    """bench.py make_model --toy --adapter --prompt_len 10: a random toy model, its reward head, the reward
+    adapter and the prompts (short: an RL run's cost grows with the tokens a step)."""
+    import argparse
+    import bench
+    path = str(tmp_path_factory.mktemp("ppo") / "toy")
+    torch.manual_seed(0)  # make_model draws the reward head and the reward adapter from the global RNG
+    bench.make_model(argparse.Namespace(toy=True, dir=path, adapter=True, prompt_len=10), torch.device("cpu"),
+                     torch.float32)
+    return path
+
+
+@pytest.fixture(scope="session")
 def toy_chain(tmp_path_factory):
     """The README's toy chain in one runs/ folder, each script on its toy defaults but for a few steps:
     train_sft.py --out RUNS/toy_sft, then train_rm.py (which finds the toy SFT result), then

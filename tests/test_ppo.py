@@ -7,7 +7,6 @@ weights with reward_head.safetensors and reward_stats.json (actor and reward mod
 rm_adapter/ subfolder (the reward adapter of --mode lora) and 512 random prompts. The multi-process
 runs are ranks forked from the test process (conftest.gloo_mains).
 """
-import argparse
 import contextlib
 import io
 import json
@@ -22,7 +21,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import bench
 import ckpt
 import data
 import dist
@@ -43,17 +41,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # -----------------------------------------------------------------------------
 # helpers
-
-
-@pytest.fixture(scope="module")
-def toy_dir(tmp_path_factory):
-    """bench.py make_model --toy --adapter --prompt_len 10: the random model, its reward head, the reward
-    adapter and the prompts (short: the runs' cost grows with the tokens a step)."""
-    path = str(tmp_path_factory.mktemp("ppo") / "toy")
-    torch.manual_seed(0)  # make_model draws the reward head and the reward adapter from the global RNG
-    bench.make_model(argparse.Namespace(toy=True, dir=path, adapter=True, prompt_len=10), torch.device("cpu"),
-                     torch.float32)
-    return path
 
 
 # -----------------------------------------------------------------------------
@@ -135,9 +122,10 @@ def loss_batch(B=3, L=8, C=6, V=11, seed=0):
     return h, ids, mask, g
 
 
-@pytest.mark.parametrize("entropy_coef", [0.0, 0.05])
-def test_policy_loss_is_the_clipped_surrogate(entropy_coef, temperature=0.7):
-    """The policy is the sampling one: softmax(logits / temperature)."""
+@pytest.mark.parametrize("entropy_coef,kl_in", [(0.0, "reward"), (0.05, "reward"), (0.05, "loss")])
+def test_policy_loss_is_the_clipped_surrogate(entropy_coef, kl_in, temperature=0.7, beta=0.3):
+    """The policy is the sampling one: softmax(logits / temperature). Each action's terms count with
+    its weight w (loss_weights); with --kl_in loss, beta times k3 = exp(d) - d - 1, d = log pi_ref - log pi."""
     model = StandIn(6, 11, seed=1)
     h, ids, mask, g = loss_batch()
     with torch.no_grad():
@@ -145,13 +133,14 @@ def test_policy_loss_is_the_clipped_surrogate(entropy_coef, temperature=0.7):
             -1, ids[:, 1:, None])[..., 0]
     # old log-probs a little off, so that ratios fall below, inside and above [1 - eps, 1 + eps]
     old = (logp_now + 0.4 * torch.randn(logp_now.shape, generator=g, dtype=torch.float64)).float()
+    ref = (logp_now + 0.3 * torch.randn(logp_now.shape, generator=g, dtype=torch.float64)).float()
     adv = torch.randn(mask.shape, generator=g)
-    mb = {"input_ids": ids, "mask": mask, "logp": old, "adv": adv}
-    cfg = SimpleNamespace(clip_ratio=0.2, entropy_coef=entropy_coef, temperature=temperature)
-    n_tok = torch.tensor(float(mask.sum() + 5))  # the global count (other replicas' tokens too)
+    w = torch.rand(mask.shape, generator=g) * mask / 7  # any weights: token_mean's are 1 / (the global count)
+    mb = {"input_ids": ids, "mask": mask, "logp": old, "adv": adv, "w": w, "ref_logp": ref}
+    cfg = SimpleNamespace(clip_ratio=0.2, entropy_coef=entropy_coef, temperature=temperature, kl_in=kl_in)
     stats = torch.zeros(4)
     h = h.requires_grad_()
-    got = train_ppo.policy_loss(cfg, n_tok, stats)(model, h, mb)
+    got = train_ppo.policy_loss(cfg, beta, stats)(model, h, mb)
     got.backward()
 
     # the same in float64, one response action at a time
@@ -161,15 +150,18 @@ def test_policy_loss_is_the_clipped_surrogate(entropy_coef, temperature=0.7):
     for b, t in mask.nonzero().tolist():
         logp_all = torch.log_softmax(W @ h64[b, t] / temperature, -1)  # action t scores token t + 1
         ratio = torch.exp(logp_all[ids[b, t + 1]] - old[b, t].double())
-        a = adv[b, t].double()
-        total = total - torch.minimum(ratio * a, torch.clamp(ratio, 0.8, 1.2) * a)
+        a, wt = adv[b, t].double(), w[b, t].double()
+        total = total - wt * torch.minimum(ratio * a, torch.clamp(ratio, 0.8, 1.2) * a)
         entropy = -(logp_all.exp() * logp_all).sum()
-        total = total - entropy_coef * entropy
+        total = total - entropy_coef * wt * entropy
+        if kl_in == "loss":
+            dl = ref[b, t].double() - logp_all[ids[b, t + 1]]
+            total = total + beta * wt * (torch.exp(dl) - dl - 1)
         n_clip += int(abs(ratio.item() - 1) > 0.2)
         n_low, n_high = n_low + int(ratio.item() < 0.8), n_high + int(ratio.item() > 1.2)
         kl2 += 0.5 * (logp_all[ids[b, t + 1]].item() - old[b, t].item()) ** 2
         ent_sum += entropy.item()
-    want = total / n_tok.double()
+    want = total
     want.backward()
     assert n_low > 0 and n_high > 0 and n_clip < int(mask.sum())  # every branch of the min is exercised
     torch.testing.assert_close(got.double(), want.detach(), atol=1e-6, rtol=1e-5)
@@ -303,7 +295,7 @@ def test_score_rollout_reads_each_role_at_the_right_position(toy_dir):
         for head in heads:
             head.weight.copy_(torch.randn(1, 64, generator=g))
     roles = SimpleNamespace(models={"actor": model}, use=lambda role: model, value_head=heads[0],
-                            reward_head=heads[1])
+                            reward_head=heads[1], present=("actor", "reference", "critic", "reward"))
     ids, T, _ = hand_built()
     r = train_ppo.score_rollout(roles, dist.Dist(), ids, T, SimpleNamespace(micro_batch_size=3, temperature=1.0))
     assert r["end"].tolist() == [8, 10, 7, 10]
