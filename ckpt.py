@@ -109,6 +109,15 @@ def restore_best(out, best, step, d, models, heads=None):
     return True
 
 
+def finish_run(out, d, stage, wall, tables=()):
+    """The end of a run: OUT/report.html with the run's tables, each rank's measured memory and busy
+    time beside the plan's, the process group left."""
+    if dist.is_main():
+        dist.print0(f"report: {report.write(out, tables=tables)}")
+    dist.report_memory_and_busy(stage, d, wall)
+    dist.teardown()
+
+
 def rng_state(d):
     """This rank's random generators: the CPU's and, on GPUs, its device's."""
     rng = {"cpu": torch.get_rng_state()}

@@ -41,7 +41,6 @@ import glm
 import lora
 import optim
 import plan
-import report
 import rewards
 
 
@@ -153,9 +152,7 @@ def toy_models_and_data(cfg, d):
         if code:
             raise SystemExit(f"error: the toy run's `{' '.join(cmd)}` failed (exit code {code}); see its output above")
     dist.barrier()
-    # the RM's prompts: the held-out questions, whose answers neither SFT nor the RM saw; a verifier's
-    # (--reward_fn): the training questions, so that the held-out ones still measure what was learnt
-    cfg.data = cfg.data or data.toy_file("prompts" if cfg.reward_fn else "sft_eval")
+    cfg.data = cfg.data or data.toy_file("sft_eval")  # the held-out questions: the RL sees only the reward
     return cfg
 
 
@@ -603,21 +600,22 @@ def toy_report(roles, tok, d, cfg):
     return data.toy_accuracy(eval_ex, answers), score, [[e["prompt"], a] for e, a in zip(eval_ex, answers)]
 
 
-def toy_tables(before, after, rows):
+def toy_tables(before, after, rows, cfg):
     """The toy run's before/after table on the held-out questions, its first and last logged steps
     (from metrics.jsonl, so a resumed run's table covers the whole run), and the answers that changed:
     [(caption, header, rows)], as report.write takes them."""
+    judged_by = " + ".join(["the toy reward model"] * bool(cfg.rm_dir) + [cfg.reward_fn] * bool(cfg.reward_fn))
     rows = [r for r in rows if r.get("reward_mean") is not None]
     mean = lambda rows, k: f"{sum(r[k] for r in rows) / len(rows):.3f}" if rows else "n/a"
     summary = [["accuracy of the greedy answers", f"{before[0]:.1%}", f"{after[0]:.1%}"],
-               ["RM score of the greedy answers", *(f"{x[1]:.3f}" if x[1] is not None else "n/a" for x in (before, after))],
+               ["RM score of the greedy answers", *(f"{x[1]:.3f}" for x in (before, after) if x[1] is not None)],
                ["rollout reward mean (first / last 5 steps)", mean(rows[:5], "reward_mean"), mean(rows[-5:], "reward_mean")],
                ["KL to the reference (first / last 5 steps)", mean(rows[:5], "kl"), mean(rows[-5:], "kl")]]
     mark = lambda p, x: "right" if data.toy_answer_correct(p, x) else "wrong"
     changed = [[p, f"{a!r} ({mark(p, a)})", f"{b!r} ({mark(p, b)})"]
                for (p, a), (_, b) in zip(before[2], after[2]) if a != b]
-    return [("on the held-out questions (PPO's prompts; no labels seen in RL)", ["", "before RLHF", "after RLHF"],
-             summary),
+    return [(f"on the held-out questions (the RL prompts; the reward: {judged_by})", ["", "before RL", "after RL"],
+             [row for row in summary if len(row) == 3]),
             (f"greedy answers that changed: {len(changed)} of {len(before[2])}", ["question", "before", "after"],
              changed)]
 
@@ -628,6 +626,20 @@ def print_tables(tables):
         widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
         for row in [header, *rows]:
             print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+
+
+def print_sample(step, m, tok, ids, T):
+    dist.print0(f"\nstep {step}: reward {m['reward_mean']:.3f} kl {m['kl']:.4f} | sample: "
+                f"{sample_text(tok, ids[:T])!r} -> {sample_text(tok, ids[T:])!r}")
+
+
+def throughput(ids, pad_id, d, t0):
+    """Answers and (prompt + generated) tokens a second, over every replica, the tokens also per GPU:
+    the throughput RL frameworks report."""
+    seconds = time.perf_counter() - t0
+    n = dist.all_reduce(torch.tensor([float(ids.shape[0]), float((ids != pad_id).sum())], device=ids.device),
+                        "sum", d.dp_group)
+    return dict(answers_per_s=float(n[0]) / seconds, tokens_per_s_per_gpu=float(n[1]) / seconds / d.world)
 
 
 def sample_text(tok, ids):
@@ -711,16 +723,12 @@ def main(argv=None):
             m = metrics(r, pstats, vstats, d)
             kl_ctl.update(m["kl"], cfg.rollout_batch_size * d.D)
             m.update(beta=kl_ctl.beta, t_generate=r["t_generate"], t_score=r["t_score"],
-                     t_train=time.perf_counter() - t1,
-                     pairs_per_s=prompt_ids.shape[0] * d.D / (time.perf_counter() - t0))
+                     t_train=time.perf_counter() - t1, **throughput(batch["input_ids"], tok.pad_id, d, t0))
             bar.update(reward=f"{m['reward_mean']:.3f}", kl=f"{m['kl']:.3f}", len=f"{m['response_len']:.1f}")
             if step % cfg.log_every == 0:
                 log.log(step, **m)
             if cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == 1):
-                T = prompt_ids.shape[1]
-                dist.print0(f"\nstep {step}: reward {m['reward_mean']:.3f} kl {m['kl']:.4f} | sample: "
-                            f"{sample_text(tok, batch['input_ids'][0, :T])!r} -> "
-                            f"{sample_text(tok, batch['input_ids'][0, T:])!r}")
+                print_sample(step, m, tok, batch["input_ids"][0], prompt_ids.shape[1])
             stopped = step < cfg.max_steps and stop.requested(d)  # a signal in the last step: just finish
             if stopped or cfg.save_every > 0 and (step % cfg.save_every == 0 or step == cfg.max_steps):
                 ckpt.save_checkpoint(cfg.out, step, d, tok.path, roles.checkpointed(),
@@ -737,15 +745,11 @@ def main(argv=None):
         final = os.path.join(cfg.out, "final")
         ckpt.save(final, d, tok.path, {"": roles.checkpointed()["policy"]})
         dist.print0(f"wrote {final} (the trained policy)")
-    if toy:
-        after = toy_report(roles, tok, d, cfg)  # every stage takes part: it runs through the pipeline
-        tables = toy_tables(before, after, ckpt.read_metrics(cfg.out))
-        if dist.is_main():
-            print_tables(tables)
+    # every stage takes part in the report: it runs through the pipeline
+    tables = toy_tables(before, toy_report(roles, tok, d, cfg), ckpt.read_metrics(cfg.out), cfg) if toy else ()
     if dist.is_main():
-        dist.print0(f"report: {report.write(cfg.out, tables=tables if toy else ())}")
-    dist.report_memory_and_busy(the_plan.stages[d.pp_rank], d, wall)
-    dist.teardown()
+        print_tables(tables)
+    ckpt.finish_run(cfg.out, d, the_plan.stages[d.pp_rank], wall, tables)
 
 
 if __name__ == "__main__":

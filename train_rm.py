@@ -41,7 +41,6 @@ import glm
 import lora
 import optim
 import plan
-import report
 
 
 @dataclass
@@ -286,9 +285,37 @@ def evaluate(model, head, d, mbs):
     return ranking_metrics(rewards, mbs)
 
 
+def eval_table(before, after):
+    """The held-out scores before and after training, for OUT/report.html (before: None if not measured)."""
+    rows = [[name, *(f"{e[k]:.3g}" if e else "n/a" for e in (before, after))] for name, k in (
+        ("pairwise accuracy", "pair_acc"), ("full-ranking accuracy", "rank_acc"), ("loss", "loss"),
+        ("reward mean", "mean"), ("reward std", "std"))]
+    return [("held-out rankings", ["", "before", "after"], rows)]
+
+
 def print_eval(ev, when):
     dist.print0(f"{when}: held-out pairwise accuracy {ev['pair_acc']:.1%}, full-ranking accuracy "
                 f"{ev['rank_acc']:.1%}, loss {ev['loss']:.4f}, reward mean {ev['mean']:+.3f} std {ev['std']:.3f}")
+    return ev
+
+
+def log_eval(log, ev):
+    """An evaluation into metrics.jsonl and onto the screen."""
+    log.log(ev["step"], eval_loss=ev["loss"], eval_pair_acc=ev["pair_acc"], eval_rank_acc=ev["rank_acc"],
+            reward_mean=ev["mean"], reward_std=ev["std"])
+    return print_eval(ev, f"\nstep {ev['step']}")
+
+
+def reward_head_of(model, hidden_size, seed, d, resume_dir):
+    """{HEAD: the reward head} on the last stage (the checkpoint's when resuming), else {}. The RM
+    computes no logits: lm_head stays frozen, and is saved so that final/ is a whole HF folder."""
+    if not d.last:
+        return {}
+    model.lm_head.requires_grad_(False)
+    head = glm.reward_head(hidden_size, seed, d.device)
+    if resume_dir:
+        ckpt.load_head(head, resume_dir, HEAD)
+    return {HEAD: head}
 
 
 # -----------------------------------------------------------------------------
@@ -329,12 +356,8 @@ def main(argv=None):
     model = dist.build_stage(resume_dir if resume_dir and mode != "lora" else cfg.model, stage, d, cfg.checkpoint)
     optim.select_trainable(model, mode, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), cfg.lora_dropout,
                            cfg.train_layers, cfg.seed, adapter_dir=resume_dir or cfg.sft_adapter or None)
-    if d.last:  # the RM computes no logits: lm_head stays frozen, and is saved so final/ is a whole HF folder
-        model.lm_head.requires_grad_(False)
-    head = glm.reward_head(gcfg.hidden_size, cfg.seed, d.device) if d.last else None
-    heads = {HEAD: head} if d.last else {}
-    if resume_dir and d.last:
-        ckpt.load_head(head, resume_dir, HEAD)
+    heads = reward_head_of(model, gcfg.hidden_size, cfg.seed, d, resume_dir)
+    head = heads.get(HEAD)
     optim.warn_settings(total_steps, cfg.warmup_steps, cfg.lr, mode, len(eval_enc), pretrained=not toy)
     first_trainable = dist.first_trainable_stage(model, d)
     opt = optim.AdamW(optim.named_trainables(model, heads), cfg.lr, cfg.weight_decay, d, the_plan.hosts)
@@ -342,16 +365,15 @@ def main(argv=None):
     hashes = ckpt.file_hashes({"data": cfg.data})  # recorded by each checkpoint, checked on resume
     state = ckpt.resume(resume_dir, d, {"optim": opt}, {"data": batches}, hashes,
                         cfg.allow_data_change) if resume_dir else {}
-    step, bad_steps, reward_stats = state.get("step", 0), state.get("bad_steps", 0), state.get("reward_stats")
+    step, bad_steps = state.get("step", 0), state.get("bad_steps", 0)
     best = state.get("best") if cfg.keep_best else None  # {"step", "eval_loss"} of OUT/best
     eval_mbs = microbatches(eval_enc, list(range(len(eval_enc))), cfg.micro_batch_size, tok, d.device)
 
     # ---- loop
     log = ckpt.start_run(cfg.out, "train_rm", asdict(cfg), state["step"] if resume_dir else None)
-    ev_before = state.get("toy_before")  # the toy run's held-out scores before training, carried by checkpoints
-    if toy and not resume_dir:
-        ev_before = evaluate(model, head, d, eval_mbs)
-        print_eval(ev_before, "toy, before training")
+    # the toy run's held-out scores before training, measured once and carried by the checkpoints
+    ev_before = print_eval(evaluate(model, head, d, eval_mbs), "toy, before training") if toy and not resume_dir \
+        else state.get("toy_before")
     model.train()
     t_start, tokens_seen, ev, stopped = dist.start_clock(), 0, None, 0
     with dist.Progress(total_steps, step) as bar, dist.StopSignal() as stop:
@@ -370,11 +392,7 @@ def main(argv=None):
                 log.log(step, loss=loss, lr=lr, grad_norm=norm, pairs=int(n_pairs), skipped=bad_steps,
                         tokens_per_s=tokens / (time.perf_counter() - t0))
             if step % cfg.eval_every == 0 or step == total_steps:
-                ev = dict(evaluate(model, head, d, eval_mbs), step=step)
-                reward_stats = dict(mean=ev["mean"], std=ev["std"], count=ev["count"], step=step)
-                log.log(step, eval_loss=ev["loss"], eval_pair_acc=ev["pair_acc"], eval_rank_acc=ev["rank_acc"],
-                        reward_mean=ev["mean"], reward_std=ev["std"])
-                print_eval(ev, f"\nstep {step}")
+                ev = log_eval(log, dict(evaluate(model, head, d, eval_mbs), step=step))
                 if cfg.keep_best:
                     best = ckpt.save_if_best(cfg.out, best, step, ev["loss"], d, tok.path, {"": (model, lora_name)},
                                              heads)
@@ -382,8 +400,7 @@ def main(argv=None):
             if stopped or step % cfg.save_every == 0 or step == total_steps:
                 ckpt.save_checkpoint(cfg.out, step, d, tok.path, {"": (model, lora_name)}, heads, {"optim": opt},
                                      dict(step=step, bad_steps=bad_steps, data=batches.state_dict(), data_hashes=hashes,
-                                          reward_stats=reward_stats, config=asdict(cfg), best=best,
-                                          toy_before=ev_before),
+                                          config=asdict(cfg), best=best, toy_before=ev_before),
                                      keep=cfg.keep_checkpoints)
     if stopped:
         stop.exit(stopped, step, cfg.out, d)
@@ -395,20 +412,14 @@ def main(argv=None):
     elif ev is None or ev["step"] != step:  # a run resumed at its end has not evaluated yet
         ev = dict(evaluate(model, head, d, eval_mbs), step=step)
     final = os.path.join(cfg.out, "final")
-    stats_json = dict(mean=ev["mean"], std=ev["std"], count=ev["count"], pair_accuracy=ev["pair_acc"],
-                      ranking_accuracy=ev["rank_acc"], step=ev["step"],
-                      data=cfg.eval_data or (f"{cfg.data} (held out)" if eval_enc is not train_enc else cfg.data))
-    ckpt.save(final, d, tok.path, {"": (model, lora_name)}, heads, extra_json={STATS_FILE: stats_json})
+    held_out = cfg.eval_data or (f"{cfg.data} (held out)" if eval_enc is not train_enc else cfg.data)
+    ckpt.save(final, d, tok.path, {"": (model, lora_name)}, heads, extra_json={STATS_FILE: dict(
+        mean=ev["mean"], std=ev["std"], count=ev["count"], pair_accuracy=ev["pair_acc"],
+        ranking_accuracy=ev["rank_acc"], step=ev["step"], data=held_out)})
     dist.print0(f"wrote {final} ({'LoRA adapter' if mode == 'lora' else 'full HF weights'} + {HEAD}.safetensors "
                 f"+ {STATS_FILE}); {tokens_seen / max(wall, 1e-9):.0f} tokens/s over the run")
     print_eval(ev, "toy, after training" if toy else "final")
-    if dist.is_main():
-        rows = [[name, *(f"{e[k]:.3g}" if e else "n/a" for e in (ev_before, ev))] for name, k in (
-            ("pairwise accuracy", "pair_acc"), ("full-ranking accuracy", "rank_acc"), ("loss", "loss"),
-            ("reward mean", "mean"), ("reward std", "std"))]
-        dist.print0(f"report: {report.write(cfg.out, tables=[('held-out rankings', ['', 'before', 'after'], rows)])}")
-    dist.report_memory_and_busy(stage, d, wall)
-    dist.teardown()
+    ckpt.finish_run(cfg.out, d, stage, wall, eval_table(ev_before, ev))
     return ev
 
 

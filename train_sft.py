@@ -24,7 +24,6 @@ import flags
 import glm
 import optim
 import plan
-import report
 
 
 @dataclass
@@ -109,10 +108,18 @@ def count_label_tokens(mbs, group=None):
     return (n if group is None else dist.all_reduce(n, "sum", group)).clamp(min=1)  # None: no reduction at all
 
 
-def toy_accuracy(model, tok, examples, max_len, d):
-    """Exact-match accuracy of greedy answers on the toy task (through the pipeline if P > 1)."""
+def toy_accuracy(model, tok, examples, max_len, d, when):
+    """Exact-match accuracy of greedy answers on the toy task (through the pipeline if P > 1), said."""
     prompts = [data.encode_prompt(tok, e, max_len) for e in examples]
-    return data.toy_accuracy(examples, dist.greedy_answers(model, d, tok, prompts, max_new_tokens=6))
+    acc = data.toy_accuracy(examples, dist.greedy_answers(model, d, tok, prompts, max_new_tokens=6))
+    dist.print0(f"toy held-out accuracy {when} training: {acc:.1%}")
+    return acc
+
+
+def toy_table(before, after):
+    """The toy run's result, for OUT/report.html (before is None after a resume of an older run)."""
+    return [("toy task: held-out exact-match accuracy of greedy answers", ["before", "after"],
+             [[f"{before:.1%}" if before is not None else "n/a", f"{after:.1%}"]])]
 
 
 def main(argv=None):
@@ -169,10 +176,9 @@ def main(argv=None):
 
     # ---- loop
     log = ckpt.start_run(cfg.out, "train_sft", asdict(cfg), state["step"] if resume_dir else None)
-    acc_before = state.get("toy_before")  # the toy run's accuracy before training, carried by the checkpoints
-    if toy and not resume_dir:
-        acc_before = toy_accuracy(model, tok, eval_ex, cfg.max_len, d)
-        dist.print0(f"toy held-out accuracy before training: {acc_before:.1%}")
+    # the toy run's accuracy before training, measured once and carried by the checkpoints
+    acc_before = toy_accuracy(model, tok, eval_ex, cfg.max_len, d, "before") if toy and not resume_dir else \
+        state.get("toy_before")
     model.train()
     t_start, tokens_seen, stopped = dist.start_clock(), 0, 0
     with dist.Progress(total_steps, step) as bar, dist.StopSignal() as stop:
@@ -212,16 +218,8 @@ def main(argv=None):
     ckpt.save(final, d, tok.path, {"": (model, lora_name)})
     dist.print0(f"wrote {final} ({'LoRA adapter' if mode == 'lora' else 'full HF weights'}); "
                 f"{tokens_seen / max(wall, 1e-9):.0f} tokens/s over the run")
-    tables = []
-    if toy:
-        acc_after = toy_accuracy(model, tok, eval_ex, cfg.max_len, d)
-        dist.print0(f"toy held-out accuracy after training: {acc_after:.1%}")
-        tables = [("toy task: held-out exact-match accuracy of greedy answers", ["before", "after"],
-                   [[f"{acc_before:.1%}" if acc_before is not None else "n/a", f"{acc_after:.1%}"]])]
-    if dist.is_main():
-        dist.print0(f"report: {report.write(cfg.out, tables=tables)}")
-    dist.report_memory_and_busy(stage, d, wall)
-    dist.teardown()
+    acc_after = toy_accuracy(model, tok, eval_ex, cfg.max_len, d, "after") if toy else None
+    ckpt.finish_run(cfg.out, d, stage, wall, toy_table(acc_before, acc_after) if toy else ())
 
 
 if __name__ == "__main__":

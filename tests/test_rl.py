@@ -207,11 +207,11 @@ def test_gloo_p2_grpo_steps_equal_one_process(tmp_path, toy_dir, gloo_mains):
     assert a[2]["kl"] != 0
 
 
-def reward_curve(toy, out, steps=8):
-    """Eight GRPO steps of 8 prompts x 8 answers of 2 tokens, the reward model as the reward; the
+def reward_curve(toy, out, steps=6):
+    """Six GRPO steps of 8 prompts x 4 answers of 2 tokens, the reward model as the reward; the
     mean reward of each step (top_k 8 as in PPO's test: each prompt picks among a few tokens)."""
-    train_ppo.main(ppo_argv(toy, out, algo="grpo", group_size=8, max_steps=steps, rollout_batch_size=8,
-                            mini_batch_size=64, micro_batch_size=64, max_new_tokens=2, ppo_epochs=1, actor_lr=1e-2,
+    train_ppo.main(ppo_argv(toy, out, algo="grpo", group_size=4, max_steps=steps, rollout_batch_size=8,
+                            mini_batch_size=32, micro_batch_size=32, max_new_tokens=2, ppo_epochs=1, actor_lr=1e-2,
                             kl_coef=0.01, top_k=8))
     m = metrics_by_step(out)
     return [m[step]["reward_mean"] for step in range(1, steps + 1)]
@@ -219,9 +219,9 @@ def reward_curve(toy, out, steps=8):
 
 def test_grpo_raises_the_reward_and_a_flipped_advantage_does_not(tmp_path, monkeypatch, toy_dir):
     right = reward_curve(toy_dir, tmp_path / "right")
-    assert sum(right[-2:]) / 2 - sum(right[:2]) / 2 > 1.0, right  # 0.55 -> 1.98 when written
+    assert sum(right[-2:]) / 2 - sum(right[:2]) / 2 > 0.4, right  # +0.6 when written
     real = train_ppo.group_advantages
     monkeypatch.setattr(train_ppo, "group_advantages", lambda *a, **kw: -real(*a, **kw))
     flipped = reward_curve(toy_dir, tmp_path / "flipped")
     assert flipped[0] == right[0]  # the same first rollouts: only the update differs
-    assert sum(flipped[-2:]) / 2 - sum(flipped[:2]) / 2 < -1.0, flipped  # -> -1.39 when written
+    assert sum(flipped[-2:]) / 2 - sum(flipped[:2]) / 2 < -1.0, flipped  # -1.5 when written
