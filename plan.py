@@ -129,21 +129,22 @@ class Plan:
         return self.max_time / M * (M + self.P - 1)
 
     def format_table(self):
-        m = self.model
+        m, rollout = self.model, "rollout" in self.stages[0].mem
         budget = "none" if m.mem_budget is None else f"{m.mem_budget / GiB:.1f} GiB"
         lines = [f"{self.method} plan: {self.P} stages, M={m.micro_batches} micro-batches, "
                  f"budget {budget}, {m.flops_per_s / 1e12:.0f} TFLOP/s assumed"
                  + (f" ({self.title})" if self.title else ""),
                  f"{'stage':>5} {'layers':>11} {'holds':>10} {'ckpt':>5} {'params':>7} {'grads':>7} "
-                 f"{'optim':>7} {'act':>7} {'logits':>7} {'total':>7} {'time ms':>9} {'share':>6}"]
+                 f"{'optim':>7} {'act':>7} {'logits':>7} " + (f"{'rollout':>7} " if rollout else "")
+                 + f"{'total':>7} {'time ms':>9} {'share':>6}"]
         total_time = sum(st.time for st in self.stages)
         for st in self.stages:
             span = f"{st.layers.start}-{st.layers.stop - 1} ({len(st.layers)})"
             holds = "+".join(n for n, on in (("embed", st.first), ("head", st.last)) if on)
             g = {k: f"{v / GiB:7.2f}" for k, v in st.mem.items()}
             lines.append(f"{st.index:>5} {span:>11} {holds:>10} {st.checkpoint_blocks:>5} {g['params']} "
-                         f"{g['grads']} {g['optim']} {g['act']} {g['logits']} {st.mem_total / GiB:7.2f} "
-                         f"{st.time * 1e3:9.1f} {st.time / total_time:6.1%}")
+                         f"{g['grads']} {g['optim']} {g['act']} {g['logits']} " + (f"{g['rollout']} " if rollout else "")
+                         + f"{st.mem_total / GiB:7.2f} {st.time * 1e3:9.1f} {st.time / total_time:6.1%}")
         lines.append(f"memory GiB: sum {sum(st.mem_total for st in self.stages) / GiB:.2f}, "
                      f"max {self.max_mem / GiB:.2f}, min {self.min_mem / GiB:.2f}, "
                      f"max/min {self.mem_imbalance:.3f}{'' if self.fits else '  DOES NOT FIT'}")
@@ -565,19 +566,58 @@ def plan_pipeline(cfg, P, micro_batch_size, seq_len, micro_batches, **options):
 
 def plan_for_run(cfg, P, device, micro_batch_size, seq_len, micro_batches, train, lora_rank=8,
                  lora_targets=("query_key_value",), train_layers=0, gpu_mem_gib=0.0, method="auto",
-                 copies=(1, 0), lm_head=True):
+                 copies=(1, 0), lm_head=True, rollout=None, loss_chunk=None):
     """The plan a training run uses on `device`. On GPUs the budget is 95 % of the card's memory
     (or gpu_mem_gib) and weights are bf16; blocks may recompute their activations where a stage
     would not fit otherwise. copies: (trained, frozen) models of this shape held side by side
-    (PPO's full mode holds (2, 2)); lm_head: does the run compute logits (not a reward model)?"""
+    (PPO's full mode holds (2, 2)); lm_head: does the run compute logits (not a reward model)?
+    rollout: (prompts, answers per prompt, prompt tokens, new tokens) that an RL step generates;
+    loss_chunk: the tokens a micro-batch's loss takes logits of, if not all (RL: the answers')."""
     cuda = torch.device(device).type == "cuda"
     budget = gpu_mem_gib * GiB or (0.95 * torch.cuda.get_device_properties(device).total_memory
                                    if cuda else None)
-    return plan_pipeline(cfg, P, micro_batch_size, seq_len, micro_batches, train=train,
+    plan = plan_pipeline(cfg, P, micro_batch_size, seq_len, micro_batches, train=train,
                          lora_rank=lora_rank or 8, lora_targets=tuple(lora_targets),
                          train_layers=train_layers, param_bytes=2 if cuda else 4,
                          checkpoint=budget is not None, mem_budget=budget, method=method,
-                         copies=copies, lm_head=lm_head)
+                         copies=copies, lm_head=lm_head, loss_chunk=loss_chunk)
+    return add_rollout(plan, cfg, *rollout, param_bytes=2 if cuda else 4) if rollout else plan
+
+
+def rollout_bytes(cfg, stage, P, prompts, group, prompt_len, new_tokens, param_bytes):
+    """What a stage holds beyond its weights and optimiser state while it generates (dist.generate):
+    the KV cache of every answer's prompt and new tokens in its blocks; the largest prefill's
+    activations (prompts / P of them at once, each computed once; with groups, their own cache before
+    it is copied to the group's rows); on the last stage the float32 logits of every row, which
+    sampling copies about twice."""
+    L, C, rows = len(stage.layers), cfg.hidden_size, prompts * group
+    kv = rows * (prompt_len + new_tokens) * L * 2 * C * param_bytes
+    chunk = math.ceil(prompts / P) * prompt_len  # prefill tokens at once
+    prefill = chunk * (2 * cfg.inner_hidden_size + 6 * C) * param_bytes + (group > 1) * chunk * L * 2 * C * param_bytes
+    logits = rows * cfg.vocab_size * 4 * 3 if stage.last else 0
+    return kv + prefill + logits
+
+
+def add_rollout(plan, cfg, prompts, group, prompt_len, new_tokens, param_bytes):
+    """The plan of an RL step: each stage's peak is the larger of training (its weights, gradients,
+    optimiser state and activations) and generating (the same without activations, plus
+    rollout_bytes). A rollout that does not fit the budget is refused, with the largest that does."""
+    def peaks(n):
+        return [(st.mem["params"] + st.mem["grads"] + st.mem["optim"],
+                 rollout_bytes(cfg, st, plan.P, n, group, prompt_len, new_tokens, param_bytes)) for st in plan.stages]
+    for st, (static, gen) in zip(plan.stages, peaks(prompts)):
+        st.mem["rollout"] = gen
+        st.mem_total = max(st.mem_total, static + gen)
+    budget = plan.model.mem_budget
+    if budget is None or plan.max_mem <= budget:
+        return plan
+    fits = [n for n in range(prompts - 1, 0, -1) if max(s + g for s, g in peaks(n)) <= budget]
+    worst = max(plan.stages, key=lambda st: st.mem_total)
+    raise PlanError(f"the rollout does not fit: generating {prompts} x {group} answers of {prompt_len} + "
+                    f"{new_tokens} tokens needs {worst.mem_total / GiB:.1f} GiB on stage {worst.index} "
+                    f"({worst.mem['rollout'] / GiB:.1f} GiB of it KV cache and activations), over the "
+                    f"{budget / GiB:.1f} GiB budget. HINT: " + (f"--rollout_batch_size {fits[0]} fits; " if fits else "")
+                    + "or lower --max_new_tokens / --group_size, or add stages (--pp)", peak=plan.max_mem)
 
 
 def main(argv=None):

@@ -687,7 +687,9 @@ def main(argv=None):
                                  max(1, cfg.mini_batch_size // cfg.micro_batch_size), cfg.mode,
                                  cfg.lora_rank if cfg.mode == "lora" else 0, cfg.lora_targets.split(","),
                                  gpu_mem_gib=cfg.gpu_mem_gib, method=cfg.plan,
-                                 copies=(1, 0) if cfg.mode == "lora" else (1 + (cfg.algo == "ppo"), 1 + bool(cfg.rm_dir)))
+                                 copies=(1, 0) if cfg.mode == "lora" else (1 + (cfg.algo == "ppo"), 1 + bool(cfg.rm_dir)),
+                                 rollout=(cfg.rollout_batch_size, cfg.group_size, cfg.max_prompt_len, cfg.max_new_tokens),
+                                 loss_chunk=cfg.micro_batch_size * cfg.max_new_tokens)  # logits of the answers only
     dist.print0(the_plan.format_table())
     roles = Roles(cfg, d, the_plan.stages[d.pp_rank])
     opts = {role: optim.AdamW(roles.trainables(role), lr, cfg.weight_decay, d, the_plan.hosts)
