@@ -1,6 +1,9 @@
-"""PPO and PPO-ptx for ChatGLM-6B: actor, reference, critic and reward split by one pipeline plan.
+"""RLHF for ChatGLM-6B: PPO and PPO-ptx (actor, reference, critic and reward split by one pipeline
+plan), and the critic-free GRPO, RLOO and REINFORCE++ (--algo), rewarded by a reward model, by
+functions of the answer's text (--reward_fn, rewards.py), or both.
 
     python train_ppo.py                    # toy: toy SFT policy + toy RM on toy prompts (CPU, minutes)
+    python train_ppo.py --algo grpo --reward_fn toy_exact    # toy GRPO, the toy task's answer check as reward
 
     # shared-base LoRA: one frozen base on each GPU serves all four roles
     torchrun --nproc_per_node=8 train_ppo.py --pp 8 --mode lora --model BASE \\
@@ -20,7 +23,9 @@ One step: sample rollout_batch_size prompts per replica; generate through the pi
 scoring pass for old log-probs, reference log-probs, values and the reward; per-token rewards
 -beta * (log pi - log pi_ref) plus the normalised, clipped score on the last token; GAE;
 whitened advantages; ppo_epochs over mini-batches of the clipped policy loss (+ entropy bonus,
-+ ptx_coef * LM loss on SFT data) and the clipped value loss.
++ ptx_coef * LM loss on SFT data) and the clipped value loss. GRPO / RLOO / REINFORCE++ sample
+group_size answers to each prompt (one prefill each), need no critic, and take their advantages
+from the group (or from whitened returns); see advantages().
 """
 import json
 import math

@@ -571,3 +571,37 @@ def test_reward_model_plans_no_logits_and_a_frozen_lm_head():
     assert trained(last_lm) - trained(last_rm) == LM_HEAD * 16
     assert last_lm.flops - last_rm.flops == pytest.approx(M * 6 * LM_HEAD * b * seq, rel=1e-9)
     assert [st.mem_total for st in rm.stages[:-1]] == [st.mem_total for st in lm.stages[:-1]]
+
+
+# -----------------------------------------------------------------------------
+# an RL step: generation on top of training
+
+
+def test_rollout_memory_is_the_kv_cache_prefill_and_logits():
+    """Per stage: every answer's keys and values for prompt + new tokens in the stage's blocks (bf16),
+    the largest prefill's activations (prompts / P at once; with groups their own cache too), and on
+    the last stage the float32 logits of every row about three times, recomputed here from the shapes."""
+    cfg = glm.GLMConfig()
+    p = plan.plan_pipeline(cfg, 2, 8, 512, 4, train="lora", param_bytes=2)
+    for prompts, group in ((128, 1), (16, 8)):
+        for st in p.stages:
+            L, rows, T = len(st.layers), prompts * group, 256
+            kv = rows * 512 * L * 2 * 4096 * 2
+            prefill = (prompts // 2) * T * (2 * 16384 + 6 * 4096) * 2 + (group > 1) * (prompts // 2) * T * L * 2 * 4096 * 2
+            logits = rows * 130528 * 4 * 3 * st.last
+            assert plan.rollout_bytes(cfg, st, 2, prompts, group, T, 256, 2) == kv + prefill + logits
+
+
+def test_a_rollout_that_does_not_fit_is_refused_with_the_largest_that_does():
+    cfg, budget = glm.GLMConfig(), 60 * plan.GiB
+    base = lambda: plan.plan_pipeline(cfg, 1, 8, 512, 4, train="lora", param_bytes=2, mem_budget=budget)
+    fitted = plan.add_rollout(base(), cfg, 64, 1, 256, 256, 2)
+    static = sum(fitted.stages[0].mem[k] for k in ("params", "grads", "optim"))
+    assert fitted.max_mem == max(base().max_mem, static + fitted.stages[0].mem["rollout"]) <= budget
+    with pytest.raises(plan.PlanError, match=r"the rollout does not fit: generating 512 x 1 answers of 256 \+ 256 "
+                                             r"tokens .* HINT: --rollout_batch_size (\d+) fits") as e:
+        plan.add_rollout(base(), cfg, 512, 1, 256, 256, 2)
+    n = int(re.search(r"--rollout_batch_size (\d+) fits", str(e.value)).group(1))
+    assert plan.add_rollout(base(), cfg, n, 1, 256, 256, 2).max_mem <= budget
+    with pytest.raises(plan.PlanError):
+        plan.add_rollout(base(), cfg, n + 1, 1, 256, 256, 2)

@@ -659,11 +659,11 @@ def test_under_torchrun_rank_0_trains_the_toy_prerequisites_while_the_others_wai
         def run(cmd, env):  # a toy run that takes a while, as one process of its own
             assert "RANK" not in env and "MASTER_PORT" not in env
             calls.append(cmd[1])
-            time.sleep(1.0)
+            time.sleep(0.6)
             os.makedirs(os.path.join(cmd[-1], "final"))
             return SimpleNamespace(returncode=0)
         train_ppo.subprocess.run = run
-        d = dist.setup(1, timeout_min=0.025)  # a barrier over both toy runs (2 s) would time out after 1.5 s
+        d = dist.setup(1, timeout_min=0.015)  # a barrier over both toy runs (1.2 s) would time out after 0.9 s
         cfg = train_ppo.toy_models_and_data(train_ppo.Config(out=str(tmp_path / "runs" / "toy_ppo")), d)
         (tmp_path / f"rank{rank}.json").write_text(json.dumps([cfg.actor, cfg.rm_dir, calls]))
         dist.teardown()

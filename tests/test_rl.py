@@ -171,9 +171,11 @@ def test_a_failing_reward_function_names_itself_and_the_sample(tmp_path, monkeyp
 
 
 def rl_argv(toy, out, algo, mode="full", **flags):
-    """A small GRPO / RLOO / REINFORCE++ run: 4 prompts x 2 answers a step (the reward model as the reward)."""
+    """A small GRPO / RLOO / REINFORCE++ run: 8 answers a step (4 prompts x 2), two updates of 4 (the
+    reward model as the reward)."""
     return ppo_argv(toy, out, mode, algo=algo, group_size=2 if algo != "reinforce_pp" else 1,
-                    rollout_batch_size=4 if algo != "reinforce_pp" else 8, **flags)
+                    rollout_batch_size=4 if algo != "reinforce_pp" else 8, mini_batch_size=4, micro_batch_size=4,
+                    ppo_epochs=1, **flags)
 
 
 @pytest.mark.parametrize("algo,mode", [("grpo", "full"), ("rloo", "lora"), ("reinforce_pp", "full")])
