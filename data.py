@@ -161,7 +161,8 @@ def _prompt(obj, where, shape):
 
 
 SFT_SHAPE = '{"prompt": "...", "response": "..."} or {"instruction": "...", "input": "", "output": "..."}'
-RM_SHAPE = '{"prompt": "...", "answers": ["best", ..., "worst"]} or {"prompt": "...", "chosen": "...", "rejected": "..."}'
+RM_SHAPE = ('{"prompt": "...", "answers": ["best", ..., "worst"]} or '
+            '{"prompt": "...", "chosen": "...", "rejected": "..."}')
 PROMPT_SHAPE = '{"prompt": "...", "history": []}'
 # conversation lines: the list's key -> (role key, text key, {the file's role name: ours})
 CHATS = {"messages": ("role", "content", {"system": "system", "user": "user", "assistant": "assistant"}),

@@ -8,7 +8,11 @@ P pipeline stages x D data-parallel replicas, over torch.distributed (NCCL on GP
 
     d = dist.setup(pp)            # this process's place: d.pp_rank, d.dp_rank, d.device, groups
     dist.print0(...)              # rank 0 prints; dist.is_main() asks
+    with dist.Progress(total) as bar, dist.StopSignal() as stop:   # a training loop's step counter, and
+        ...                                                          # Ctrl-C / SIGTERM agreed across ranks
     dist.teardown()
+
+Every rank also runs a Heartbeat: a rank that stops answering is named, and the run ends.
 """
 import collections
 import contextlib
@@ -46,7 +50,8 @@ def setup(pp=1, timeout_min=10.0, threads=0):
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if pp < 1 or world % pp:
         raise ValueError(f"--pp {pp} does not divide the world size {world}; choose P so that "
-                         f"WORLD_SIZE = P x D" + (f" (e.g. --pp {world} or --pp 1)" if world > 1 else " (one process: --pp 1)"))
+                         "WORLD_SIZE = P x D" + (f" (e.g. --pp {world} or --pp 1)" if world > 1 else
+                                                 " (one process: --pp 1)"))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
@@ -597,5 +602,3 @@ def report_memory_and_busy(plan_stage, d, wall_s):
     for r in rows:
         print0(f"{int(r[0]):4d} {int(r[1]):5d}  {gib(r[2]):>17}  {gib(r[3]):>13}  {r[4]:5.1%}")
     return [[x if math.isfinite(x) else None for x in r.tolist()] for r in rows]  # None: not measured
-
-

@@ -143,7 +143,8 @@ class Plan:
             holds = "+".join(n for n, on in (("embed", st.first), ("head", st.last)) if on)
             g = {k: f"{v / GiB:7.2f}" for k, v in st.mem.items()}
             lines.append(f"{st.index:>5} {span:>11} {holds:>10} {st.checkpoint_blocks:>5} {g['params']} "
-                         f"{g['grads']} {g['optim']} {g['act']} {g['logits']} " + (f"{g['rollout']} " if rollout else "")
+                         f"{g['grads']} {g['optim']} {g['act']} {g['logits']} "
+                         + (f"{g['rollout']} " if rollout else "")
                          + f"{st.mem_total / GiB:7.2f} {st.time * 1e3:9.1f} {st.time / total_time:6.1%}")
         lines.append(f"memory GiB: sum {sum(st.mem_total for st in self.stages) / GiB:.2f}, "
                      f"max {self.max_mem / GiB:.2f}, min {self.min_mem / GiB:.2f}, "
@@ -616,7 +617,8 @@ def add_rollout(plan, cfg, prompts, group, prompt_len, new_tokens, param_bytes):
     raise PlanError(f"the rollout does not fit: generating {prompts} x {group} answers of {prompt_len} + "
                     f"{new_tokens} tokens needs {worst.mem_total / GiB:.1f} GiB on stage {worst.index} "
                     f"({worst.mem['rollout'] / GiB:.1f} GiB of it KV cache and activations), over the "
-                    f"{budget / GiB:.1f} GiB budget. HINT: " + (f"--rollout_batch_size {fits[0]} fits; " if fits else "")
+                    f"{budget / GiB:.1f} GiB budget. HINT: "
+                    + (f"--rollout_batch_size {fits[0]} fits; " if fits else "")
                     + "or lower --max_new_tokens / --group_size, or add stages (--pp)", peak=plan.max_mem)
 
 

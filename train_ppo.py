@@ -124,7 +124,8 @@ class Config:
 POSITIVE = ("timeout_min", "max_prompt_len", "rollout_batch_size", "max_new_tokens", "max_steps", "ppo_epochs",
             "mini_batch_size", "micro_batch_size", "kl_horizon", "ptx_batch_size", "log_every", "keep_checkpoints",
             "pp", "temperature", "top_p", "lora_rank", "lora_alpha")
-NON_NEGATIVE = ("group_size", "threads", "actor_lr", "critic_lr", "weight_decay", "grad_clip", "gamma", "lam", "clip_ratio", "value_clip",
+NON_NEGATIVE = ("group_size", "threads", "actor_lr",
+                "critic_lr", "weight_decay", "grad_clip", "gamma", "lam", "clip_ratio", "value_clip",
                 "entropy_coef", "kl_coef", "target_kl", "reward_clip", "ptx_coef", "top_k", "sample_every",
                 "save_every", "gpu_mem_gib")
 
@@ -134,7 +135,8 @@ def one_process_env():
     one process of its own, not join (and wait for) this run's process group."""
     launch = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
               "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
-    return {k: v for k, v in os.environ.items() if k not in launch and not k.startswith(("TORCHELASTIC_", "TORCH_NCCL"))}
+    return {k: v for k, v in os.environ.items()
+            if k not in launch and not k.startswith(("TORCHELASTIC_", "TORCH_NCCL"))}
 
 
 def toy_models_and_data(cfg, d):
@@ -586,7 +588,8 @@ def metrics(r, pstats, vstats, d):
                group_reward_std=float(g[8] / g[10]), uniform_groups=float(g[9] / g[10]))
     if critic:
         vstats = dist.all_reduce(dist.broadcast_from_last_stage(vstats, d), "sum", d.dp_group)
-        out.update(explained_var=float(1 - g[5] / g[6].clamp(min=1e-8)), value_loss=float(vstats[0] / vstats[1].clamp(min=1)))
+        out.update(explained_var=float(1 - g[5] / g[6].clamp(min=1e-8)),
+                   value_loss=float(vstats[0] / vstats[1].clamp(min=1)))
     return out
 
 
@@ -614,7 +617,8 @@ def toy_tables(before, after, rows, cfg):
     mean = lambda rows, k: f"{sum(r[k] for r in rows) / len(rows):.3f}" if rows else "n/a"
     summary = [["accuracy of the greedy answers", f"{before[0]:.1%}", f"{after[0]:.1%}"],
                ["RM score of the greedy answers", *(f"{x[1]:.3f}" for x in (before, after) if x[1] is not None)],
-               ["rollout reward mean (first / last 5 steps)", mean(rows[:5], "reward_mean"), mean(rows[-5:], "reward_mean")],
+               ["rollout reward mean (first / last 5 steps)", mean(rows[:5], "reward_mean"),
+                mean(rows[-5:], "reward_mean")],
                ["KL to the reference (first / last 5 steps)", mean(rows[:5], "kl"), mean(rows[-5:], "kl")]]
     mark = lambda p, x: "right" if data.toy_answer_correct(p, x) else "wrong"
     changed = [[p, f"{a!r} ({mark(p, a)})", f"{b!r} ({mark(p, b)})"]
@@ -692,8 +696,10 @@ def main(argv=None):
                                  max(1, cfg.mini_batch_size // cfg.micro_batch_size), cfg.mode,
                                  cfg.lora_rank if cfg.mode == "lora" else 0, cfg.lora_targets.split(","),
                                  gpu_mem_gib=cfg.gpu_mem_gib, method=cfg.plan,
-                                 copies=(1, 0) if cfg.mode == "lora" else (1 + (cfg.algo == "ppo"), 1 + bool(cfg.rm_dir)),
-                                 rollout=(cfg.rollout_batch_size, cfg.group_size, cfg.max_prompt_len, cfg.max_new_tokens),
+                                 copies=(1, 0) if cfg.mode == "lora" else
+                                 (1 + (cfg.algo == "ppo"), 1 + bool(cfg.rm_dir)),
+                                 rollout=(cfg.rollout_batch_size, cfg.group_size, cfg.max_prompt_len,
+                                          cfg.max_new_tokens),
                                  loss_chunk=cfg.micro_batch_size * cfg.max_new_tokens)  # logits of the answers only
     dist.print0(the_plan.format_table())
     roles = Roles(cfg, d, the_plan.stages[d.pp_rank])
