@@ -498,7 +498,7 @@ class Judge:
             raw = raw + r["score"]
             norm = ((raw - self.rm_stats["mean"]) / max(self.rm_stats["std"], 1e-6)).clamp(-cfg.reward_clip,
                                                                                          cfg.reward_clip)
-        if self.fns:
+        if self.fns:  # every stage calls them, so that a failing function is reported by every rank
             answers = [sample_text(self.tok, row[T:]) for row in ids]  # ids outside the tokenizer never pass a check
             f = torch.tensor(rewards.score(self.fns, texts, answers), device=ids.device)
             raw, norm = raw + f, norm + f
