@@ -647,10 +647,10 @@ def write_toy(out_dir, seed=0):
 # The toy runs: a 2-block ChatGLM trained from scratch on the bundled task, a few CPU minutes.
 # `python train_sft.py` (no --model) takes these values for every flag it was not given. One CPU
 # thread: a model this small runs faster on one than on two. The toy SFT's held-out loss is lowest
-# around step 700 of 900 and rises after (the answers are memorised); --keep_best makes that step final.
+# around step 900 of 1400 and rises after (the answers are memorised); --keep_best makes that step final.
 TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-TOY_SFT = dict(max_len=64, micro_batch_size=32, grad_accum=1, lr=1e-2, warmup_steps=30, max_steps=900,
-               weight_decay=0.1, eval_every=100, save_every=450, out="runs/toy_sft", threads=1, keep_best=True)
+TOY_SFT = dict(max_len=64, micro_batch_size=32, grad_accum=1, lr=1e-2, warmup_steps=30, max_steps=1400,
+               weight_decay=0.1, eval_every=100, save_every=700, out="runs/toy_sft", threads=1, keep_best=True)
 TOY_RM = dict(max_len=64, micro_batch_size=16, grad_accum=1, lr=1e-3, warmup_steps=20, max_steps=300,
               weight_decay=0.01, eval_every=100, save_every=150, out="runs/toy_rm", threads=1, keep_best=True)
 # PPO's toy prompts are the held-out questions without their answers: neither the SFT model nor
