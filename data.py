@@ -648,6 +648,8 @@ def write_toy(out_dir, seed=0):
 # `python train_sft.py` (no --model) takes these values for every flag it was not given. One CPU
 # thread: a model this small runs faster on one than on two. The toy SFT's held-out loss is lowest
 # around step 900 of 1400 and rises after (the answers are memorised); --keep_best makes that step final.
+# (900 steps reach 75% exact match in 50 s instead of 80, but the RM trained from that model ranked
+# worse, 75% of held-out pairs instead of 80%, and PPO against it lowered accuracy, 75.0% -> 63.2%.)
 TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TOY_SFT = dict(max_len=64, micro_batch_size=32, grad_accum=1, lr=1e-2, warmup_steps=30, max_steps=1400,
                weight_decay=0.1, eval_every=100, save_every=700, out="runs/toy_sft", threads=1, keep_best=True)
