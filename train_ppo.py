@@ -660,6 +660,18 @@ def sample_text(tok, ids):
     return text if known.all() else f"{text} [+{int((~known).sum())} ids outside the tokenizer]"
 
 
+def rl_plan(cfg, gcfg, d):
+    """The plan of an RL step: the actor's training (full mode holds the actor, and PPO's critic,
+    training beside frozen reference, and reward, copies), and the rollout's generation."""
+    return plan.plan_for_run(gcfg, d.P, d.device, cfg.micro_batch_size, cfg.max_prompt_len + cfg.max_new_tokens,
+                             max(1, cfg.mini_batch_size // cfg.micro_batch_size), cfg.mode,
+                             cfg.lora_rank if cfg.mode == "lora" else 0, cfg.lora_targets.split(","),
+                             gpu_mem_gib=cfg.gpu_mem_gib, method=cfg.plan,
+                             copies=(1, 0) if cfg.mode == "lora" else (1 + (cfg.algo == "ppo"), 1 + bool(cfg.rm_dir)),
+                             rollout=(cfg.rollout_batch_size, cfg.group_size, cfg.max_prompt_len, cfg.max_new_tokens),
+                             loss_chunk=cfg.micro_batch_size * cfg.max_new_tokens)  # logits of the answers only
+
+
 def main(argv=None):
     cfg = flags.parse(Config, argv, preset=lambda c: {} if c.model or c.actor or c.rm_dir else
                       data.TOY_PPO if c.algo == "ppo" else data.TOY_RL, positive=POSITIVE, non_negative=NON_NEGATIVE)
@@ -689,18 +701,8 @@ def main(argv=None):
     judge = Judge(tok, read_reward_stats(cfg.rm_dir) if cfg.rm_dir else None,
                   rewards.load(cfg.reward_fn) if cfg.reward_fn else [])
 
-    # ---- the plan (sized for the actor's training; full mode holds actor (and PPO's critic) training
-    # beside frozen reference (and reward) copies), the roles on this stage, their optimisers, resume
-    gcfg = glm.GLMConfig.from_json(os.path.join(base_dir, "config.json"))
-    the_plan = plan.plan_for_run(gcfg, d.P, d.device, cfg.micro_batch_size, cfg.max_prompt_len + cfg.max_new_tokens,
-                                 max(1, cfg.mini_batch_size // cfg.micro_batch_size), cfg.mode,
-                                 cfg.lora_rank if cfg.mode == "lora" else 0, cfg.lora_targets.split(","),
-                                 gpu_mem_gib=cfg.gpu_mem_gib, method=cfg.plan,
-                                 copies=(1, 0) if cfg.mode == "lora" else
-                                 (1 + (cfg.algo == "ppo"), 1 + bool(cfg.rm_dir)),
-                                 rollout=(cfg.rollout_batch_size, cfg.group_size, cfg.max_prompt_len,
-                                          cfg.max_new_tokens),
-                                 loss_chunk=cfg.micro_batch_size * cfg.max_new_tokens)  # logits of the answers only
+    # ---- the plan, the roles on this stage, their optimisers, resume
+    the_plan = rl_plan(cfg, glm.GLMConfig.from_json(os.path.join(base_dir, "config.json")), d)
     dist.print0(the_plan.format_table())
     roles = Roles(cfg, d, the_plan.stages[d.pp_rank])
     opts = {role: optim.AdamW(roles.trainables(role), lr, cfg.weight_decay, d, the_plan.hosts)
