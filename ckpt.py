@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 
 import torch
@@ -82,7 +83,7 @@ def save_checkpoint(out, step, d, tokenizer_path, models, heads=None, optimizers
         _fsync_dir(out)
         for _, old in checkpoints(out)[:-keep] if keep > 0 else ():
             shutil.rmtree(old)
-        report.write(out)  # the curves so far, for a look while the run goes on
+        write_report(out)  # the curves so far, for a look while the run goes on
     dist.barrier()
 
 
@@ -109,11 +110,20 @@ def restore_best(out, best, step, d, models, heads=None):
     return True
 
 
+def write_report(out, tables=()):
+    """OUT/report.html (rank 0). A page that cannot be drawn is said, and never stops the run."""
+    try:
+        return report.write(out, tables=tables)
+    except Exception as e:
+        print(f"warning: {os.path.join(out, 'report.html')} not written ({type(e).__name__}: {e})",
+              file=sys.stderr, flush=True)
+
+
 def finish_run(out, d, stage, wall, tables=()):
     """The end of a run: OUT/report.html with the run's tables, each rank's measured memory and busy
     time beside the plan's, the process group left."""
     if dist.is_main():
-        dist.print0(f"report: {report.write(out, tables=tables)}")
+        dist.print0(f"report: {write_report(out, tables)}")
     dist.report_memory_and_busy(stage, d, wall)
     dist.teardown()
 

@@ -437,3 +437,16 @@ def test_resume_keeps_the_metrics_up_to_its_step_even_after_a_cut_last_line(tmp_
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')
     ckpt.MetricsLog(str(tmp_path), resume_step=2)
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows[:2]
+
+
+def test_a_report_that_cannot_be_drawn_never_stops_the_run(tmp_path, base, data8, monkeypatch, capsys):
+    """report.html is a convenience: if drawing it fails, the run says so and goes on to its result."""
+    import report
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no page today")
+    monkeypatch.setattr(report, "write", broken)
+    out = tmp_path / "run"
+    train_sft.main(sft_argv(base, data8, out, max_steps=2, save_every=1))
+    assert (out / "final" / "config.json").is_file() and not (out / "report.html").exists()
+    assert f"warning: {out / 'report.html'} not written (RuntimeError: no page today)" in capsys.readouterr().err
