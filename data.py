@@ -646,7 +646,7 @@ def write_toy(out_dir, seed=0):
 
 # The toy runs: a 2-block ChatGLM trained from scratch on the bundled task, a few CPU minutes.
 # `python train_sft.py` (no --model) takes these values for every flag it was not given. One CPU
-# thread: a model this small runs faster on one than on two. The toy SFT's held-out loss is lowest
+# thread: a model this small gains little from two, and loses much when the machine is busy. The toy SFT's held-out loss is lowest
 # around step 900 of 1400 and rises after (the answers are memorised); --keep_best makes that step final.
 # (900 steps reach 75% exact match in 50 s instead of 80, but the RM trained from that model ranked
 # worse, 75% of held-out pairs instead of 80%, and PPO against it lowered accuracy, 75.0% -> 63.2%.)

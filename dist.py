@@ -40,8 +40,9 @@ def setup(pp=1, timeout_min=10.0, threads=0):
     """Read torchrun's environment (or run as one process), pick NCCL on GPUs and gloo on CPUs,
     set the device and build the pipeline and data-parallel groups. A collective that waits longer
     than timeout_min for a rank (a stalled or dead process) ends the run instead of hanging it.
-    threads > 0 sets torch's CPU threads: a small model runs faster on one (a busy 2-core machine
-    ran the toy SFT 8x faster with 1 thread than with 2)."""
+    threads > 0 sets torch's CPU threads: a small model gains little from a second one and loses
+    much when another process holds a core (the toy SFT on 2 cores beside one busy process: 1.7x
+    slower with 2 threads than with 1)."""
     global _DIST
     if threads:
         torch.set_num_threads(threads)
