@@ -1040,9 +1040,9 @@ class Parser(argparse.ArgumentParser):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in INFER_COMMANDS:
-        import infer  # imported here, not at the top: glm.py is the bottom layer and imports no project module
-        return infer.main(argv, prog="glm.py")
+    if argv and argv[0] in INFER_COMMANDS:  # run infer.py in this process's place: glm.py imports no project module
+        infer = os.path.join(os.path.dirname(os.path.abspath(__file__)), "infer.py")
+        return os.execv(sys.executable, [sys.executable, infer, *argv])
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("convert", help="official pytorch_model-*.bin release -> safetensors",

@@ -321,7 +321,7 @@ def run_module(name, argv, monkeypatch):
 
 
 @pytest.mark.parametrize("name,argv,words", [
-    ("glm", ["chat", "--model", "/no/such/model"], ["/no/such/model", "no such model folder"]),
+    ("infer", ["chat", "--model", "/no/such/model"], ["/no/such/model", "no such model folder"]),
     ("glm", ["convert", "/no/such/release", "OUT"], ["/no/such/release/config.json"]),
     ("lora", ["merge", "--model", "/no/such/model", "--adapter", "A", "--out", "O"], ["/no/such/model"]),
     ("lora", ["merge", "--model", "M"], ["--adapter", "--out"]),

@@ -6,9 +6,11 @@ adapter, batch prompts with left padding, pipeline them over ranks, stream over 
 """
 import http.client
 import json
+import os
 import runpy
 import shutil
 import socket
+import sys
 import threading
 from types import SimpleNamespace
 
@@ -53,10 +55,11 @@ def greedy(toy, query, history=(), n=N, model=None):
 
 
 def cli(argv, monkeypatch):
-    """`python glm.py ARGV` in this process (its __main__ block); the exit code, 0 if it returned."""
-    monkeypatch.setattr("sys.argv", ["glm.py", *argv])
+    """`python infer.py ARGV` in this process (its __main__ block, which `python glm.py ARGV` runs in its
+    place); the exit code, 0 if it returned."""
+    monkeypatch.setattr("sys.argv", ["infer.py", *argv])
     try:
-        runpy.run_module("glm", run_name="__main__")
+        runpy.run_module("infer", run_name="__main__")
     except SystemExit as e:
         return e.code
     return 0
@@ -338,3 +341,14 @@ def test_health_models_and_unknown_routes(server):
             assert body["data"][0]["id"] == "adapter"  # the adapter folder's name
         conn.close()
     assert post(server, {"messages": []}, path="/v1/completions")[0] == 404
+
+
+@pytest.mark.parametrize("cmd", ["chat", "predict", "serve"])
+def test_glm_py_hands_its_inference_commands_to_infer_py(cmd, monkeypatch):
+    """`python glm.py CMD ...` runs `python infer.py CMD ...` in its place (glm.py imports no project
+    module); `convert` stays in glm.py."""
+    calls = []
+    monkeypatch.setattr(glm.os, "execv", lambda path, args: calls.append((path, args)))
+    glm.main([cmd, "--model", "M", "--port", "1"])
+    infer_py = os.path.join(os.path.dirname(os.path.abspath(glm.__file__)), "infer.py")
+    assert calls == [(sys.executable, [sys.executable, infer_py, cmd, "--model", "M", "--port", "1"])]
