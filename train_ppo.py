@@ -462,6 +462,12 @@ def split(batch, idx, size):
     return [{k: v[idx[i:i + size]] for k, v in batch.items()} for i in range(0, len(idx), size)]
 
 
+def rm_scores(roles, d, mbs):
+    """The reward model's score of every sequence [B], read at its last answer token (mb["end"])."""
+    return torch.cat(dist.forward(roles.use("reward"), d, mbs, lambda m, h, mb: glm.rewards_at(
+        roles.reward_head, h, mb["end"]), lambda mb: (mb["input_ids"].shape[0],)))
+
+
 def score_rollout(roles, d, ids, T, cfg):
     """One pass per role present over the finished sequences: old and reference log-probs, the
     critic's values (PPO), the reward model's score (with --rm_dir)."""
@@ -469,7 +475,6 @@ def score_rollout(roles, d, ids, T, cfg):
     mask, end, has_eop = response_mask(ids, T, eos)
     mbs = split({"input_ids": ids, "end": end}, torch.arange(ids.shape[0]), cfg.micro_batch_size)
     per_token = lambda mb: (mb["input_ids"].shape[0], mb["input_ids"].shape[1] - 1)
-    per_row = lambda mb: (mb["input_ids"].shape[0],)
     run = lambda role, fn, shape: torch.cat(dist.forward(roles.use(role), d, mbs, fn, shape))
     logp_fn = lambda model, h, mb: token_logprobs(model, h, mb["input_ids"], cfg.temperature)
     r = dict(mask=mask, end=end, has_eop=has_eop, logp=run("actor", logp_fn, per_token),
@@ -477,7 +482,7 @@ def score_rollout(roles, d, ids, T, cfg):
     if "critic" in roles.present:
         r["values"] = run("critic", lambda m, h, mb: roles.value_head(h[:, :-1].float())[..., 0], per_token)
     if "reward" in roles.present:
-        r["score"] = run("reward", lambda m, h, mb: glm.rewards_at(roles.reward_head, h, mb["end"]), per_row)
+        r["score"] = rm_scores(roles, d, mbs)
     return r
 
 
@@ -603,8 +608,11 @@ def toy_report(roles, tok, d, cfg):
     out, _ = dist.generate(model, d, ids, cfg.max_new_tokens)
     model.train()
     answers = [tok.decode(row, skip_special_tokens=True) for row in out[:, ids.shape[1]:]]
-    r = score_rollout(roles, d, out, ids.shape[1], cfg)
-    score = float(r["score"].mean()) if "score" in r else None  # every stage has it (dist.forward)
+    score = None
+    if "reward" in roles.present:  # only the reward model's pass; every stage gets its output (dist.forward)
+        _, end, _ = response_mask(out, ids.shape[1], roles.models["actor"].config.eos_token_id)
+        mbs = split({"input_ids": out, "end": end}, torch.arange(out.shape[0]), cfg.micro_batch_size)
+        score = float(rm_scores(roles, d, mbs).mean())
     return data.toy_accuracy(eval_ex, answers), score, [[e["prompt"], a] for e, a in zip(eval_ex, answers)]
 
 
