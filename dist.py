@@ -397,7 +397,7 @@ def train_step(model, d, microbatches, loss_fn, first_trainable=0):
             x = mb["input_ids"]
         elif sends_grad:
             x.requires_grad_()
-        rope, attend = model.inputs(mb["input_ids"])
+        rope, attend = model.batch_inputs(mb)
         y = model.transformer(x, rope, attend, checkpoint=model.checkpoint_activations)
         if d.last:
             y = loss_fn(model, y, mb)
@@ -440,7 +440,7 @@ def forward(model, d, microbatches, out_fn, out_shape):
         for mb in microbatches:
             ids = mb["input_ids"]
             x = ids if d.first else p2p(d, recv_shape=(*ids.shape, C), recv_from=s - 1, dtype=dtype)
-            rope, attend = model.inputs(ids)
+            rope, attend = model.batch_inputs(mb)
             h = model.transformer(x, rope, attend)
             if d.last:
                 y = out_fn(model, h, mb).float()

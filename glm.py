@@ -441,18 +441,24 @@ class ChatGLM(nn.Module):
                              f"max_sequence_length {self.config.max_sequence_length}; shorten the input"
                              + (" or max_new_tokens" if N else ""))
 
-    def inputs(self, input_ids, position_ids=None, attention_mask=None):
-        """(rope, attend) for a forward: derived from the ids unless given in the release's form
-        (position_ids [B, 2, T]; attention_mask bool [B, 1, T, T] with True = masked)."""
-        if position_ids is None or attention_mask is None:
+    def inputs(self, input_ids, position_ids=None, attention_mask=None, attend=None):
+        """(rope, attend) for a forward: derived from the ids unless given, either in the release's
+        form (position_ids [B, 2, T]; attention_mask bool [B, 1, T, T] with True = masked) or as
+        `attend` (bool [B, 1, T, T], True = may attend: packed rows, shared-prompt groups)."""
+        if position_ids is None or (attention_mask is None and attend is None):
             layout = derive_layout(input_ids, self.config)
         position_ids = layout.position_ids if position_ids is None else position_ids
-        if attention_mask is None:
+        if attend is None and attention_mask is None:
             attend = layout.attend
-        else:  # flip to True = attend; the diagonal keeps fully padded rows finite
+        elif attend is None:  # flip to True = attend; the diagonal keeps fully padded rows finite
             T = attention_mask.shape[-1]
             attend = ~attention_mask.bool() | torch.eye(T, dtype=torch.bool, device=attention_mask.device)
         return rotary_tables(position_ids, self.config.rotary_dim), attend
+
+    def batch_inputs(self, mb):
+        """(rope, attend) of a micro-batch dict: its own "position_ids" / "attend" where it carries
+        them (several sequences laid out in one row), else derived from its "input_ids"."""
+        return self.inputs(mb["input_ids"], mb.get("position_ids"), attend=mb.get("attend"))
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, return_hidden=False):
         """Logits [B, T, V] (or final hidden states [B, T, C]) of a full, unpipelined model."""
