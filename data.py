@@ -80,30 +80,36 @@ def read_jsonl(path):
     n = 0
     # split on b"\n" ourselves: decoding line by line lets a bad byte be reported with its line
     for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        where = f"{path}:{lineno}"
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            _fail(where, f"byte 0x{line[e.start]:02x} at column {e.start + 1} is not UTF-8",
-                  "save the file as UTF-8 (e.g. `iconv -f GBK -t UTF-8 in.jsonl > out.jsonl`)")
-        if lineno == 1:
-            text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            _fail(where, f"not valid JSON ({e.msg} at column {e.colno})",
-                  "each line must hold one complete JSON object; a pretty-printed file or a "
-                  "JSON array is not jsonl")
-        if not isinstance(obj, dict):
-            _fail(where, f"the line is a JSON {_jtype(obj)}, not an object",
-                  'write one object a line, e.g. {"prompt": "...", "response": "..."}')
-        n += 1
-        yield where, obj
+        obj = parse_line(f"{path}:{lineno}", line, lineno == 1)
+        if obj is not None:
+            n += 1
+            yield f"{path}:{lineno}", obj
     if n == 0:
         _fail(path, "no examples (the file is empty or holds only blank lines)",
               "check the path; a data file needs at least one JSON object a line")
+
+
+def parse_line(where, line, first=False):
+    """One jsonl line (bytes) -> its JSON object, or None if blank; bad UTF-8 or JSON is an error."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        _fail(where, f"byte 0x{line[e.start]:02x} at column {e.start + 1} is not UTF-8",
+              "save the file as UTF-8 (e.g. `iconv -f GBK -t UTF-8 in.jsonl > out.jsonl`)")
+    if first:
+        text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        _fail(where, f"not valid JSON ({e.msg} at column {e.colno})",
+              "each line must hold one complete JSON object; a pretty-printed file or a "
+              "JSON array is not jsonl")
+    if not isinstance(obj, dict):
+        _fail(where, f"the line is a JSON {_jtype(obj)}, not an object",
+              'write one object a line, e.g. {"prompt": "...", "response": "..."}')
+    return obj
 
 
 def _jtype(v):
@@ -305,13 +311,15 @@ def line_kind(obj):
     return "sft" if any(k in obj for k in ("response", "output", *CHATS)) else None
 
 
+def prompt_example(obj, where):
+    """One PPO prompt line -> {"prompt", "history", "source"}; any response/answers are ignored."""
+    obj = _from_chat(obj, where, reply_needed=False)
+    return dict(prompt=_prompt(obj, where, PROMPT_SHAPE), history=_history(obj, where), source=where)
+
+
 def load_prompts(path):
     """PPO prompt lines -> [{"prompt", "history", "source"}]; any response/answers are ignored."""
-    out = []
-    for where, obj in read_jsonl(path):
-        obj = _from_chat(obj, where, reply_needed=False)
-        out.append(dict(prompt=_prompt(obj, where, PROMPT_SHAPE), history=_history(obj, where), source=where))
-    return out
+    return [prompt_example(obj, where) for where, obj in read_jsonl(path)]
 
 
 def split_holdout(examples, holdout, seed=0):
@@ -420,6 +428,162 @@ def encode_prompt(tok, ex, max_len, stats=None):
         stats.add(ex.get("source", ""), len(p) - len(keep), 0)
     return keep + [tok.gmask_id, tok.sop_id]
 
+
+
+# -----------------------------------------------------------------------------
+# ranked groups: one prompt's answers, best first (train_rm.py, train_dpo.py)
+
+
+@dataclass
+class RankStats:
+    """What truncation did to rankings, beyond TruncationStats; print it before training."""
+    emptied: int = 0         # answers cut down to their <eop> alone (they still train)
+    merged: int = 0          # answers identical to a better one after truncation: dropped
+    skipped: int = 0         # prompts left with fewer than 2 distinct answers: skipped
+    where: list = field(default_factory=list)
+
+    def __str__(self):
+        s = (f"{self.emptied} answers cut to nothing, {self.merged} identical to a better answer after "
+             f"truncation (dropped), {self.skipped} prompts skipped (fewer than 2 distinct answers left)")
+        return s + (f", e.g. {', '.join(self.where)}" if self.where else "")
+
+    def note(self, source):
+        if len(self.where) < 3 and source and source not in self.where:
+            self.where.append(source)
+
+
+def best_first(ex):
+    """The example's answers best first: as listed, or sorted by an explicit "ranks" list (1 = best)
+    that travels with them, so the order they are stored in does not matter."""
+    ranks = ex.get("ranks")
+    if ranks is None:
+        return list(ex["answers"])
+    where = ex.get("source", "an example")
+    if len(ranks) != len(ex["answers"]) or len(set(ranks)) != len(ranks):
+        raise DataError(f"{where}: 'ranks' {ranks} does not give each of the {len(ex['answers'])} answers "
+                        "its own rank. HINT: one distinct number per answer, 1 = best, e.g. [2, 1, 4, 3]")
+    return [a for _, a in sorted(zip(ranks, ex["answers"]), key=lambda t: t[0])]
+
+
+def encode_group(tok, ex, max_len, stats=None, min_prompt_share=0.5):
+    """(prompt ids ending in [gMASK] <sop>, [answer ids ending in <eop>, ...]): each answer cut as
+    encode_ranked cuts it, then the prompt cut to the shortest one any answer kept, so that the
+    answers can share one prompt (shared_prompt_row) and every prompt + answer still fits max_len."""
+    prompt, tail = _prompt_ids(tok, ex), [tok.gmask_id, tok.sop_id]
+    answers = [tok.encode_text(a) for a in ex["answers"]]
+    cut = [truncate_pair(prompt, a, tail, tok.eop_id, max_len, True, min_prompt_share) for a in answers]
+    shared = min((p for p, _ in cut), key=len)  # every kept prompt is a suffix of the whole one
+    for a, (_, kept) in zip(answers, cut):
+        if stats is not None:
+            stats.add(ex.get("source", ""), len(prompt) + len(tail) - len(shared), len(a) + 1 - len(kept))
+    return shared, [kept for _, kept in cut]
+
+
+def encode_groups(tok, examples, max_len, stats, ranks):
+    """Ranked examples -> [{"prompt", "answers", "ids", "margin", "source"}]: the prompt's ids (ending
+    in [gMASK] <sop>), the distinct answers' ids best first (each ending in <eop>) and "ids", prompt +
+    answer for each. Answers that truncation made identical to a better one are dropped, prompts
+    left with one answer skipped, each counted in `ranks` (a RankStats)."""
+    out = []
+    for ex in examples:
+        prompt, answers = encode_group(tok, {**ex, "answers": best_first(ex)}, max_len, stats)
+        keep = []
+        for a in answers:
+            if len(a) == 1:  # <eop> alone: nothing of the answer is left
+                ranks.emptied += 1
+                ranks.note(ex.get("source", ""))
+            if a in keep:  # the same tokens both better and worse: no signal, only a contradiction
+                ranks.merged += 1
+                ranks.note(ex.get("source", ""))
+                continue
+            keep.append(a)
+        if len(keep) < 2:
+            ranks.skipped += 1
+            continue
+        out.append(dict(prompt=prompt, answers=keep, ids=[prompt + a for a in keep],
+                        margin=float(ex.get("margin") or 0.0), source=ex.get("source", "")))
+    return out
+
+
+def load_groups(tok, path, eval_path, holdout, seed, max_len):
+    """(train groups, held-out groups, a line saying what they hold and what truncation did) of
+    ranked files, read, checked and encoded (encode_groups). No training group left is an error."""
+    train_ex, eval_ex = load_train_eval(load_ranked, path, eval_path, holdout, seed)
+    stats, ranks = TruncationStats(), RankStats()
+    train = encode_groups(tok, train_ex, max_len, stats, ranks)
+    held = encode_groups(tok, eval_ex, max_len, stats, ranks)
+    if not train:
+        raise DataError(f"{path}: no prompt has two distinct answers left after truncation to "
+                        f"--max_len {max_len}. HINT: raise --max_len")
+    pairs = sum(len(g["answers"]) * (len(g["answers"]) - 1) // 2 for g in train)
+    return train, held, f"{len(train)} train prompts ({pairs} pairs) / {len(held)} held-out prompts; {stats}; {ranks}"
+
+
+def shared_prompt_row(prompt, answers, cfg):
+    """One group as one row: the prompt once, then each answer, which sees the prompt and itself
+    (causally) only, at the 2-D positions it has alone. The pieces are copied from glm.derive_layout
+    of each prompt + answer alone, so the row is right by construction. Returns ids [L],
+    position_ids [2, L], attend [L, L] (True = may attend) and each answer's first column."""
+    p, L = len(prompt), len(prompt) + sum(map(len, answers))
+    pos = torch.zeros(2, L, dtype=torch.long)
+    attend = torch.zeros(L, L, dtype=torch.bool)
+    starts, o = [], p
+    for a in answers:
+        alone = glm.derive_layout(torch.tensor([prompt + a]), cfg)  # one unpadded row of p + n tokens
+        A, n = alone.attend[0, 0], len(a)                           # [p + n, p + n]
+        pos[:, :p], pos[:, o:o + n] = alone.position_ids[0, :, :p], alone.position_ids[0, :, p:]
+        attend[:p, :p] = A[:p, :p]            # the prompt sees only itself (the same for every answer)
+        attend[o:o + n, :p] = A[p:, :p]       # the answer sees the prompt ...
+        attend[o:o + n, o:o + n] = A[p:, p:]  # ... and itself, causally; never the other answers
+        starts.append(o)
+        o += n
+    return prompt + [t for a in answers for t in a], pos, attend, starts
+
+
+def group_rows(groups, pad_id, cfg=None):
+    """A micro-batch of ranked groups [(prompt ids, [answer ids, ...]), ...] as model inputs. With cfg
+    (the model's GLMConfig) one row per group (shared_prompt_row: "input_ids" [G, T], "position_ids"
+    [G, 2, T], "attend" [G, 1, T, T]); without, one row per answer, prompt + answer ("input_ids"
+    [N, T]). Rows are left-padded. Per answer token, group by group, answer by answer: "pred_row",
+    "pred_col" (the logits that predict it: the token before it; for an answer's first token the
+    prompt's <sop>), "target" (its id), "tok_answer" (its answer's index); per answer "eop_row",
+    "eop_col" (its <eop>, where the RM reads its score) and "answer_len" (tokens with <eop>).
+    Returns (that dict, [K per group])."""
+    rows, layouts, place = [], [], []  # place: (row, first answer column, prompt length) per answer
+    for prompt, answers in groups:
+        if cfg is not None:
+            ids, pos, attend, starts = shared_prompt_row(prompt, answers, cfg)
+            rows.append(ids)
+            layouts.append((pos, attend))
+            place += [(len(rows) - 1, s, len(prompt)) for s in starts]
+        else:
+            for a in answers:
+                rows.append(prompt + a)
+                place.append((len(rows) - 1, len(prompt), len(prompt)))
+    T = max(map(len, rows))
+    out = {"input_ids": glm.left_pad(rows, pad_id)}
+    if cfg is not None:
+        out["position_ids"] = torch.zeros(len(rows), 2, T, dtype=torch.long)  # padding sits at 0
+        attend = torch.eye(T, dtype=torch.bool).repeat(len(rows), 1, 1)      # padding sees itself: never NaN
+        for r, (pos, att) in enumerate(layouts):
+            pad = T - pos.shape[1]
+            out["position_ids"][r, :, pad:] = pos
+            attend[r, pad:, pad:] = att
+        out["attend"] = attend[:, None]  # [G, 1, T, T]
+    answers = [a for _, ans in groups for a in ans]
+    per_token = {k: [] for k in ("pred_row", "pred_col", "target", "tok_answer")}
+    eop_row, eop_col = [], []
+    for i, ((r, start, p), a) in enumerate(zip(place, answers)):
+        pad, n = T - len(rows[r]), len(a)
+        per_token["pred_col"] += [pad + p - 1] + [pad + start + j for j in range(n - 1)]
+        per_token["pred_row"] += [r] * n
+        per_token["target"] += a
+        per_token["tok_answer"] += [i] * n
+        eop_row.append(r)
+        eop_col.append(pad + start + n - 1)
+    for k, v in dict(per_token, eop_row=eop_row, eop_col=eop_col, answer_len=[len(a) for a in answers]).items():
+        out[k] = torch.tensor(v, dtype=torch.long)
+    return out, [len(ans) for _, ans in groups]
 
 # -----------------------------------------------------------------------------
 # batches and the loss
@@ -676,6 +840,18 @@ def toy_file(name):
 def toy_runs(out):
     """The folder holding the toy runs (runs/ by default): where each toy stage finds the others."""
     return os.path.dirname(os.path.normpath(out)) or "."  # "runs/toy_sft/" too
+
+
+def toy_sft_start(out):
+    """(model folder, LoRA adapter or "") where a toy run that continues the toy SFT model starts:
+    RUNS/toy_sft/final when it holds full weights; the toy base plus that folder when it holds an
+    adapter; else the toy base alone (a random model, written by the script once --out is checked)."""
+    runs = toy_runs(out)
+    sft = os.path.join(runs, "toy_sft", "final")
+    if os.path.isfile(os.path.join(sft, "config.json")):
+        return sft, ""
+    base = os.path.join(runs, "toy_base")
+    return base, sft if os.path.isfile(os.path.join(sft, "adapter_config.json")) else ""
 
 
 def write_toy_model(path, seed=0):

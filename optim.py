@@ -89,6 +89,27 @@ def select_trainable(model, mode, lora_rank=8, lora_alpha=16.0, lora_targets=("q
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def check_sft_adapter(cfg, what):
+    """Where a run that continues an SFT result starts: cfg.model (an HF folder) plus, for LoRA,
+    cfg.sft_adapter, whose r, alpha and targets the run's adapter (`what`) takes. Mismatches are errors."""
+    if os.path.isfile(os.path.join(cfg.model, lora.CONFIG_FILE)) and \
+            not os.path.isfile(os.path.join(cfg.model, "config.json")):
+        raise ValueError(f"--model {cfg.model} holds a LoRA adapter, not a model. HINT: pass the base it was "
+                         f"trained on as --model and this folder as --sft_adapter")
+    if not cfg.sft_adapter:
+        return cfg
+    if cfg.train_layers:
+        raise ValueError("--sft_adapter continues a LoRA adapter, --train_layers trains blocks: pick one. HINT: "
+                         "for --train_layers, merge the adapter first (python lora.py merge) and pass it as --model")
+    acfg = lora.read_adapter_config(cfg.sft_adapter)
+    r, alpha = int(acfg.get("r", 8)), float(acfg.get("lora_alpha", 8))  # PEFT's defaults
+    if cfg.lora_rank not in (0, r):  # the adapter continues the SFT adapter: its shape is given
+        raise ValueError(f"--lora_rank {cfg.lora_rank}, but --sft_adapter {cfg.sft_adapter} has r={r}: {what} "
+                         "continues that adapter, so it keeps its rank. HINT: leave out --lora_rank")
+    cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets = r, alpha, ",".join(acfg["target_modules"])
+    return cfg
+
+
 def named_trainables(model, heads=None):
     """{name: parameter} of what trains on this stage: the model's trained tensors plus those of
     extra head modules ({prefix: module}); the names under which optimiser state is saved."""
@@ -146,6 +167,24 @@ def _accumulate_fp32(p):
     p.grad = None
 
 
+@torch.no_grad()
+def adamw_update(p, g, st, lr, weight_decay, betas=(0.9, 0.95), eps=1e-8):
+    """One AdamW step on the fp32 tensor p in place, with gradient g and state st (Loshchilov &
+    Hutter: the decay is decoupled from the gradient). Written out rather than torch.optim's:
+    its optimisers import the compiler stack, ~2 s of start-up in every process."""
+    b1, b2 = betas
+    st["step"] = t = float(st.get("step", 0)) + 1
+    m = st.setdefault("exp_avg", torch.zeros_like(p))
+    v = st.setdefault("exp_avg_sq", torch.zeros_like(p))
+    p.mul_(1 - lr * weight_decay)
+    m.lerp_(g, 1 - b1)                          # m = b1 m + (1 - b1) g
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)     # v = b2 v + (1 - b2) g^2
+    bc1, bc2 = 1 - b1 ** t, math.sqrt(1 - b2 ** t)
+    chunk = 1 << 24  # elements: sqrt(v)'s temporary stays <= 64 MB, also for the lm_head's master
+    for pc, mc, vc in zip(p.view(-1).split(chunk), m.view(-1).split(chunk), v.view(-1).split(chunk)):
+        pc.addcdiv_(mc, vc.sqrt().div_(bc2).add_(eps), value=-lr / bc1)
+
+
 class AdamW:
     """AdamW (betas 0.9, 0.95; decay on matrices only) over this stage's trained tensors
     {name: parameter}, through fp32 masters. hosts {unit: stage} keeps the masters and moments
@@ -167,14 +206,8 @@ class AdamW:
         self.guests = {}  # {name: (owner stage, owner dtype)} of the masters kept here for others
         if hosts and d.P > 1:
             self._adopt_guests()
-        matrices = [t for t in self.masters.values() if t.dim() >= 2]
-        vectors = [t for t in self.masters.values() if t.dim() < 2]
-        groups = [g for g in ({"params": matrices, "weight_decay": weight_decay},
-                              {"params": vectors, "weight_decay": 0.0}) if g["params"]]
-        # fused: one kernel over all tensors, and no temporaries the size of the stage's weights
-        self.fused = d.device.type == "cuda" and bool(self.masters)
-        self.opt = torch.optim.AdamW(groups or [{"params": []}], lr=lr, betas=(0.9, 0.95),
-                                     fused=self.fused or None)
+        self.weight_decay = weight_decay
+        self.state = {}  # {master: {"step", "exp_avg", "exp_avg_sq"}}, as torch's AdamW names them
 
     def _adopt_guests(self):
         """Every stage learns which tensors it hosts (name, shape, dtype, owner); owners send
@@ -206,10 +239,8 @@ class AdamW:
         dist.exchange(self.d, [(grads[n], h) for n, h in self.away.items()],
                       [(inbox[n], owner) for n, (owner, _) in self.guests.items()])
         for n, t in self.masters.items():
-            t.grad = inbox[n] if n in inbox else grads[n]
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        self.opt.step()
+            adamw_update(t, inbox[n] if n in inbox else grads[n], self.state.setdefault(t, {}), lr,
+                         self.weight_decay if t.dim() >= 2 else 0.0)  # no decay on biases and LayerNorms
         # the new weights: back to their owners, and into this stage's own bf16 copies
         dist.exchange(self.d, [(self.masters[n].to(dtype), owner) for n, (owner, dtype) in self.guests.items()],
                       [(self.owned[n].detach(), h) for n, h in self.away.items()])
@@ -227,8 +258,6 @@ class AdamW:
             p.grad = None
             if p.dtype != torch.float32:
                 p.main_grad = None
-        for t in self.masters.values():
-            t.grad = None
 
     def state_by_name(self):
         """AdamW state of every master kept here (own or hosted), keyed by parameter name, so any
@@ -236,7 +265,7 @@ class AdamW:
         only its bf16 rounding."""
         out = {}
         for n, t in self.masters.items():
-            st = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in self.opt.state.get(t, {}).items()}
+            st = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in self.state.get(t, {}).items()}
             if self.owned.get(n) is not t:
                 st["master"] = t.detach().cpu()
             out[n] = st
@@ -256,9 +285,7 @@ class AdamW:
             if master is not None:
                 with torch.no_grad():
                     t.copy_(master)
-            # the step counter lives on the device for the fused kernel, on the CPU otherwise
-            self.opt.state[t] = {k: (v.to(t.device) if torch.is_tensor(v) and (k != "step" or self.fused) else v)
-                                 for k, v in st.items()}
+            self.state[t] = {k: (v.to(t.device) if torch.is_tensor(v) and k != "step" else v) for k, v in st.items()}
         self._refresh_working()
 
 

@@ -28,7 +28,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,7 @@ class Config:
     eval_data: str = ""             # held-out jsonl; "" = hold out `holdout` of --data
     holdout: float = 0.05           # share of --data held out for evaluation when no --eval_data
     max_len: int = 512              # per answer: prompt + answer + <eop>; the prompt is cut first
+    shared_prompt: bool = True      # a prompt's answers in one row, the prompt computed once (false: a row each)
     # ---- what trains: LoRA (lora_rank > 0), the last N blocks (train_layers > 0), else everything
     lora_rank: int = 0              # with --sft_adapter, 0 takes the adapter's own r, alpha and targets
     lora_alpha: float = 16.0        # LoRA scale is alpha / r
@@ -103,14 +104,8 @@ STATS_FILE = "reward_stats.json"
 def toy_model_and_data(cfg):
     """The toy run (no --model): the toy SFT result next to --out when there is one (its adapter on
     the toy base, for a LoRA toy run), else a random toy model; the bundled toy rankings."""
-    runs = data.toy_runs(cfg.out)
-    sft = os.path.join(runs, "toy_sft", "final")
-    if os.path.isfile(os.path.join(sft, "config.json")):
-        cfg.model = sft
-    else:
-        cfg.model = os.path.join(runs, "toy_base")  # written by main once --out is checked
-        if os.path.isfile(os.path.join(sft, lora.CONFIG_FILE)) and not cfg.sft_adapter:
-            cfg.sft_adapter = sft
+    cfg.model, adapter = data.toy_sft_start(cfg.out)
+    cfg.sft_adapter = cfg.sft_adapter or adapter
     if not cfg.data:
         cfg.data, cfg.eval_data = data.toy_file("rm_train"), cfg.eval_data or data.toy_file("rm_eval")
     return cfg
@@ -118,22 +113,7 @@ def toy_model_and_data(cfg):
 
 def check_init(cfg):
     """Where the RM starts: --model (an HF folder) plus, for LoRA, --sft_adapter. Mismatches are errors."""
-    if os.path.isfile(os.path.join(cfg.model, lora.CONFIG_FILE)) and \
-            not os.path.isfile(os.path.join(cfg.model, "config.json")):
-        raise ValueError(f"--model {cfg.model} holds a LoRA adapter, not a model. HINT: pass the base it was "
-                         f"trained on as --model and this folder as --sft_adapter")
-    if not cfg.sft_adapter:
-        return cfg
-    if cfg.train_layers:
-        raise ValueError("--sft_adapter continues a LoRA adapter, --train_layers trains blocks: pick one. HINT: "
-                         "for --train_layers, merge the adapter first (python lora.py merge) and pass it as --model")
-    acfg = lora.read_adapter_config(cfg.sft_adapter)
-    r, alpha = int(acfg.get("r", 8)), float(acfg.get("lora_alpha", 8))  # PEFT's defaults
-    if cfg.lora_rank not in (0, r):  # the RM's adapter continues the SFT adapter: its shape is given
-        raise ValueError(f"--lora_rank {cfg.lora_rank}, but --sft_adapter {cfg.sft_adapter} has r={r}: the reward "
-                         "model continues that adapter, so it keeps its rank. HINT: leave out --lora_rank")
-    cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets = r, alpha, ",".join(acfg["target_modules"])
-    return cfg
+    return optim.check_sft_adapter(cfg, "the reward model")
 
 
 # -----------------------------------------------------------------------------
@@ -150,7 +130,7 @@ def rm_loss(head, n_pairs):
     """The last stage's loss_fn for dist.train_step: one micro-batch's summed pair loss divided by
     the global batch's pair count, so a step's loss is the mean over all of its pairs."""
     def loss_fn(model, h, mb):
-        r = glm.rewards_at(head, h, mb["eop_idx"])
+        r = rewards(head, h, mb)
         return pair_loss(r, mb["better"], mb["worse"], mb["margin"]) / n_pairs
     return loss_fn
 
@@ -159,74 +139,33 @@ def rm_loss(head, n_pairs):
 # data: ranked examples -> micro-batches of whole prompts
 
 
-@dataclass
-class RankStats:
-    """What truncation did to rankings, beyond data.TruncationStats; print it before training."""
-    emptied: int = 0         # answers cut down to their <eop> alone (they still train)
-    merged: int = 0          # answers identical to a better one after truncation: dropped
-    skipped: int = 0         # prompts left with fewer than 2 distinct answers: skipped
-    where: list = field(default_factory=list)
-
-    def __str__(self):
-        s = (f"{self.emptied} answers cut to nothing, {self.merged} identical to a better answer after "
-             f"truncation (dropped), {self.skipped} prompts skipped (fewer than 2 distinct answers left)")
-        return s + (f", e.g. {', '.join(self.where)}" if self.where else "")
-
-    def note(self, source):
-        if len(self.where) < 3 and source and source not in self.where:
-            self.where.append(source)
-
-
-def best_first(ex):
-    """The example's answers best first: as listed, or sorted by an explicit "ranks" list (1 = best)
-    that travels with them, so the order they are stored in does not matter."""
-    ranks = ex.get("ranks")
-    if ranks is None:
-        return list(ex["answers"])
-    where = ex.get("source", "an example")
-    if len(ranks) != len(ex["answers"]) or len(set(ranks)) != len(ranks):
-        raise data.DataError(f"{where}: 'ranks' {ranks} does not give each of the {len(ex['answers'])} answers "
-                             "its own rank. HINT: one distinct number per answer, 1 = best, e.g. [2, 1, 4, 3]")
-    return [a for _, a in sorted(zip(ranks, ex["answers"]), key=lambda t: t[0])]
+RankStats = data.RankStats  # what truncation did to rankings
+best_first = data.best_first  # the answers best first, by "ranks" where the line has them
 
 
 def encode_examples(tok, examples, max_len, stats, ranks):
-    """Examples -> [{"ids": [id list per answer, best first], "margin", "source"}]. Every list ends
-    in <eop>; answers that truncation made identical to a better one are dropped, and prompts
-    left with one answer are skipped, each counted in `ranks` (a RankStats)."""
-    out = []
-    for ex in examples:
-        seqs = data.encode_ranked(tok, {**ex, "answers": best_first(ex)}, max_len, stats)
-        keep = []
-        for s in seqs:
-            if s[-2] == tok.sop_id:  # prompt [gMASK] <sop> <eop>: nothing of the answer is left
-                ranks.emptied += 1
-                ranks.note(ex.get("source", ""))
-            if s in keep:  # the same tokens both better and worse: no signal, only a contradiction
-                ranks.merged += 1
-                ranks.note(ex.get("source", ""))
-                continue
-            keep.append(s)
-        if len(keep) < 2:
-            ranks.skipped += 1
-            continue
-        out.append(dict(ids=keep, margin=float(ex.get("margin") or 0.0), source=ex.get("source", "")))
-    return out
+    """Examples -> [{"prompt", "answers", "ids": [prompt + answer, best first], "margin", "source"}]
+    (data.encode_groups: every answer ends in <eop>, duplicates after truncation are dropped)."""
+    return data.encode_groups(tok, examples, max_len, stats, ranks)
 
 
-def microbatches(encoded, idx, micro_batch_size, tok, device):
+def rewards(head, h, mb):
+    """Scores r [N] of a micro-batch's answers, read at each answer's own <eop> (one row may hold a group)."""
+    return head(h[mb["eop_row"], mb["eop_col"]].float())[:, 0]  # [N]
+
+
+def microbatches(encoded, idx, micro_batch_size, tok, device, gcfg=None):
     """The step's prompts -> micro-batches of micro_batch_size prompts, all answers of a prompt in one:
-    input_ids [N, T] (N = sum of K), eop_idx [N], and per ordered pair better/worse rows, margin and
-    pair_prompt (the prompt's index in the micro-batch) [P]."""
+    data.group_rows (one row per answer, or with gcfg one row per prompt sharing its tokens), and per
+    ordered pair better/worse answers, margin and pair_prompt (the prompt's index in the micro-batch) [P]."""
     out = []
     for m in range(0, len(idx), micro_batch_size):
         chunk = [encoded[i] for i in idx[m:m + micro_batch_size]]
-        ids, sizes = data.collate_ranked([e["ids"] for e in chunk], tok.pad_id)  # [N, T], left-padded
+        mb, sizes = data.group_rows([(e["prompt"], e["answers"]) for e in chunk], tok.pad_id, gcfg)
         better, worse, prompt = data.ranked_pairs(sizes)  # [P] each
         margin = torch.tensor([chunk[e]["margin"] for e in prompt.tolist()], dtype=torch.float32)
-        out.append({"input_ids": ids.to(device), "eop_idx": glm.eop_index(ids, tok.eop_id).to(device),
-                    "better": better.to(device), "worse": worse.to(device), "margin": margin.to(device),
-                    "pair_prompt": prompt.to(device), "n_prompts": len(chunk)})
+        mb.update(better=better, worse=worse, margin=margin, pair_prompt=prompt)
+        out.append({**{k: v.to(device) for k, v in mb.items()}, "n_prompts": len(chunk)})
     return out
 
 
@@ -239,16 +178,8 @@ def count_pairs(mbs, group):
 def load_rankings(cfg, tok):
     """The train and held-out rankings, read, checked and encoded; what truncation did is printed.
     With no held-out prompts the training prompts stand in for them."""
-    train_ex, eval_ex = data.load_train_eval(data.load_ranked, cfg.data, cfg.eval_data, cfg.holdout, cfg.seed)
-    stats, ranks = data.TruncationStats(), RankStats()
-    train_enc = encode_examples(tok, train_ex, cfg.max_len, stats, ranks)
-    eval_enc = encode_examples(tok, eval_ex, cfg.max_len, stats, ranks)
-    if not train_enc:
-        raise data.DataError(f"{cfg.data}: no prompt has two distinct answers left after truncation to "
-                             f"--max_len {cfg.max_len}. HINT: raise --max_len")
-    train_pairs = sum(len(e["ids"]) * (len(e["ids"]) - 1) // 2 for e in train_enc)
-    dist.print0(f"data: {len(train_enc)} train prompts ({train_pairs} pairs) / {len(eval_enc)} held-out prompts; "
-                f"{stats}; {ranks}")
+    train_enc, eval_enc, said = data.load_groups(tok, cfg.data, cfg.eval_data, cfg.holdout, cfg.seed, cfg.max_len)
+    dist.print0(f"data: {said}")
     if not eval_enc:
         dist.print0("no held-out prompts: evaluation and reward statistics use the training prompts")
         eval_enc = train_enc
@@ -279,10 +210,9 @@ def evaluate(model, head, d, mbs):
     """Held-out metrics; every replica scores the whole set, so no cross-replica sums are needed."""
     was_training = model.training
     model.eval()
-    rewards = dist.forward(model, d, mbs, lambda m, h, mb: glm.rewards_at(head, h, mb["eop_idx"]),
-                           lambda mb: (mb["input_ids"].shape[0],))
+    scores = dist.forward(model, d, mbs, lambda m, h, mb: rewards(head, h, mb), lambda mb: (len(mb["eop_row"]),))
     model.train(was_training)
-    return ranking_metrics(rewards, mbs)
+    return ranking_metrics(scores, mbs)
 
 
 def eval_table(before, after):
@@ -367,7 +297,8 @@ def main(argv=None):
                         cfg.allow_data_change) if resume_dir else {}
     step, bad_steps = state.get("step", 0), state.get("bad_steps", 0)
     best = state.get("best") if cfg.keep_best else None  # {"step", "eval_loss"} of OUT/best
-    eval_mbs = microbatches(eval_enc, list(range(len(eval_enc))), cfg.micro_batch_size, tok, d.device)
+    layout = gcfg if cfg.shared_prompt else None  # one row per prompt, or per answer
+    eval_mbs = microbatches(eval_enc, list(range(len(eval_enc))), cfg.micro_batch_size, tok, d.device, layout)
 
     # ---- loop
     log = ckpt.start_run(cfg.out, "train_rm", asdict(cfg), state["step"] if resume_dir else None)
@@ -379,7 +310,7 @@ def main(argv=None):
     with dist.Progress(total_steps, step) as bar, dist.StopSignal() as stop:
         while step < total_steps and not stopped:
             t0 = time.perf_counter()
-            mbs = microbatches(train_enc, batches.next(), cfg.micro_batch_size, tok, d.device)
+            mbs = microbatches(train_enc, batches.next(), cfg.micro_batch_size, tok, d.device, layout)
             n_pairs = count_pairs(mbs, d.dp_group)
             lr = optim.lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
             loss = dist.train_step(model, d, mbs, rm_loss(head, n_pairs), first_trainable)

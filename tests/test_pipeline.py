@@ -528,7 +528,7 @@ def test_bf16_weights_train_through_fp32_masters(setup_dir, tmp_path):
     opt2.load(str(tmp_path))
     for k in named:
         assert torch.equal(opt2.masters[k], opt.masters[k]), k
-        moments = opt2.opt.state[opt2.masters[k]]["exp_avg_sq"], opt.opt.state[opt.masters[k]]["exp_avg_sq"]
+        moments = opt2.state[opt2.masters[k]]["exp_avg_sq"], opt.state[opt.masters[k]]["exp_avg_sq"]
         assert torch.equal(*moments), k
 
 
