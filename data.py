@@ -38,24 +38,36 @@ resumable shuffling and data-parallel shards.
 
     python data.py toy --out data                       # regenerate the bundled toy task
     python data.py check FILE --kind sft|rm|prompts [--tokenizer ice_text.model --max_len 512]
+    python data.py tokenize --kind sft|rm|prompts IN.jsonl... --out DIR --tokenizer ice_text.model --max_len 512
+    python data.py synth --n 1000000 --out synth.jsonl  # long-tailed Alpaca-style lines, for timing
+
+A tokenised DIR goes wherever a jsonl goes (--data, --eval_data, PPO prompts and --ptx_data) and is
+read lazily from memory-mapped shards; SFT can pack several examples into one row (`Packed`).
 """
 import argparse
+import array
+import bisect
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
+import shutil
+import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+from tqdm import tqdm
 
 import flags
 import glm
 
-IGNORE = -100  # label of a position that takes no loss (F.cross_entropy's ignore_index)
+IGNORE = -100  # label of a position that takes no loss (as F.cross_entropy's ignore_index)
 
 
 # -----------------------------------------------------------------------------
@@ -331,6 +343,10 @@ def split_holdout(examples, holdout, seed=0):
                          "a fraction in [0, 1) or a count smaller than the number of examples")
     g = torch.Generator().manual_seed(seed)
     held = set(torch.randperm(n, generator=g)[:k].tolist())
+    if not isinstance(examples, list):  # a lazy view (a tokenised folder): split its indices, read nothing
+        out = np.zeros(n, dtype=bool)
+        out[list(held)] = True
+        return Subset(examples, np.flatnonzero(~out)), Subset(examples, np.flatnonzero(out))
     return ([e for i, e in enumerate(examples) if i not in held],
             [e for i, e in enumerate(examples) if i in held])
 
@@ -508,6 +524,11 @@ def encode_groups(tok, examples, max_len, stats, ranks):
 def load_groups(tok, path, eval_path, holdout, seed, max_len):
     """(train groups, held-out groups, a line saying what they hold and what truncation did) of
     ranked files, read, checked and encoded (encode_groups). No training group left is an error."""
+    if os.path.isdir(path):  # a tokenised folder: its groups were cut and de-duplicated once, read lazily
+        stats, ranks = TruncationStats(), RankStats()
+        train, held = load_train_eval(lambda p: ranked_dataset(tok, p, max_len, stats, ranks), path, eval_path,
+                                      holdout, seed)
+        return train, held, f"{len(train)} train prompts / {len(held)} held-out prompts; {stats}; {ranks}"
     train_ex, eval_ex = load_train_eval(load_ranked, path, eval_path, holdout, seed)
     stats, ranks = TruncationStats(), RankStats()
     train = encode_groups(tok, train_ex, max_len, stats, ranks)
@@ -615,13 +636,13 @@ def ranked_pairs(sizes):
 
 def lm_loss(lm_head, h, labels):
     """Summed next-token cross-entropy in float32: lm_head(h[:, t]) against labels[:, t + 1],
-    -100 ignored. The head runs only where a label exists (at V = 130k most positions are prompt,
-    and [tokens, V] float32 logits are the largest tensor of a step). Divide by the label count
+    -100 ignored. The head runs only where a label exists, a chunk of tokens at a time
+    (glm.head_logprobs): [tokens, V] float32 logits would be the largest tensor of a step. Divide by the label count
     of the whole batch (`count_labels`, summed over micro-batches and replicas) for the mean."""
     targets = labels[:, 1:]                    # [B, T-1]: what position t should predict
     keep = targets != IGNORE                   # [B, T-1]
-    logits = lm_head(h[:, :-1][keep])          # [N, V]
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    logp, _ = glm.head_logprobs(lm_head, h[:, :-1][keep], targets[keep])  # [N]
+    return -logp.sum()
 
 
 def count_labels(labels):
@@ -694,6 +715,523 @@ class Batches:
                                  f"this run has {mine}. HINT: resume with the same data file, seed and "
                                  "batch_size * world, or start afresh without --resume")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+# -----------------------------------------------------------------------------
+# tokenised folders: `python data.py tokenize` once, memory-mapped shards at training time
+#
+# DIR/manifest.json ties the folder to its sources, tokenizer, chat template and max_len. Each
+# shard-NNNNN holds the lines of about SHARD_BYTES of one source file (so the folder is the same
+# whatever --workers is) as flat .npy arrays, one file each, mapped read-only by training:
+#
+#   sft      ids [tokens] int32, offsets [n + 1] int64, prompt_len [n] int32: example i is
+#            ids[offsets[i]:offsets[i + 1]], its labels -100 on the first prompt_len[i] tokens
+#            and the ids after (encode_sft's labels, exactly)
+#   prompts  ids, offsets (encode_prompt's ids), text [bytes] uint8 and text_offsets [n + 1]
+#            (the line's "prompt", UTF-8: what a --reward_fn judges)
+#   rm       ids, offsets [sequences + 1], groups [n + 1] int64 (group i = sequences groups[i] ..
+#            groups[i + 1] - 1: its prompt, then its distinct answers best first, as encode_groups
+#            gives them), margin [n] float64
+#
+# Written into DIR.tmp-PID and renamed to DIR only when complete: a half-written DIR never exists.
+
+TEMPLATE_VERSION = 1   # bump when chat_prompt, encode_* or the layout above change: old folders refuse to load
+SHARD_BYTES = 16 << 20
+SHARD_ARRAYS = {"sft": ("ids", "offsets", "prompt_len"), "prompts": ("ids", "offsets", "text", "text_offsets"),
+                "rm": ("ids", "offsets", "groups", "margin")}
+_tok = None  # a tokenising worker's glm.Tokenizer
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _split_source(path):
+    """([(first byte, end byte, first line number)] cut at line ends every ~SHARD_BYTES, sha256, lines)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such data file. HINT: pass .jsonl files, one JSON object a line")
+    h, chunks, start, lineno = hashlib.sha256(), [], 0, 1
+    with open(path, "rb") as f:
+        while block := f.read(SHARD_BYTES):
+            block += f.readline()  # on to the end of the line
+            h.update(block)
+            chunks.append((start, start + len(block), lineno))
+            start, lineno = start + len(block), lineno + block.count(b"\n")
+    return chunks, h.hexdigest(), lineno - 1
+
+
+def _init_worker(tok_path):
+    global _tok
+    _tok = glm.Tokenizer(tok_path)
+
+
+def _encode_line(kind, obj, where, max_len, stats, ranks, cols):
+    """Append one line's encoding to cols (lists and arrays, one per shard array); False if skipped."""
+    if kind == "sft":
+        ids, labels = encode_sft(_tok, sft_example(obj, where), max_len, stats)
+        cols["prompt_len"].append(labels.count(IGNORE))  # labels are -100 on the prompt, then the ids
+        seqs = [ids]
+    elif kind == "prompts":
+        ex = prompt_example(obj, where)
+        seqs = [encode_prompt(_tok, ex, max_len, stats)]
+        cols["text"] += ex["prompt"].encode("utf-8")
+        cols["text_offsets"].append(len(cols["text"]))
+    else:
+        groups = encode_groups(_tok, [ranked_example(obj, where)], max_len, stats, ranks)
+        if not groups:
+            return False  # fewer than 2 distinct answers left: counted in ranks, as on load from jsonl
+        seqs = [groups[0]["prompt"], *groups[0]["answers"]]
+        cols["margin"].append(groups[0]["margin"])
+        cols["groups"].append(cols["groups"][-1] + len(seqs))
+    for s in seqs:
+        cols["ids"] += array.array("i", s)
+        cols["offsets"].append(len(cols["ids"]))
+    return True
+
+
+def _tokenize_shard(job):
+    """Tokenise one chunk of a source file into the shard's files; return its counts and statistics."""
+    kind, path, start, end, lineno, folder, name, max_len = job
+    with open(path, "rb") as f:
+        f.seek(start)
+        raw = f.read(end - start)
+    stats, ranks, n = TruncationStats(), RankStats(), 0
+    cols = {"ids": array.array("i"), "text": bytearray(), "offsets": [0], "text_offsets": [0], "groups": [0],
+            "prompt_len": [], "margin": []}
+    for i, line in enumerate(raw.split(b"\n")):
+        where = f"{path}:{lineno + i}"
+        obj = parse_line(where, line, lineno + i == 1)
+        if obj is not None:
+            n += _encode_line(kind, obj, where, max_len, stats, ranks, cols)
+    dtypes = dict(ids=np.int32, offsets=np.int64, prompt_len=np.int32, text=np.uint8, text_offsets=np.int64,
+                  groups=np.int64, margin=np.float64)
+    for key in SHARD_ARRAYS[kind]:
+        with open(os.path.join(folder, f"{name}.{key}.npy"), "wb") as f:
+            np.save(f, np.asarray(cols[key], dtype=dtypes[key]))
+            f.flush()
+            os.fsync(f.fileno())
+    return dict(name=name, examples=n, lines=raw.count(b"\n") + (not raw.endswith(b"\n")), tokens=len(cols["ids"]),
+                sequences=len(cols["offsets"]) - 1, stats=asdict(stats), ranks=asdict(ranks))
+
+
+def _merge_stats(total, part):
+    """Add a TruncationStats / RankStats dict into the dataclass `total` (the first few `where` kept)."""
+    for k, v in part.items():
+        if k == "where":
+            total.where += [w for w in v if w not in total.where][:3 - len(total.where)]
+        else:
+            setattr(total, k, getattr(total, k) + v)
+
+
+def tokenize(kind, sources, out, tok_path, max_len, workers=1):
+    """Tokenise jsonl `sources` into the folder `out` (whole or not at all); return the manifest."""
+    if kind not in SHARD_ARRAYS:
+        raise ValueError(f"--kind {kind}: not one of {', '.join(SHARD_ARRAYS)}")
+    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+        raise FileExistsError(f"{out}: already exists. HINT: remove it or pass another --out")
+    tok = glm.Tokenizer(tok_path)  # a bad tokenizer fails here, before any work
+    tmp, jobs, files = f"{os.path.normpath(out)}.tmp-{os.getpid()}", [], []
+    for path in sources:
+        chunks, sha, lines = _split_source(path)
+        files.append(dict(path=path, sha256=sha, bytes=os.path.getsize(path), lines=lines, examples=0))
+        jobs += [(kind, path, s, e, ln, tmp, f"shard-{len(jobs) + j:05d}", max_len) for j, (s, e, ln) in enumerate(chunks)]
+    os.makedirs(tmp)
+    try:
+        shards, stats, ranks = _run_jobs(jobs, tok_path, workers, sum(f["lines"] for f in files))
+        for f in files:
+            f["examples"] = sum(s["examples"] for s, job in zip(shards, jobs) if job[1] == f["path"])
+            if f["examples"] == 0 and not (kind == "rm" and ranks.skipped):
+                _fail(f["path"], "no examples (the file is empty or holds only blank lines)",
+                      "check the path; a data file needs at least one JSON object a line")
+        manifest = dict(format="chatglm-shards", template_version=TEMPLATE_VERSION, kind=kind, max_len=max_len,
+                        tokenizer=dict(file=os.path.basename(tok_path), sha256=file_sha256(tok_path),
+                                       vocab_size=tok.vocab_size),
+                        sources=files, examples=sum(s["examples"] for s in shards),
+                        tokens=sum(s["tokens"] for s in shards), truncation=asdict(stats),
+                        **({"ranking": asdict(ranks)} if kind == "rm" else {}),
+                        shards=[{k: s[k] for k in ("name", "examples", "sequences", "tokens")} for s in shards])
+        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, ensure_ascii=False, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (checked above)
+        os.rename(tmp, out)  # the folder appears complete, or not at all
+        fd = os.open(os.path.dirname(os.path.abspath(out)), os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _run_jobs(jobs, tok_path, workers, lines):
+    """Run the shard jobs on `workers` processes (in this one if 1), in order, with a progress bar."""
+    stats, ranks, shards, t0 = TruncationStats(), RankStats(), [], time.perf_counter()
+    with tqdm(total=lines, unit="ex", unit_scale=True, dynamic_ncols=True, desc="tokenize") as bar:
+        if workers > 1:
+            pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (tok_path,))
+            results = pool.imap(_tokenize_shard, jobs)  # in order: the first bad line is the one reported
+        else:
+            pool, results = None, (_init_worker(tok_path), map(_tokenize_shard, jobs))[1]
+        try:
+            for r in results:
+                shards.append(r)
+                _merge_stats(stats, r["stats"])
+                _merge_stats(ranks, r["ranks"])
+                bar.update(r["lines"])
+        finally:
+            if pool is not None:
+                pool.terminate()
+    dt = max(time.perf_counter() - t0, 1e-9)
+    n, tokens = sum(s["examples"] for s in shards), sum(s["tokens"] for s in shards)
+    print(f"tokenised {n} examples, {tokens} tokens in {dt:.1f} s: {n / dt:.0f} examples/s, {tokens / dt:.0f} "
+          f"tokens/s ({workers} worker{'s' * (workers > 1)}); {stats}")
+    return shards, stats, ranks
+
+
+def read_manifest(folder, tok, kind, max_len):
+    """A tokenised folder's manifest, checked against the run: its kind, tokenizer, template and max_len."""
+    path = os.path.join(folder, "manifest.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder}: not a tokenised folder (no manifest.json). HINT: pass a .jsonl file, "
+                                "or write the folder with `python data.py tokenize`")
+    with open(path, encoding="utf-8") as f:
+        m = json.load(f)
+    redo = f"HINT: re-tokenise: python data.py tokenize --kind {kind} SOURCES --out NEW_DIR --tokenizer " \
+           f"{tok.path} --max_len {max_len}"
+    if m.get("format") != "chatglm-shards" or m.get("kind") != kind:
+        raise ValueError(f"{folder}: holds {m.get('kind')!r} examples, this run reads {kind!r}. {redo}")
+    if m.get("template_version") != TEMPLATE_VERSION:
+        raise ValueError(f"{folder}: written with chat template version {m.get('template_version')}, this code "
+                         f"is version {TEMPLATE_VERSION}. {redo}")
+    if m["tokenizer"]["sha256"] != file_sha256(tok.path):
+        raise ValueError(f"{folder}: tokenised with another tokenizer than {tok.path} (sha256 "
+                         f"{m['tokenizer']['sha256'][:12]}...). {redo}")
+    if m.get("max_len") != max_len:
+        raise ValueError(f"{folder}: tokenised with --max_len {m.get('max_len')}, this run has {max_len}. "
+                         f"HINT: run with --max_len {m.get('max_len')}, or re-tokenise with --max_len {max_len}")
+    return m
+
+
+def _map_array(folder, shard, key, n):
+    """One shard array, memory-mapped read-only; a missing or short file is an error naming it."""
+    path = os.path.join(folder, f"{shard}.{key}.npy")
+    try:
+        a = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: missing, truncated or unreadable shard ({str(e).splitlines()[0]}). "
+                         "HINT: re-tokenise the folder with `python data.py tokenize`") from None
+    if len(a) != n:
+        raise ValueError(f"{path}: holds {len(a)} entries where the manifest says {n}; the shard is truncated "
+                         "or from another run. HINT: re-tokenise the folder with `python data.py tokenize`")
+    return a
+
+
+class Shards:
+    """A tokenised folder's examples, read lazily from its memory-mapped shards: len(), [i], lengths().
+    [i] is what the jsonl path gives: sft (ids, labels); prompts ids; rm {"prompt", "answers", "ids",
+    "margin", "source"}; texts() is the prompts' text, as a view too."""
+
+    def __init__(self, folder, tok, kind, max_len, stats=None):
+        self.folder, self.kind = folder, kind
+        self.manifest = m = read_manifest(folder, tok, kind, max_len)
+        self.shards = []
+        for s in m["shards"]:
+            sizes = dict(ids=s["tokens"], offsets=s["sequences"] + 1, prompt_len=s["examples"],
+                         groups=s["examples"] + 1, margin=s["examples"], text_offsets=s["examples"] + 1)
+            arrays = {k: _map_array(folder, s["name"], k, sizes[k]) for k in SHARD_ARRAYS[kind] if k != "text"}
+            if kind == "prompts":
+                arrays["text"] = _map_array(folder, s["name"], "text", int(arrays["text_offsets"][-1]))
+            self.shards.append(arrays)
+        self.starts = np.cumsum([0] + [s["examples"] for s in m["shards"]])  # global index of each shard's first
+        if stats is not None:
+            _merge_stats(stats, m["truncation"])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def _locate(self, i):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"example {i} of {len(self)}")
+        i = int(i) % len(self)
+        s = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.shards[s], i - int(self.starts[s])
+
+    def _seq(self, a, j):
+        return a["ids"][a["offsets"][j]:a["offsets"][j + 1]].tolist()
+
+    def __getitem__(self, i):
+        a, j = self._locate(i)
+        if self.kind == "rm":
+            prompt, *answers = (self._seq(a, k) for k in range(a["groups"][j], a["groups"][j + 1]))
+            return dict(prompt=prompt, answers=answers, ids=[prompt + x for x in answers],
+                        margin=float(a["margin"][j]), source=f"{self.folder}#{i}")
+        ids = self._seq(a, j)
+        if self.kind == "prompts":
+            return ids
+        b = int(a["prompt_len"][j])
+        return ids, [IGNORE] * b + ids[b:]
+
+    def text(self, i):
+        a, j = self._locate(i)
+        return bytes(a["text"][a["text_offsets"][j]:a["text_offsets"][j + 1]]).decode("utf-8")
+
+    def texts(self):
+        return _Texts(self)
+
+    def lengths(self):
+        """Tokens per example [n] (sft, prompts), without reading the ids."""
+        return np.concatenate([np.diff(a["offsets"]) for a in self.shards])
+
+
+class _Texts:
+    """The prompt texts of a prompts folder, read lazily: len() and [i]."""
+
+    def __init__(self, shards):
+        self.shards = shards
+
+    def __len__(self):
+        return len(self.shards)
+
+    def __getitem__(self, i):
+        return self.shards.text(i)
+
+
+class Subset:
+    """Some examples of a lazy view, by index (a held-out split): len(), [i], lengths()."""
+
+    def __init__(self, base, idx):
+        self.base, self.idx = base, np.asarray(idx, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        return self.base[int(self.idx[i])]
+
+    def lengths(self):
+        return lengths(self.base)[self.idx]
+
+
+def lengths(examples):
+    """Tokens per encoded SFT example [n] (numpy), of a list or a lazy view."""
+    if hasattr(examples, "lengths"):
+        return examples.lengths()
+    return np.array([len(e[0]) for e in examples], dtype=np.int64)
+
+
+def data_file(path):
+    """The file whose sha256 stands for a --data path: a tokenised folder's manifest, else the path."""
+    return os.path.join(path, "manifest.json") if os.path.isdir(path) else path
+
+
+def sft_dataset(tok, path, max_len, stats=None):
+    """SFT examples encoded as (ids, labels): a list from a jsonl, a lazy view of a tokenised folder."""
+    if os.path.isdir(path):
+        return Shards(path, tok, "sft", max_len, stats)
+    return [encode_sft(tok, e, max_len, stats) for e in load_sft(path)]
+
+
+def prompt_dataset(tok, path, max_len, stats=None):
+    """(prompt ids ending in [gMASK] <sop>, their "prompt" texts) of a jsonl (lists) or a tokenised folder (views)."""
+    if os.path.isdir(path):
+        view = Shards(path, tok, "prompts", max_len, stats)
+        return view, view.texts()
+    examples = load_prompts(path)
+    return [encode_prompt(tok, e, max_len, stats) for e in examples], [e["prompt"] for e in examples]
+
+
+def ranked_dataset(tok, path, max_len, stats, ranks):
+    """Ranked groups (encode_groups' dicts) of a jsonl (a list) or a tokenised folder (a lazy view)."""
+    if os.path.isdir(path):
+        view = Shards(path, tok, "rm", max_len, stats)
+        _merge_stats(ranks, view.manifest["ranking"])
+        return view
+    return encode_groups(tok, load_ranked(path), max_len, stats, ranks)
+
+
+# -----------------------------------------------------------------------------
+# packing: several SFT examples in one row of max_len tokens
+#
+# A packed row is whole examples side by side, left-padded like any row. Each keeps the positions
+# and prefix-LM mask it has alone (ChatGLM's 2-D positions restart per example) and sees no other
+# example: its mask is a block on the diagonal. Those blocks are copied from glm.derive_layout of
+# each example alone, so they are right by construction. Every example's first token is prompt
+# (label -100), so no loss term predicts across a boundary; the loss stays the sum over response
+# tokens divided by their count, as without packing.
+#
+# Rows are built once per run from the seed: the examples are shuffled, cut into windows of
+# PACK_WINDOW, and each window is packed best-fit decreasing (longest first, each into the row
+# with the least room that still fits it; within a window as tight as first-fit decreasing and
+# O(n log n) with a sorted list of rooms). The shuffle keeps lengths mixed across the run; the window
+# bounds the work and keeps rows of one region of the shuffle together. Batches then shuffles,
+# shards and resumes over rows exactly as it does over examples.
+
+PACK_WINDOW = 1024
+
+
+def pack_rows(lens, capacity, seed, window=PACK_WINDOW):
+    """(order, starts) of numpy int64: row r holds examples order[starts[r]:starts[r + 1]]."""
+    lens = np.asarray(lens, dtype=np.int64)
+    if len(lens) and lens.max() > capacity:
+        raise ValueError(f"an example of {lens.max()} tokens does not fit a packed row of {capacity}. HINT: "
+                         "pack with the --max_len the examples were cut to")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(lens), generator=g).numpy()
+    order, starts = [], [0]
+    for w in range(0, len(perm), window):
+        idx = perm[w:w + window]
+        idx = idx[np.argsort(-lens[idx], kind="stable")].tolist()  # longest first
+        rows, rooms = [], []  # rooms: sorted (room left, row) of the window's rows
+        for i in idx:
+            n = int(lens[i])
+            k = bisect.bisect_left(rooms, (n, -1))  # the tightest row that fits
+            if k == len(rooms):
+                rows.append([i])
+                room, r = capacity - n, len(rows) - 1
+            else:
+                room, r = rooms.pop(k)
+                rows[r].append(i)
+                room -= n
+            if room > 0:
+                bisect.insort(rooms, (room, r))
+        for row in rows:
+            order += row
+            starts.append(len(order))
+    return np.array(order, dtype=np.int64), np.array(starts, dtype=np.int64)
+
+
+@dataclass
+class PackedRow:
+    """Whole SFT examples [(ids, labels), ...] laid out side by side in one row."""
+    examples: list
+    cfg: object  # the token ids glm.derive_layout reads (pad, <sop>, [MASK], [gMASK])
+
+    def layout(self):
+        """(ids, labels, position_ids [2, L], attend [L, L] bool): each example's own positions and
+        mask, from glm.derive_layout of the example alone, on the diagonal."""
+        L = sum(len(ids) for ids, _ in self.examples)
+        pos, attend = torch.zeros(2, L, dtype=torch.long), torch.zeros(L, L, dtype=torch.bool)
+        ids, labels, o = [], [], 0
+        for e_ids, e_labels in self.examples:
+            alone = glm.derive_layout(torch.tensor([e_ids]), self.cfg)  # one unpadded row
+            n = len(e_ids)
+            pos[:, o:o + n] = alone.position_ids[0]    # [2, n]
+            attend[o:o + n, o:o + n] = alone.attend[0, 0]  # [n, n]; nothing outside the block
+            ids += e_ids
+            labels += e_labels
+            o += n
+        return ids, labels, pos, attend
+
+
+def layout_ids(tok):
+    """The special ids glm.derive_layout reads, from the tokenizer (they match the model's config.json)."""
+    return SimpleNamespace(pad_token_id=tok.pad_id, bos_token_id=tok.sop_id, mask_token_id=tok.mask_id,
+                           gmask_token_id=tok.gmask_id)
+
+
+class Packed:
+    """SFT examples (a list or a view) packed into rows of at most max_len tokens: len(), [r] a PackedRow."""
+
+    def __init__(self, examples, max_len, seed, tok):
+        self.examples, self.cfg = examples, layout_ids(tok)
+        self.order, self.starts = pack_rows(lengths(examples), max_len, seed)
+
+    def __len__(self):
+        return len(self.starts) - 1
+
+    def __getitem__(self, r):
+        rows = self.order[self.starts[r]:self.starts[r + 1]]
+        return PackedRow([self.examples[int(i)] for i in rows], self.cfg)
+
+
+def collate_sft(items, pad_id):
+    """Encoded examples [(ids, labels)] or PackedRows -> a micro-batch {"input_ids", "labels"} [B, T],
+    left-padded; packed rows also carry their own "position_ids" [B, 2, T] and "attend" [B, 1, T, T]."""
+    if not isinstance(items[0], PackedRow):
+        ids, labels = collate(items, pad_id)
+        return {"input_ids": ids, "labels": labels}
+    rows = [row.layout() for row in items]
+    T = max(len(r[0]) for r in rows)
+    pos = torch.zeros(len(rows), 2, T, dtype=torch.long)           # padding sits at 0
+    attend = torch.eye(T, dtype=torch.bool).repeat(len(rows), 1, 1)  # padding sees itself: never NaN
+    for b, (_, _, p, a) in enumerate(rows):
+        pad = T - p.shape[1]
+        pos[b, :, pad:], attend[b, pad:, pad:] = p, a
+    ids, labels = collate([(r[0], r[1]) for r in rows], pad_id)
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "attend": attend[:, None]}
+
+
+class LengthGrouped(Batches):
+    """Batches whose micro-batches hold examples of similar length (--group_by_length): each epoch's
+    permutation is cut into windows of 64 global batches, each window sorted by length and cut into
+    global batches (so every replica's micro-batches are runs of similar lengths), whose order is then
+    shuffled. Deterministic from (seed, epoch), so state_dict() resumes exactly as Batches does."""
+
+    def __init__(self, lens, batch_size, seed=0, rank=0, world=1, window=64):
+        super().__init__(len(lens), batch_size, seed, rank=rank, world=world)
+        self.lens, self.window = np.asarray(lens), window
+
+    def order(self, epoch):
+        perm, gb = np.array(super().order(epoch)), self.global_bs
+        out, g = [], torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        for w in range(0, len(perm), gb * self.window):
+            idx = perm[w:w + gb * self.window]
+            idx = idx[np.argsort(-self.lens[idx], kind="stable")]
+            chunks = [idx[c:c + gb] for c in range(0, len(idx), gb)]
+            full = [chunks[k] for k in torch.randperm(len(chunks) - (len(chunks[-1]) < gb), generator=g).tolist()]
+            out += [int(i) for c in full + chunks[len(full):] for i in c]  # a short last chunk stays last
+        return out
+
+
+# -----------------------------------------------------------------------------
+# a synthetic long-tailed instruction set, for timing tokenize and training at realistic lengths
+#
+# Alpaca-shaped lines whose total length (prompt + response + 3 special tokens) in the bundled
+# tokenizer's pieces is log-normal with median 200 and 90th percentile 700 (sigma = ln 3.5 / 1.2816),
+# capped at 1024: real instruction sets have this long tail. The text is Chinese characters, each
+# one piece, with an English word now and then (a few pieces), in phrases of 4..12.
+
+SYNTH_ZH = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可也你说能下过子后多天学小么好起发"
+SYNTH_EN = ("what is the answer of number write", 2)  # words, and about how many pieces each takes
+
+
+def _synth_text(rng, pieces):
+    """Text of about `pieces` tokens."""
+    out, n, en = [], 0, SYNTH_EN[0].split()
+    while n < pieces:
+        if rng.random() < 0.1:
+            out.append(f" {rng.choice(en)} ")
+            n += SYNTH_EN[1]
+        else:
+            k = min(rng.randint(4, 12), pieces - n)
+            out.append("".join(rng.choices(SYNTH_ZH, k=k)) + ",")
+            n += k + 1
+    return "".join(out)[:-1] or SYNTH_ZH[0]
+
+
+def synth_lines(n, seed=0, median=200, p90=700, cap=1024):
+    """n Alpaca-style dicts with log-normal token counts (see above)."""
+    rng = random.Random(seed)
+    mu, sigma = math.log(median), math.log(p90 / median) / 1.2816  # z(0.9) = 1.2816
+    for _ in range(n):
+        total = min(cap, max(8, round(rng.lognormvariate(mu, sigma)))) - 3  # [gMASK] <sop> ... <eop>
+        prompt = max(3, min(round(total * rng.uniform(0.1, 0.5)), total - 2))
+        inp = round(prompt * rng.uniform(0.3, 0.7)) if rng.random() < 0.4 else 0
+        yield dict(instruction=_synth_text(rng, prompt - inp), input=_synth_text(rng, inp) if inp else "",
+                   output=_synth_text(rng, total - prompt))
+
+
+def write_synth(n, out, seed=0):
+    with open(out, "w", encoding="utf-8", newline="\n") as f:
+        for row in synth_lines(n, seed):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -819,6 +1357,9 @@ TOY_SFT = dict(max_len=64, micro_batch_size=32, grad_accum=1, lr=1e-2, warmup_st
                weight_decay=0.1, eval_every=100, save_every=700, out="runs/toy_sft", threads=1, keep_best=True)
 TOY_RM = dict(max_len=64, micro_batch_size=16, grad_accum=1, lr=1e-3, warmup_steps=20, max_steps=300,
               weight_decay=0.01, eval_every=100, save_every=150, out="runs/toy_rm", threads=1, keep_best=True)
+# DPO from the toy SFT model on the same rankings (python train_dpo.py): the full model, a few epochs.
+TOY_DPO = dict(max_len=64, micro_batch_size=16, grad_accum=1, lr=1e-4, warmup_steps=5, max_steps=60, beta=0.1,
+               eval_every=20, save_every=60, out="runs/toy_dpo", threads=1)
 # PPO's toy prompts are the held-out questions without their answers: neither the SFT model nor
 # the RM trained on them, and RL sees only the RM's scores. All 76 go into every step, so the
 # reward curve shows the policy's progress rather than which prompts came up.
@@ -842,16 +1383,22 @@ def toy_runs(out):
     return os.path.dirname(os.path.normpath(out)) or "."  # "runs/toy_sft/" too
 
 
-def toy_sft_start(out):
-    """(model folder, LoRA adapter or "") where a toy run that continues the toy SFT model starts:
-    RUNS/toy_sft/final when it holds full weights; the toy base plus that folder when it holds an
-    adapter; else the toy base alone (a random model, written by the script once --out is checked)."""
-    runs = toy_runs(out)
+def toy_ranked_start(cfg):
+    """A toy run on rankings (no --model: train_rm.py, train_dpo.py) starts from the toy SFT result
+    next to cfg.out: RUNS/toy_sft/final when it holds full weights, the toy base plus that folder as
+    cfg.sft_adapter when it holds an adapter, else the toy base alone (a random model, which the
+    script writes once --out is checked); the bundled toy rankings unless cfg.data names others."""
+    runs = toy_runs(cfg.out)
     sft = os.path.join(runs, "toy_sft", "final")
     if os.path.isfile(os.path.join(sft, "config.json")):
-        return sft, ""
-    base = os.path.join(runs, "toy_base")
-    return base, sft if os.path.isfile(os.path.join(sft, "adapter_config.json")) else ""
+        cfg.model = sft
+    else:
+        cfg.model = os.path.join(runs, "toy_base")
+        if os.path.isfile(os.path.join(sft, "adapter_config.json")) and not cfg.sft_adapter:
+            cfg.sft_adapter = sft
+    if not cfg.data:
+        cfg.data, cfg.eval_data = toy_file("rm_train"), cfg.eval_data or toy_file("rm_eval")
+    return cfg
 
 
 def write_toy_model(path, seed=0):
@@ -879,10 +1426,30 @@ def main(argv=None):
     c.add_argument("--tokenizer", help="ice_text.model: also tokenise and report truncation")
     c.add_argument("--max_len", "--max-len", type=int, default=512,  # --max-len: this command's old spelling
                    help="tokens per example, as the training scripts' --max_len (default 512)")
+    k = sub.add_parser("tokenize", help="tokenise jsonl files once into a folder of memory-mapped shards")
+    k.add_argument("files", nargs="+", metavar="IN")
+    k.add_argument("--kind", choices=tuple(SHARD_ARRAYS), required=True)
+    k.add_argument("--out", required=True, help="the folder to write (it must not exist yet)")
+    k.add_argument("--tokenizer", required=True, help="the model's ice_text.model")
+    k.add_argument("--max_len", type=int, required=True, help="the training run's --max_len (prompts: "
+                   "train_ppo's --max_prompt_len; PPO-ptx data: max_prompt_len + max_new_tokens)")
+    k.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: one per core)")
+    y = sub.add_parser("synth", help="write a synthetic long-tailed Alpaca-style jsonl (timing, benchmarks)")
+    y.add_argument("--n", type=int, required=True)
+    y.add_argument("--out", required=True)
+    y.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.cmd == "toy":
         for path in write_toy(args.out, args.seed):
             print(f"{path}: {sum(1 for _ in open(path, encoding='utf-8'))} lines")
+        return
+    if args.cmd == "synth":
+        return write_synth(args.n, args.out, args.seed)
+    if args.cmd == "tokenize":
+        if args.workers < 1 or args.max_len < 3:
+            raise ValueError("--workers must be >= 1 and --max_len >= 3")
+        m = tokenize(args.kind, args.files, args.out, args.tokenizer, args.max_len, args.workers)
+        print(f"wrote {args.out}: {m['examples']} examples, {m['tokens']} tokens in {len(m['shards'])} shards")
         return
     load, encode = {"sft": (load_sft, encode_sft), "rm": (load_ranked, encode_ranked),
                     "prompts": (load_prompts, encode_prompt)}[args.kind]

@@ -573,6 +573,67 @@ def rewards_at(head, h, idx):
 
 
 # -----------------------------------------------------------------------------
+# the head's log-probabilities, a chunk of tokens at a time
+
+
+def _wide(x):
+    """x in float32 at least (bf16 logits are widened before softmax; float64 stays)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class HeadLogProbs(torch.autograd.Function):
+    """log softmax(h W^T / tau) at the target ids, and the distribution's entropy, for hidden states
+    h [N, C]: never the whole [N, V] float32 logits (1 GB at 2,048 tokens of ChatGLM's vocabulary).
+    Forward keeps only the log-normaliser of each token; backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, tau, chunk):
+        logp, ent, lse = [], [], []
+        for hc, tc in zip(h.split(chunk), targets.split(chunk)):
+            z = _wide(hc @ weight.t()) / tau                          # [n, V]
+            lz = torch.logsumexp(z, dim=-1)                           # [n]
+            p = torch.exp(z - lz[:, None])                            # [n, V]
+            logp.append(z.gather(1, tc[:, None])[:, 0] - lz)
+            ent.append(lz - (p * z).sum(-1))                          # H = lse - E_p[z]
+            lse.append(lz)
+        ctx.save_for_backward(h, weight, targets, torch.cat(lse))
+        ctx.tau, ctx.chunk = tau, chunk
+        return torch.cat(logp), torch.cat(ent)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        h, weight, targets, lse = ctx.saved_tensors
+        tau, chunk = ctx.tau, ctx.chunk
+        g_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        g_w = _wide(torch.zeros_like(weight)) if ctx.needs_input_grad[1] else None
+        for i in range(0, h.shape[0], chunk):
+            hc, tc, sl = h[i:i + chunk], targets[i:i + chunk], slice(i, i + chunk)
+            z = _wide(hc @ weight.t()) / tau                          # [n, V]
+            logp_all = z - lse[sl, None]
+            p = logp_all.exp()
+            ent = -(p * logp_all).sum(-1, keepdim=True)               # [n, 1]
+            # d logp_t / dz = onehot_t - p;  d H / dz = -p (log p + H)
+            gz = -p * (g_logp[sl, None] + g_ent[sl, None] * (logp_all + ent))
+            gz.scatter_add_(1, tc[:, None], g_logp[sl, None])
+            gz = (gz / tau).to(weight.dtype)                          # d loss / d logits [n, V]
+            if g_h is not None:
+                g_h[sl] = gz @ weight
+            if g_w is not None:
+                g_w += gz.t() @ hc                                    # [V, C], summed over chunks in fp32
+        if g_w is not None and hasattr(weight, "main_grad"):  # a bf16 weight whose optimiser sums in fp32
+            weight.main_grad = g_w if weight.main_grad is None else weight.main_grad.add_(g_w)
+            g_w = None
+        return g_h, None if g_w is None else g_w.to(weight.dtype), None, None, None
+
+
+def head_logprobs(lm_head, h, targets, temperature=1.0):
+    """(log pi(target), entropy of pi), each [N], with pi = softmax(lm_head(h) / temperature), for
+    hidden states h [N, C] and target ids [N]; in chunks of ~128 MB of float32 logits."""
+    chunk = max(1, (1 << 25) // lm_head.weight.shape[0])
+    return HeadLogProbs.apply(h, lm_head.weight, targets, float(temperature), chunk)
+
+
+# -----------------------------------------------------------------------------
 # generation: KV caches, prefill and decode steps, sampling
 
 
@@ -842,13 +903,15 @@ def safetensors_files(model_dir):
                                "release with `python glm.py convert SRC DST`."))
 
 
-def read_safetensors(model_dir, shapes, device="cpu"):
+def read_safetensors(model_dir, shapes, device="cpu", known=None, read=None):
     """Read exactly the tensors in `shapes`, checking every key of the files against the table
-    and every tensor's shape, dtype and values."""
+    and every tensor's shape, dtype and values. known(key, num_layers) / read(file, path, key)
+    replace is_model_key / checked_tensor for a checkpoint with more keys (quant.py's int8 codes)."""
+    known, read = known or is_model_key, read or checked_tensor
     where = safetensors_files(model_dir)
     num_layers = GLMConfig.from_json(os.path.join(model_dir, "config.json")).num_layers
     for key in where:
-        is_model_key(key, num_layers)  # raises on keys that belong to no ChatGLM
+        known(key, num_layers)  # raises on keys that belong to no ChatGLM
     missing = [k for k in shapes if k not in where]
     if missing:
         raise KeyError(f"{model_dir}: tensor '{missing[0]}' is missing from the checkpoint "
@@ -872,7 +935,7 @@ def read_safetensors(model_dir, shapes, device="cpu"):
                 if got != shapes[k]:
                     raise ValueError(f"{path}: tensor '{k}' has shape {list(got)}, the model expects "
                                      f"{list(shapes[k])}. HINT: config.json does not match the weights.")
-                state[k] = checked_tensor(f, path, k)
+                state[k] = read(f, path, k)
     return state
 
 

@@ -46,6 +46,7 @@ import glm
 import lora
 import optim
 import plan
+import quant
 import rewards
 
 
@@ -54,13 +55,15 @@ class Config:
     # ---- models
     mode: str = "lora"              # "lora" (one shared frozen base) or "full" (separate actor/critic weights)
     model: str = ""                 # lora: the frozen base (HF folder)
+    quantize: int = 0               # lora: 8 / 4 = the shared base's block linears in int8 / int4; 0 = off
+    quant_group_size: int = -1      # inputs per int scale: 0 = one per row; -1 = int8 per row, int4 128
     sft_adapter: str = ""           # lora: the SFT adapter (policy init + reference); "" = the base is the SFT model
     actor: str = ""                 # full: the SFT model (policy init + reference)
     rm_dir: str = ""                # train_rm.py output: weights or adapter, reward_head.safetensors, reward_stats.json
     out: str = "runs/ppo"           # the run's folder: checkpoints, metrics, final/
     # ---- data
-    data: str = ""                  # prompts jsonl
-    ptx_data: str = ""              # SFT jsonl for the PPO-ptx term
+    data: str = ""                  # prompts jsonl or tokenised folder (data.py tokenize --kind prompts)
+    ptx_data: str = ""              # SFT jsonl or tokenised folder for the PPO-ptx term
     max_prompt_len: int = 256       # prompt tokens kept (from the end)
     # ---- LoRA (lora mode; a given adapter's own r/alpha/targets win)
     lora_rank: int = 8              # LoRA rank r (0: no LoRA)
@@ -101,6 +104,7 @@ class Config:
     no_eop_penalty: float = 0.0     # added to the score of a response that never emitted <eop>
     ptx_coef: float = 0.0           # weight of the PPO-ptx SFT loss (0: off)
     ptx_batch_size: int = 4         # SFT sequences per actor update and replica
+    ptx_pack: bool = False          # PPO-ptx rows of max_prompt_len + max_new_tokens tokens, several examples each
     seed: int = 0                   # data order, initialisation and sampling
     # ---- memory and the pipeline
     checkpoint: bool = False        # activation checkpointing in every block (the planner may add some)
@@ -236,7 +240,8 @@ class Roles:
             self.value_head.requires_grad_(True)
 
     def _build_lora(self, cfg, d, stage):
-        model = dist.build_stage(cfg.model, stage, d, cfg.checkpoint)
+        model = dist.build_stage(cfg.model, stage, d, cfg.checkpoint,
+                                 quant.scheme(cfg.model, cfg.quantize, cfg.quant_group_size))  # one base, all roles
         targets = tuple(cfg.lora_targets.split(","))
         sft = cfg.sft_adapter
         # trainable adapters in float32; frozen ones may stay in the base's dtype
@@ -391,11 +396,13 @@ class KLController:
 # the per-micro-batch quantities (last stage)
 
 
-def token_logprobs(model, h, ids, temperature=1.0):
-    """log pi(token t+1 | tokens <= t) for t = 0..L-2 under softmax(logits / temperature): [B, L-1].
-    The policy PPO optimises is the one rollouts sample from, temperature included."""
-    logp_all = torch.log_softmax(model.lm_head(h[:, :-1]).float() / temperature, dim=-1)  # [B, L-1, V]
-    return logp_all.gather(-1, ids[:, 1:, None])[..., 0]
+def token_logprobs(model, h, ids, mask, temperature=1.0):
+    """log pi(token t+1 | tokens <= t) at the actions, mask [B, L-1] (0 elsewhere): [B, L-1], under
+    softmax(logits / temperature). The policy PPO optimises is the one rollouts sample from,
+    temperature included; the head runs on the response tokens only."""
+    out = torch.zeros(mask.shape, device=h.device)
+    out[mask] = glm.head_logprobs(model.lm_head, h[:, :-1][mask], ids[:, 1:][mask], temperature)[0]
+    return out
 
 
 def policy_loss(cfg, beta, stats):
@@ -403,14 +410,12 @@ def policy_loss(cfg, beta, stats):
     entropy bonus, and with --kl_in loss beta times the k3 estimate of KL(pi || pi_ref) per token,
     exp(d) - d - 1 with d = log pi_ref - log pi: never negative, and unbiased under pi's samples."""
     def fn(model, h, mb):
-        mask = mb["mask"]
-        hs = h[:, :-1][mask]  # [n, C]: the head only where there is an action to score
-        logp_all = torch.log_softmax(model.lm_head(hs).float() / cfg.temperature, dim=-1)  # [n, V]
-        logp = logp_all.gather(-1, mb["input_ids"][:, 1:][mask][:, None])[:, 0]
+        mask = mb["mask"]  # the head only where there is an action to score: [n] of each below
+        logp, entropy = glm.head_logprobs(model.lm_head, h[:, :-1][mask], mb["input_ids"][:, 1:][mask],
+                                          cfg.temperature)
         old, adv, w = mb["logp"][mask], mb["adv"][mask], mb["w"][mask]
         ratio = torch.exp(logp - old)
         loss = -(w * torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_ratio, 1 + cfg.clip_ratio) * adv)).sum()
-        entropy = -(logp_all.exp() * logp_all).sum(-1)  # [n]
         if cfg.entropy_coef:
             loss = loss - cfg.entropy_coef * (w * entropy).sum()
         if cfg.kl_in == "loss":
@@ -473,10 +478,10 @@ def score_rollout(roles, d, ids, T, cfg):
     critic's values (PPO), the reward model's score (with --rm_dir)."""
     eos = roles.models["actor"].config.eos_token_id
     mask, end, has_eop = response_mask(ids, T, eos)
-    mbs = split({"input_ids": ids, "end": end}, torch.arange(ids.shape[0]), cfg.micro_batch_size)
+    mbs = split({"input_ids": ids, "end": end, "mask": mask}, torch.arange(ids.shape[0]), cfg.micro_batch_size)
     per_token = lambda mb: (mb["input_ids"].shape[0], mb["input_ids"].shape[1] - 1)
     run = lambda role, fn, shape: torch.cat(dist.forward(roles.use(role), d, mbs, fn, shape))
-    logp_fn = lambda model, h, mb: token_logprobs(model, h, mb["input_ids"], cfg.temperature)
+    logp_fn = lambda model, h, mb: token_logprobs(model, h, mb["input_ids"], mb["mask"], cfg.temperature)
     r = dict(mask=mask, end=end, has_eop=has_eop, logp=run("actor", logp_fn, per_token),
              ref_logp=run("reference", logp_fn, per_token))
     if "critic" in roles.present:
@@ -549,9 +554,8 @@ def ppo_update(roles, opts, bad, batch, d, cfg, step, next_ptx, beta):
             actor = roles.use("actor")
             loss = dist.train_step(actor, d, mbs, policy_loss(cfg, beta, pstats))
             if next_ptx is not None:
-                ids, labels = next_ptx()
-                pmbs = [{"input_ids": ids.to(d.device), "labels": labels.to(d.device)}]
-                p_tok = dist.all_reduce(data.count_labels(labels).float().to(d.device), "sum", d.dp_group).clamp(min=1)
+                pmbs = [{k: v.to(d.device) for k, v in next_ptx().items()}]  # packed rows carry their own layout
+                p_tok = dist.all_reduce(data.count_labels(pmbs[0]["labels"]).float(), "sum", d.dp_group).clamp(min=1)
                 loss = loss + dist.train_step(actor, d, pmbs, ptx_loss(cfg.ptx_coef, p_tok))
             _, _, bad["actor"] = optim.optimizer_step(opts["actor"], loss, cfg.actor_lr, cfg.grad_clip, d,
                                                       bad["actor"], step)
@@ -677,7 +681,8 @@ def rl_plan(cfg, gcfg, d):
                              gpu_mem_gib=cfg.gpu_mem_gib, method=cfg.plan,
                              copies=(1, 0) if cfg.mode == "lora" else (1 + (cfg.algo == "ppo"), 1 + bool(cfg.rm_dir)),
                              rollout=(cfg.rollout_batch_size, cfg.group_size, cfg.max_prompt_len, cfg.max_new_tokens),
-                             loss_chunk=cfg.micro_batch_size * cfg.max_new_tokens)  # logits of the answers only
+                             loss_chunk=cfg.micro_batch_size * cfg.max_new_tokens,  # logits of the answers only
+                             quantize=quant.scheme(cfg.model or cfg.actor, cfg.quantize, cfg.quant_group_size, cfg.mode))
 
 
 def main(argv=None):
@@ -695,17 +700,18 @@ def main(argv=None):
     base_dir = cfg.model if cfg.mode == "lora" else cfg.actor
     tok = glm.Tokenizer.from_dir(base_dir)
     stats = data.TruncationStats()
-    examples = data.load_prompts(cfg.data)
-    prompts = [data.encode_prompt(tok, e, cfg.max_prompt_len, stats) for e in examples]
-    texts = [e["prompt"] for e in examples]  # the question a --reward_fn judges (its line's "prompt")
+    # a jsonl is read and encoded here, a tokenised folder mapped and read lazily; texts: the question a
+    # --reward_fn judges (its line's "prompt")
+    prompts, texts = data.prompt_dataset(tok, cfg.data, cfg.max_prompt_len, stats)
     dist.print0(f"prompts: {len(prompts)}; {stats}")
     if cfg.ptx_coef > 0 and not cfg.ptx_data:
         raise ValueError("--ptx_coef > 0 needs --ptx_data (an SFT jsonl)")
-    ptx = [data.encode_sft(tok, e, cfg.max_prompt_len + cfg.max_new_tokens) for e in data.load_sft(cfg.ptx_data)] \
-        if cfg.ptx_coef > 0 else []
+    ptx = data.sft_dataset(tok, cfg.ptx_data, cfg.max_prompt_len + cfg.max_new_tokens) if cfg.ptx_coef > 0 else []
+    if ptx and cfg.ptx_pack:
+        ptx = data.Packed(ptx, cfg.max_prompt_len + cfg.max_new_tokens, cfg.seed + 1, tok)
     batches = data.Batches(len(prompts), cfg.rollout_batch_size, cfg.seed, rank=d.dp_rank, world=d.D)
     ptx_batches = data.Batches(len(ptx), cfg.ptx_batch_size, cfg.seed + 1, rank=d.dp_rank, world=d.D) if ptx else None
-    next_ptx = (lambda: data.collate([ptx[i] for i in ptx_batches.next()], tok.pad_id)) if ptx else None
+    next_ptx = (lambda: data.collate_sft([ptx[i] for i in ptx_batches.next()], tok.pad_id)) if ptx else None
     judge = Judge(tok, read_reward_stats(cfg.rm_dir) if cfg.rm_dir else None,
                   rewards.load(cfg.reward_fn) if cfg.reward_fn else [])
 
@@ -721,7 +727,7 @@ def main(argv=None):
         ckpt.load_weights(model, os.path.join(resume_dir, sub), d, name)
     if resume_dir and roles.value_head is not None:
         ckpt.load_head(roles.value_head, resume_dir, "value_head")
-    hashes = ckpt.file_hashes({k: v for k, v in (("data", cfg.data), ("ptx_data", cfg.ptx_data)) if v})
+    hashes = ckpt.file_hashes({k: data.data_file(v) for k, v in (("data", cfg.data), ("ptx_data", cfg.ptx_data)) if v})
     state = ckpt.resume(resume_dir, d, saved_opts, {"data": batches, "ptx_data": ptx_batches}, hashes,
                         cfg.allow_data_change) if resume_dir else {}
     step, bad = state.get("step", 0), state.get("bad", {"actor": 0, "critic": 0})

@@ -286,7 +286,7 @@ def test_kl_rewards_sign_and_placement():
 
 
 def test_score_rollout_reads_each_role_at_the_right_position(toy_dir):
-    """Old log-probs and values at every action, the reward at the last response token: each equal to the
+    """Old log-probs and values at every action (log-probs 0 elsewhere), the reward at the last response token: each equal to the
     model run on that row alone, cut right after the position read (so later padding cannot matter)."""
     model = glm.ChatGLM.from_pretrained(toy_dir).eval()
     g = torch.Generator().manual_seed(7)
@@ -305,8 +305,10 @@ def test_score_rollout_reads_each_role_at_the_right_position(toy_dir):
             h = model(ids[b:b + 1, :e + 1], return_hidden=True)[0]  # [e + 1, C]
             torch.testing.assert_close(r["score"][b], heads[1](h[-1])[0], atol=1e-5, rtol=1e-5)
             logp = torch.log_softmax(model.lm_head(h[:-1]).double(), -1)
-            for i in range(e):  # action i scores token i + 1
-                torch.testing.assert_close(r["logp"][b, i].double(), logp[i, ids[b, i + 1]], atol=1e-5, rtol=0)
+            assert r["mask"][b].sum() > 0
+            for i in range(e):  # action i scores token i + 1; the head runs only at actions
+                want = logp[i, ids[b, i + 1]] if r["mask"][b, i] else torch.zeros((), dtype=torch.float64)
+                torch.testing.assert_close(r["logp"][b, i].double(), want, atol=1e-5, rtol=0)
                 torch.testing.assert_close(r["values"][b, i], heads[0](h[i])[0], atol=1e-5, rtol=1e-5)
         # the row whose <eop> is followed by padding: the last column would have given another score
         last_col = heads[1](model(ids[:1], return_hidden=True)[0, -1])[0]
@@ -459,7 +461,7 @@ def test_each_role_scores_with_its_own_weights(tmp_path, mode):
     with torch.no_grad():
         h = {role: m(ids, return_hidden=True) for role, m in want.items()}  # [B, L, C]
         logp = {role: torch.log_softmax(want[role].lm_head(h[role][:, :-1]).double() / 0.8, -1).gather(
-            -1, ids[:, 1:, None])[..., 0] for role in ("actor", "reference")}  # [B, L-1]
+            -1, ids[:, 1:, None])[..., 0] * r["mask"] for role in ("actor", "reference")}  # [B, L-1], 0 off actions
         values = value_head(h["critic"][:, :-1])[..., 0]
         at_end = lambda role: h[role][torch.arange(ids.shape[0]), r["end"]]  # [B, C]
         score = reward_head(at_end("reward"))[:, 0]
