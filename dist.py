@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import flags
 import glm
+import quant
 
 GiB = 1 << 30
 
@@ -455,11 +456,13 @@ def forward(model, d, microbatches, out_fn, out_shape):
 # this rank's stage
 
 
-def build_stage(model_dir, stage, d, checkpoint_all=False):
+def build_stage(model_dir, stage, d, checkpoint_all=False, quantize=quant.FLOAT):
     """This rank's slice of the model, read straight from the safetensors files (bf16 on GPUs);
-    blocks the plan recomputes are marked for activation checkpointing."""
+    blocks the plan recomputes are marked for activation checkpointing. quantize (bits, group size):
+    the block linears int8 / int4, quantized block by block as they are read (a quantized
+    checkpoint loads as it is)."""
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    model = glm.ChatGLM.from_pretrained(model_dir, dtype=dtype, device=d.device, **stage.model_kwargs())
+    model = quant.from_pretrained(model_dir, dtype, d.device, *quantize, **stage.model_kwargs())
     model.checkpoint_activations = frozenset(stage.layers if checkpoint_all else stage.checkpoint_layers)
     return model
 

@@ -581,56 +581,76 @@ def _wide(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _chunk_log_softmax(hc, weight, tau):
+    """log softmax(hc W^T / tau) [n, V] in float32 (or wider), the probabilities, the entropy [n]."""
+    z = _wide(hc @ weight.t())
+    logp_all = torch.log_softmax(z / tau if tau != 1 else z, dim=-1)
+    p = logp_all.exp()
+    return logp_all, p, -(p * logp_all).sum(-1)
+
+
+def _grad_logits(logp_all, p, ent, targets, g_logp, g_ent, tau, dtype):
+    """d/d logits of sum(g_logp * log p_target + g_ent * H), with z = logits / tau:
+    d log p_t / dz = onehot_t - p and dH / dz = -p (log p + H)."""
+    gz = -p * (g_logp[:, None] + g_ent[:, None] * (logp_all + ent[:, None]))  # [n, V]
+    gz.scatter_add_(1, targets[:, None], g_logp[:, None])
+    return (gz / tau).to(dtype)
+
+
 class HeadLogProbs(torch.autograd.Function):
     """log softmax(h W^T / tau) at the target ids, and the distribution's entropy, for hidden states
-    h [N, C]: never the whole [N, V] float32 logits (1 GB at 2,048 tokens of ChatGLM's vocabulary).
-    Forward keeps only the log-normaliser of each token; backward recomputes each chunk's logits."""
+    h [N, C], a chunk of tokens at a time: never the whole [N, V] float32 logits (1 GB at 2,048
+    tokens of ChatGLM's vocabulary). A frozen head (LoRA, last N blocks, scoring) gets d/dh of each
+    output in the forward, [N, C] each, so backward only scales them; a trained head recomputes
+    each chunk's logits in backward, where its weight gradient needs the incoming gradients."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, tau, chunk):
-        logp, ent, lse = [], [], []
+    def forward(ctx, h, weight, targets, tau, chunk, entropy_grad):
+        ctx.tau, ctx.chunk, ctx.recompute = tau, chunk, weight.requires_grad
+        logp, ent, d_logp, d_ent = [], [], [], []
         for hc, tc in zip(h.split(chunk), targets.split(chunk)):
-            z = _wide(hc @ weight.t()) / tau                          # [n, V]
-            lz = torch.logsumexp(z, dim=-1)                           # [n]
-            p = torch.exp(z - lz[:, None])                            # [n, V]
-            logp.append(z.gather(1, tc[:, None])[:, 0] - lz)
-            ent.append(lz - (p * z).sum(-1))                          # H = lse - E_p[z]
-            lse.append(lz)
-        ctx.save_for_backward(h, weight, targets, torch.cat(lse))
-        ctx.tau, ctx.chunk = tau, chunk
-        return torch.cat(logp), torch.cat(ent)
+            logp_all, p, e = _chunk_log_softmax(hc, weight, tau)
+            logp.append(logp_all.gather(1, tc[:, None])[:, 0])
+            ent.append(e)
+            if h.requires_grad and not ctx.recompute:
+                one, zero = torch.ones_like(e), torch.zeros_like(e)
+                d_logp.append(_grad_logits(logp_all, p, e, tc, one, zero, tau, weight.dtype) @ weight)  # [n, C]
+                if entropy_grad:
+                    d_ent.append(_grad_logits(logp_all, p, e, tc, zero, one, tau, weight.dtype) @ weight)
+        ctx.save_for_backward(*((h, weight, targets) if ctx.recompute else [torch.cat(d) for d in (d_logp, d_ent) if d]))
+        logp, ent = torch.cat(logp), torch.cat(ent)
+        if not entropy_grad:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        h, weight, targets, lse = ctx.saved_tensors
-        tau, chunk = ctx.tau, ctx.chunk
+        if not ctx.recompute:
+            d_logp, *d_ent = ctx.saved_tensors
+            g_h = g_logp[:, None].to(d_logp.dtype) * d_logp
+            return (g_h + g_ent[:, None].to(g_h.dtype) * d_ent[0] if d_ent else g_h), None, None, None, None, None
+        h, weight, targets = ctx.saved_tensors
         g_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        g_w = _wide(torch.zeros_like(weight)) if ctx.needs_input_grad[1] else None
-        for i in range(0, h.shape[0], chunk):
-            hc, tc, sl = h[i:i + chunk], targets[i:i + chunk], slice(i, i + chunk)
-            z = _wide(hc @ weight.t()) / tau                          # [n, V]
-            logp_all = z - lse[sl, None]
-            p = logp_all.exp()
-            ent = -(p * logp_all).sum(-1, keepdim=True)               # [n, 1]
-            # d logp_t / dz = onehot_t - p;  d H / dz = -p (log p + H)
-            gz = -p * (g_logp[sl, None] + g_ent[sl, None] * (logp_all + ent))
-            gz.scatter_add_(1, tc[:, None], g_logp[sl, None])
-            gz = (gz / tau).to(weight.dtype)                          # d loss / d logits [n, V]
+        g_w = _wide(torch.zeros_like(weight))
+        for i in range(0, h.shape[0], ctx.chunk):
+            hc, sl = h[i:i + ctx.chunk], slice(i, i + ctx.chunk)
+            gz = _grad_logits(*_chunk_log_softmax(hc, weight, ctx.tau), targets[sl], g_logp[sl], g_ent[sl],
+                              ctx.tau, weight.dtype)                  # [n, V]
             if g_h is not None:
                 g_h[sl] = gz @ weight
-            if g_w is not None:
-                g_w += gz.t() @ hc                                    # [V, C], summed over chunks in fp32
-        if g_w is not None and hasattr(weight, "main_grad"):  # a bf16 weight whose optimiser sums in fp32
+            g_w += gz.t() @ hc                                        # [V, C], summed over chunks in fp32
+        if hasattr(weight, "main_grad"):  # a bf16 weight whose optimiser sums its gradients in fp32
             weight.main_grad = g_w if weight.main_grad is None else weight.main_grad.add_(g_w)
-            g_w = None
-        return g_h, None if g_w is None else g_w.to(weight.dtype), None, None, None
+            return g_h, None, None, None, None, None
+        return g_h, g_w.to(weight.dtype), None, None, None, None
 
 
-def head_logprobs(lm_head, h, targets, temperature=1.0):
+def head_logprobs(lm_head, h, targets, temperature=1.0, entropy_grad=False):
     """(log pi(target), entropy of pi), each [N], with pi = softmax(lm_head(h) / temperature), for
-    hidden states h [N, C] and target ids [N]; in chunks of ~128 MB of float32 logits."""
+    hidden states h [N, C] and target ids [N]; in chunks of ~128 MB of float32 logits. The entropy
+    takes a gradient only with entropy_grad (an entropy bonus); otherwise it is a plain number."""
     chunk = max(1, (1 << 25) // lm_head.weight.shape[0])
-    return HeadLogProbs.apply(h, lm_head.weight, targets, float(temperature), chunk)
+    return HeadLogProbs.apply(h, lm_head.weight, targets, float(temperature), chunk, entropy_grad)
 
 
 # -----------------------------------------------------------------------------
@@ -1036,12 +1056,16 @@ def release_config(src):
     return raw, GLMConfig.from_dict(raw, config_path)
 
 
-def convert(src, dst):
-    """Official .bin shards -> model-*.safetensors + index, config.json and ice_text.model in dst."""
+def convert(src, dst, shapes=None, known=None):
+    """Official .bin shards -> model-*.safetensors + index, config.json and ice_text.model in dst.
+    shapes {key: shape} / known(key, num_layers) replace the float model's table and is_model_key
+    for a release with more keys (quant.py convert: chatglm-6b-int8 / -int4)."""
     raw, cfg = release_config(src)
     tok_path = os.path.join(src, "ice_text.model")
-    with torch.device("meta"):
-        shapes = expected_shapes(ChatGLM(cfg))
+    known = known or is_model_key
+    if shapes is None:
+        with torch.device("meta"):
+            shapes = expected_shapes(ChatGLM(cfg))
     index = os.path.join(src, "pytorch_model.bin.index.json")
     if os.path.isfile(index):
         weight_map = read_json(index, "HINT: the release's index is damaged; copy it again").get("weight_map")
@@ -1064,7 +1088,7 @@ def convert(src, dst):
                                  "is truncated or damaged; copy it again") from None
             out = {}
             for k, v in state.items():
-                if not is_model_key(k, cfg.num_layers):
+                if not known(k, cfg.num_layers):
                     continue
                 if k in ("transformer.word_embeddings.weight", "lm_head.weight") and \
                         v.shape[0] == cfg.vocab_size + IMAGE_TOKENS:

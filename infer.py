@@ -32,6 +32,7 @@ import flags
 import glm
 import lora
 import plan
+import quant
 
 # -----------------------------------------------------------------------------
 # loading: the base model, a LoRA adapter on it, the tokenizer
@@ -69,18 +70,20 @@ def with_adapter(model, adapter_dir):
     then costs what the base costs."""
     if adapter_dir:
         lora.load_adapter(model, adapter_dir)
-        lora.merge_lora(model)
+        if not quant.is_quantized(model):  # an int8 / int4 base runs the adapter unmerged
+            lora.merge_lora(model)
     return model.eval()
 
 
-def load_model(model_dir, adapter_dir, device=""):
-    """The whole model on `device` ("": the GPU if there is one, else the CPU), bf16 on GPUs, else float32."""
+def load_model(model_dir, adapter_dir, device="", quantize=(0, -1)):
+    """The whole model on `device` ("": the GPU if there is one, else the CPU), bf16 on GPUs, else float32;
+    quantize (bits, group size): its block linears int8 / int4 (a quantized checkpoint loads as it is)."""
     try:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         raise ValueError(f"--device {device}: not a device. HINT: cpu, cuda or cuda:N") from None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return with_adapter(glm.ChatGLM.from_pretrained(model_dir, dtype=dtype, device=device), adapter_dir)
+    return with_adapter(quant.from_pretrained(model_dir, dtype, device, *quantize), adapter_dir)
 
 
 class TextStream:
@@ -148,7 +151,7 @@ def read_message(ask=None):
 def chat(args):
     model_dir, adapter_dir = resolve_dirs(args.model, args.adapter)
     tok = load_tokenizer(model_dir, adapter_dir)
-    model = load_model(model_dir, adapter_dir, args.device)
+    model = load_model(model_dir, adapter_dir, args.device, (args.quantize, args.quant_group_size))
     device, max_seq = next(model.parameters()).device, model.config.max_sequence_length
     history = []
     print(f'ChatGLM chat. A line of {BLOCK} starts and ends a multi-line message; "clear" resets the '
@@ -264,7 +267,8 @@ def predict(args):
     # ---- this rank's stage of the model, the adapter merged into it
     stage = plan.plan_pipeline(gcfg, d.P, args.batch_size, max_prompt + args.max_new_tokens, d.P, train="lora",
                                param_bytes=2 if d.device.type == "cuda" else 4).stages[d.pp_rank]
-    model = with_adapter(dist.build_stage(model_dir, stage, d), adapter_dir)
+    qs = quant.scheme(model_dir, args.quantize, args.quant_group_size)
+    model = with_adapter(dist.build_stage(model_dir, stage, d, quantize=qs), adapter_dir)
     if done:
         dist.print0(f"resuming: {done} of {len(objs)} lines are already in {args.out}")
 
@@ -572,7 +576,7 @@ def make_server(args):
         raise OSError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror}). HINT: choose "
                       "another --port, or stop what holds it") from None
     try:
-        model = load_model(model_dir, adapter_dir, args.device)
+        model = load_model(model_dir, adapter_dir, args.device, (args.quantize, args.quant_group_size))
     except BaseException:
         httpd.server_close()
         raise
@@ -610,6 +614,9 @@ def parse_args(argv=None, prog="infer.py"):
         c.set_defaults(run=fn)
         c.add_argument("--model", help="base model folder (config.json, model*.safetensors, ice_text.model)")
         c.add_argument("--adapter", help="LoRA adapter folder to load onto the base (adapter_config.json ...)")
+        c.add_argument("--quantize", type=int, default=0, help="8 / 4: the block linears in int8 / int4 (0: as stored)")
+        c.add_argument("--quant_group_size", type=int, default=-1,
+                       help="inputs per int scale: 0 = per row; -1 = int8 per row, int4 128")
         c.add_argument("--max_new_tokens", type=int, default=n, help="longest answer" + (
             " (a request's max_tokens overrides it)" if name == "serve" else ""))
         c.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")

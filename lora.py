@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import flags
 import glm
+import quant
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -60,10 +61,10 @@ class LoRALinear(nn.Linear):
 
     @classmethod
     def convert(cls, linear):
-        """Turn an nn.Linear into a LoRALinear in place: same module object, same weight tensor (no copy),
-        so it works on the meta device and on loaded weights alike."""
-        if not isinstance(linear, cls):
-            linear.__class__ = cls
+        """Turn an nn.Linear (or a quant.QuantLinear) into a LoRALinear (QuantLoRALinear) in place: same
+        module object, same weight tensor (no copy), so it works on the meta device and on loaded weights alike."""
+        if not isinstance(linear, LoRALinear):
+            linear.__class__ = QuantLoRALinear if isinstance(linear, quant.QuantLinear) else cls
             linear._init_lora()
         return linear
 
@@ -102,11 +103,14 @@ class LoRALinear(nn.Linear):
         """(alpha / r) * B @ A in float32: [out, in]."""
         return (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scaling[name]
 
+    def base_forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
     def forward(self, x):
         if self.merged is not None and self.merged != self.active:  # weight holds another adapter's delta
             raise RuntimeError(f"adapter '{self.merged}' is merged into the weight but '{self.active}' is "
                                "active. HINT: unmerge_lora(model) before switching or disabling adapters.")
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base_forward(x)
         name = self.active
         if name is None or name == self.merged:  # merged: the delta is already inside `weight`
             return y
@@ -141,6 +145,25 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, adapters=[{adapters}], active={self.active}, merged={self.merged}"
 
 
+class QuantLoRALinear(LoRALinear, quant.QuantLinear):
+    """LoRA adapters (float, trainable) on a frozen int8 / int4 quant.QuantLinear. Merging is refused:
+    the sum would have to be quantized again, losing the adapter's small update in the rounding."""
+
+    def base_forward(self, x):
+        return quant.QuantLinear.forward(self, x)
+
+    def add_adapter(self, name, r, alpha, dropout=0.0, dtype=None, generator=None):
+        super().add_adapter(name, r, alpha, dropout, dtype or self.compute_dtype, generator)
+
+    def merge(self):
+        if self.active is not None:
+            raise RuntimeError("a LoRA adapter cannot be merged into an int8 / int4 base. HINT: run it unmerged, "
+                               "or write a bf16 merged model with `python lora.py merge`")
+
+    def unmerge(self):
+        pass  # never merged
+
+
 # -----------------------------------------------------------------------------
 # model-level helpers
 
@@ -157,8 +180,8 @@ def find_targets(model, targets):
         targets = [targets]  # a bare string would otherwise be read one character at a time
     found = {}
     for t in targets:
-        hits = {p: m for p, m in model.named_modules()
-                if isinstance(m, nn.Linear) and LAYER_LINEAR.fullmatch(p) and (p == t or p.endswith("." + t))}
+        hits = {p: m for p, m in model.named_modules() if isinstance(m, (nn.Linear, quant.QuantLinear))
+                and LAYER_LINEAR.fullmatch(p) and (p == t or p.endswith("." + t))}
         if not hits:
             raise ValueError(f"LoRA target '{t}' matches no module; valid: {', '.join(VALID_TARGETS)}")
         found.update(hits)
@@ -245,7 +268,7 @@ def remove_lora(model):
     for _, m in lora_modules(model):
         for attr in ("lora_A", "lora_B", "r", "alpha", "scaling", "dropout", "active", "merged"):
             delattr(m, attr)
-        m.__class__ = nn.Linear
+        m.__class__ = quant.QuantLinear if isinstance(m, quant.QuantLinear) else nn.Linear
     return model
 
 
@@ -449,9 +472,16 @@ def stored_dtype(model_dir):
 
 
 def merge_to_dir(model_dir, adapter_dir, out_dir, dtype=None):
-    """Base + adapter -> a plain HF model folder whose weights carry the adapter."""
-    dtype = dtype or stored_dtype(model_dir)
-    model = glm.ChatGLM.from_pretrained(model_dir, dtype=dtype)
+    """Base + adapter -> a plain HF model folder whose weights carry the adapter. An int8 / int4 base
+    is dequantized first (default bf16): the merged model is a float one."""
+    stored = quant.stored_scheme(model_dir)
+    dtype = dtype or (torch.bfloat16 if stored.bits else stored_dtype(model_dir))
+    model = quant.from_pretrained(model_dir, dtype=dtype)
+    if stored.bits:
+        quant.dequantize_model(model, dtype)
+        name = str(dtype).removeprefix("torch.")
+        print(f"{model_dir} is int{stored.bits}: its weights were dequantized to {name} and the adapter added, "
+              f"so {out_dir} is a {name} model (the int{stored.bits} rounding stays in it)")
     load_adapter(model, adapter_dir)
     merge_lora(model)  # float32 arithmetic per layer, then cast back to `dtype`
     remove_lora(model)

@@ -386,13 +386,22 @@ def _lora_params(cfg, rank, targets):
     return sum(n.values()), sum(v for t, v in n.items() if t in ("query_key_value", "dense"))
 
 
+def quantized_bytes(cfg, bits, group_size=0):
+    """Bytes of one block's four linears stored as int8 / int4 codes plus float16 scales (one per
+    row, or one per group_size inputs of a row): what quant.QuantLinear holds."""
+    h, f = cfg.hidden_size, cfg.inner_hidden_size
+    return sum(o * i * bits / 8 + 2 * o * (i // group_size if group_size else 1)
+               for i, o in ((h, 3 * h), (h, h), (h, f), (f, h)))  # (in, out) of QKV, dense, h->4h, 4h->h
+
+
 def glm_pieces(cfg, micro_batch_size, seq_len, train="full", lora_rank=8,
                lora_targets=("query_key_value",), train_layers=0, train_head=False,
-               param_bytes=2, loss_chunk=None, lm_head=True):
+               param_bytes=2, loss_chunk=None, lm_head=True, quantize=(0, 0)):
     """ChatGLM's pieces [embedding, blocks, final LN + lm_head] priced for one micro-batch. train:
     "full", "lora" (adapters in every block, base frozen) or "last_n" (the last train_layers blocks;
     the final LN and lm_head too if train_head). lm_head=False: no logits are computed (a reward model
     reads hidden states), so lm_head is held frozen and costs no FLOPs, gradients or logit buffers.
+    quantize (bits, group size): the blocks' linears are frozen int8 / int4 (LoRA only).
     docs/numbers.md works the formulas through for ChatGLM-6B."""
     h, f, V, L = cfg.hidden_size, cfg.inner_hidden_size, cfg.vocab_size, cfg.num_layers
     T = micro_batch_size * seq_len  # tokens per micro-batch
@@ -424,6 +433,10 @@ def glm_pieces(cfg, micro_batch_size, seq_len, train="full", lora_rank=8,
         trains = {"full": block, "lora": lora, "last_n": block if i >= L - train_layers else 0}[train]
         graph = graph or trains > 0
         n = block + lora
+        # a quantized block holds its linears' codes and scales: priced as the parameters of the
+        # same bytes, so the planner's params x param_bytes is right (FLOPs still count n)
+        linears = 4 * h * h + 2 * h * f  # their weights (biases stay float)
+        held = n - linears + quantized_bytes(cfg, *quantize) / param_bytes if quantize[0] else n
         # FLOPs ("Compute"): forward 2 per weight per token + attention scores and context 4*s*h
         # per token; backward: input gradients cost the forward again (attention's twice), weight
         # gradients 2 per trainable weight per token. Full training 3x forward, frozen base + LoRA ~2x.
@@ -431,7 +444,7 @@ def glm_pieces(cfg, micro_batch_size, seq_len, train="full", lora_rank=8,
         bwd = (2 * n * T + 8 * seq_len * h * T + 2 * trains * T) if graph else 0.0
         # the block's optimiser state in two units: input LN + attention, post LN + MLP
         att = {"full": attn, "lora": lora_attn, "last_n": attn if trains else 0}[train]
-        pieces.append(PieceCost(f"layer {i}", i, n, trains, fwd, bwd, act if graph else 0.0,
+        pieces.append(PieceCost(f"layer {i}", i, held, trains, fwd, bwd, act if graph else 0.0,
                                 ckpt if graph else 0.0, parts=(("attention", att), ("mlp", trains - att))))
     lm = V * h if lm_head else 0  # lm_head weights that compute (and train with the head)
     head_train = (2 * h + lm) if train == "full" or (train == "last_n" and train_head) else 0
@@ -460,6 +473,7 @@ class Request:
     train_layers: int = 0            # "last_n": how many of the last blocks
     train_head: bool = False         # "last_n": the final LN and lm_head too
     lm_head: bool = True             # False: no logits are computed (a reward model)
+    quantize: tuple = (0, 0)         # (bits, group size): int8 / int4 frozen block linears
     # bytes a parameter
     param_bytes: int = 2             # bf16 weights (4: fp32, as on CPUs)
     grad_bytes: int = 4              # fp32 gradient accumulators
@@ -489,7 +503,8 @@ class Request:
         return glm_pieces(self.cfg, self.micro_batch_size, self.seq_len, train=self.train,
                           lora_rank=self.lora_rank, lora_targets=self.lora_targets,
                           train_layers=self.train_layers, train_head=self.train_head,
-                          param_bytes=self.param_bytes, loss_chunk=self.loss_chunk, lm_head=self.lm_head)
+                          param_bytes=self.param_bytes, loss_chunk=self.loss_chunk, lm_head=self.lm_head,
+                          quantize=tuple(self.quantize))
 
     def title(self):
         return (f"{self.train}" + (f" r={self.lora_rank}" if self.train == "lora" else "")
@@ -567,13 +582,14 @@ def plan_pipeline(cfg, P, micro_batch_size, seq_len, micro_batches, **options):
 
 def plan_for_run(cfg, P, device, micro_batch_size, seq_len, micro_batches, train, lora_rank=8,
                  lora_targets=("query_key_value",), train_layers=0, gpu_mem_gib=0.0, method="auto",
-                 copies=(1, 0), lm_head=True, rollout=None, loss_chunk=None):
+                 copies=(1, 0), lm_head=True, rollout=None, loss_chunk=None, quantize=(0, 0)):
     """The plan a training run uses on `device`. On GPUs the budget is 95 % of the card's memory
     (or gpu_mem_gib) and weights are bf16; blocks may recompute their activations where a stage
     would not fit otherwise. copies: (trained, frozen) models of this shape held side by side
     (PPO's full mode holds (2, 2)); lm_head: does the run compute logits (not a reward model)?
     rollout: (prompts, answers per prompt, prompt tokens, new tokens) that an RL step generates;
-    loss_chunk: the tokens a micro-batch's loss takes logits of, if not all (RL: the answers')."""
+    loss_chunk: the tokens a micro-batch's loss takes logits of, if not all (RL: the answers');
+    quantize: (bits, group size) of a frozen int8 / int4 base (quant.scheme)."""
     cuda = torch.device(device).type == "cuda"
     budget = gpu_mem_gib * GiB or (0.95 * torch.cuda.get_device_properties(device).total_memory
                                    if cuda else None)
@@ -581,7 +597,7 @@ def plan_for_run(cfg, P, device, micro_batch_size, seq_len, micro_batches, train
                          lora_rank=lora_rank or 8, lora_targets=tuple(lora_targets),
                          train_layers=train_layers, param_bytes=2 if cuda else 4,
                          checkpoint=budget is not None, mem_budget=budget, method=method,
-                         copies=copies, lm_head=lm_head, loss_chunk=loss_chunk)
+                         copies=copies, lm_head=lm_head, loss_chunk=loss_chunk, quantize=tuple(quantize))
     return add_rollout(plan, cfg, *rollout, param_bytes=2 if cuda else 4) if rollout else plan
 
 

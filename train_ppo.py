@@ -412,7 +412,7 @@ def policy_loss(cfg, beta, stats):
     def fn(model, h, mb):
         mask = mb["mask"]  # the head only where there is an action to score: [n] of each below
         logp, entropy = glm.head_logprobs(model.lm_head, h[:, :-1][mask], mb["input_ids"][:, 1:][mask],
-                                          cfg.temperature)
+                                          cfg.temperature, entropy_grad=cfg.entropy_coef > 0)
         old, adv, w = mb["logp"][mask], mb["adv"][mask], mb["w"][mask]
         ratio = torch.exp(logp - old)
         loss = -(w * torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_ratio, 1 + cfg.clip_ratio) * adv)).sum()
@@ -682,7 +682,8 @@ def rl_plan(cfg, gcfg, d):
                              copies=(1, 0) if cfg.mode == "lora" else (1 + (cfg.algo == "ppo"), 1 + bool(cfg.rm_dir)),
                              rollout=(cfg.rollout_batch_size, cfg.group_size, cfg.max_prompt_len, cfg.max_new_tokens),
                              loss_chunk=cfg.micro_batch_size * cfg.max_new_tokens,  # logits of the answers only
-                             quantize=quant.scheme(cfg.model or cfg.actor, cfg.quantize, cfg.quant_group_size, cfg.mode))
+                             quantize=quant.scheme(cfg.model or cfg.actor, cfg.quantize, cfg.quant_group_size,
+                                                   cfg.mode))
 
 
 def main(argv=None):

@@ -41,6 +41,7 @@ import glm
 import lora
 import optim
 import plan
+import quant
 
 
 @dataclass
@@ -49,12 +50,14 @@ class Config:
     model: str = ""                 # HF folder: the base, or a full / last-N SFT result; "" = toy
     sft_adapter: str = ""           # a LoRA SFT result (its final/): the RM's adapter starts from it
     out: str = "runs/rm"            # the run's folder: checkpoints, metrics, final/
+    quantize: int = 0               # 8 / 4: the frozen base's block linears in int8 / int4 (LoRA only); 0 = off
+    quant_group_size: int = -1      # inputs per int scale: 0 = one per row; -1 = int8 per row, int4 128
     # ---- data
     data: str = ""                  # ranked jsonl; "" = the bundled toy ranking set
     eval_data: str = ""             # held-out jsonl; "" = hold out `holdout` of --data
     holdout: float = 0.05           # share of --data held out for evaluation when no --eval_data
     max_len: int = 512              # per answer: prompt + answer + <eop>; the prompt is cut first
-    shared_prompt: bool = True      # a prompt's answers in one row, the prompt computed once (false: a row each)
+    no_shared_prompt: bool = False  # one row per answer instead of one per prompt (the prompt computed K times)
     # ---- what trains: LoRA (lora_rank > 0), the last N blocks (train_layers > 0), else everything
     lora_rank: int = 0              # with --sft_adapter, 0 takes the adapter's own r, alpha and targets
     lora_alpha: float = 16.0        # LoRA scale is alpha / r
@@ -104,11 +107,7 @@ STATS_FILE = "reward_stats.json"
 def toy_model_and_data(cfg):
     """The toy run (no --model): the toy SFT result next to --out when there is one (its adapter on
     the toy base, for a LoRA toy run), else a random toy model; the bundled toy rankings."""
-    cfg.model, adapter = data.toy_sft_start(cfg.out)
-    cfg.sft_adapter = cfg.sft_adapter or adapter
-    if not cfg.data:
-        cfg.data, cfg.eval_data = data.toy_file("rm_train"), cfg.eval_data or data.toy_file("rm_eval")
-    return cfg
+    return data.toy_ranked_start(cfg)
 
 
 def check_init(cfg):
@@ -276,14 +275,15 @@ def main(argv=None):
     # logits), this rank's stage, what trains (LoRA continues the SFT adapter), the head, resume
     gcfg = glm.GLMConfig.from_json(os.path.join(cfg.model, "config.json"))
     mode = optim.train_mode(cfg.lora_rank, cfg.train_layers, gcfg.num_layers)
+    qs = quant.scheme(cfg.model, cfg.quantize, cfg.quant_group_size, mode)  # (bits, group size) of the base
     k_max = max(len(e["ids"]) for e in train_enc)
     the_plan = plan.plan_for_run(gcfg, d.P, d.device, cfg.micro_batch_size * k_max, cfg.max_len, cfg.grad_accum,
                                  mode, cfg.lora_rank, cfg.lora_targets.split(","), cfg.train_layers,
-                                 cfg.gpu_mem_gib, cfg.plan, lm_head=False)
+                                 cfg.gpu_mem_gib, cfg.plan, lm_head=False, quantize=qs)
     dist.print0(the_plan.format_table())
     stage = the_plan.stages[d.pp_rank]
     resume_dir = ckpt.checkpoint_dir(cfg.out, cfg.resume)
-    model = dist.build_stage(resume_dir if resume_dir and mode != "lora" else cfg.model, stage, d, cfg.checkpoint)
+    model = dist.build_stage(resume_dir if resume_dir and mode != "lora" else cfg.model, stage, d, cfg.checkpoint, qs)
     optim.select_trainable(model, mode, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), cfg.lora_dropout,
                            cfg.train_layers, cfg.seed, adapter_dir=resume_dir or cfg.sft_adapter or None)
     heads = reward_head_of(model, gcfg.hidden_size, cfg.seed, d, resume_dir)
@@ -292,12 +292,12 @@ def main(argv=None):
     first_trainable = dist.first_trainable_stage(model, d)
     opt = optim.AdamW(optim.named_trainables(model, heads), cfg.lr, cfg.weight_decay, d, the_plan.hosts)
     lora_name = "default" if mode == "lora" else None
-    hashes = ckpt.file_hashes({"data": cfg.data})  # recorded by each checkpoint, checked on resume
+    hashes = ckpt.file_hashes({"data": data.data_file(cfg.data)})  # recorded by each checkpoint, checked on resume
     state = ckpt.resume(resume_dir, d, {"optim": opt}, {"data": batches}, hashes,
                         cfg.allow_data_change) if resume_dir else {}
     step, bad_steps = state.get("step", 0), state.get("bad_steps", 0)
     best = state.get("best") if cfg.keep_best else None  # {"step", "eval_loss"} of OUT/best
-    layout = gcfg if cfg.shared_prompt else None  # one row per prompt, or per answer
+    layout = None if cfg.no_shared_prompt else gcfg  # one row per prompt, or per answer
     eval_mbs = microbatches(eval_enc, list(range(len(eval_enc))), cfg.micro_batch_size, tok, d.device, layout)
 
     # ---- loop
@@ -364,7 +364,7 @@ def load_reward_model(model_dir, adapter_dir="", device="cpu", dtype=torch.float
     if os.path.isfile(os.path.join(model_dir, lora.CONFIG_FILE)) and not adapter_dir:
         raise ValueError(f"{model_dir} holds a LoRA adapter. HINT: pass the base model as --model and "
                          f"this folder as --adapter")
-    model = glm.ChatGLM.from_pretrained(model_dir, dtype=dtype, device=device).eval()
+    model = quant.from_pretrained(model_dir, dtype, device).eval()  # an int8 / int4 base loads as stored
     if adapter_dir:
         lora.load_adapter(model, adapter_dir)
     head_dir = adapter_dir or model_dir

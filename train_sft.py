@@ -6,9 +6,12 @@
     torchrun --nproc_per_node=8 train_sft.py --model DIR --data FILE --out DIR --pp 8
     torchrun --nproc_per_node=8 train_sft.py --model DIR --data FILE --out DIR --pp 4   # 4 stages x 2 replicas
     ... --resume                                          # continue from the newest OUT/checkpoint-STEP
+    python data.py tokenize --kind sft FILE --out DIR --tokenizer MODEL/ice_text.model --max_len 512
+    python train_sft.py --model MODEL --data DIR --out OUT --pack   # a tokenised folder, examples packed in rows
 
-One optimiser step = grad_accum micro-batches of micro_batch_size examples on each of the D
-data-parallel replicas; the loss is the mean over every response token of that global batch.
+One optimiser step = grad_accum micro-batches of micro_batch_size examples (packed rows with
+--pack) on each of the D data-parallel replicas; the loss is the mean over every response token
+of that global batch.
 """
 import math
 import os
@@ -24,18 +27,23 @@ import flags
 import glm
 import optim
 import plan
+import quant
 
 
 @dataclass
 class Config:
     # ---- model
     model: str = ""                 # HF folder (config.json, model*.safetensors, ice_text.model); "" = toy
+    quantize: int = 0               # 8 / 4: the frozen base's block linears in int8 / int4 (LoRA only); 0 = off
+    quant_group_size: int = -1      # inputs per int scale: 0 = one per row; -1 = int8 per row, int4 128
     out: str = "runs/sft"           # the run's folder: checkpoints, metrics, final/
     # ---- data
-    data: str = ""                  # SFT jsonl; "" = the bundled toy task
-    eval_data: str = ""             # held-out jsonl; "" = hold out `holdout` of --data
+    data: str = ""                  # SFT jsonl or tokenised folder (data.py tokenize); "" = the bundled toy task
+    eval_data: str = ""             # held-out jsonl or folder; "" = hold out `holdout` of --data
     holdout: float = 0.05           # share of --data held out for evaluation when no --eval_data
     max_len: int = 512              # tokens per example; longer ones lose the prompt's start
+    pack: bool = False              # rows of max_len tokens holding several examples (micro_batch_size = rows)
+    group_by_length: bool = False   # micro-batches of examples of similar length (less padding, no packing)
     # ---- what trains: LoRA (lora_rank > 0), the last N blocks (train_layers > 0), else everything
     lora_rank: int = 0              # LoRA rank r (0: no LoRA)
     lora_alpha: float = 16.0        # LoRA scale is alpha / r
@@ -94,11 +102,12 @@ def sft_loss(n_tokens):
 
 
 def microbatches(examples, idx, micro_batch_size, pad_id, device):
-    """The step's examples -> micro-batches {input_ids, labels} on the device."""
+    """The step's examples (or packed rows) -> micro-batches {input_ids, labels (, position_ids, attend)}
+    on the device."""
     out = []
     for m in range(0, len(idx), micro_batch_size):
-        ids, labels = data.collate([examples[i] for i in idx[m:m + micro_batch_size]], pad_id)
-        out.append({"input_ids": ids.to(device), "labels": labels.to(device)})
+        mb = data.collate_sft([examples[i] for i in idx[m:m + micro_batch_size]], pad_id)
+        out.append({k: v.to(device) for k, v in mb.items()})
     return out
 
 
@@ -125,6 +134,8 @@ def toy_table(before, after):
 def main(argv=None):
     cfg = flags.parse(Config, argv, preset=lambda c: {} if c.model else data.TOY_SFT,
                       positive=POSITIVE, non_negative=NON_NEGATIVE)
+    if cfg.pack and cfg.group_by_length:
+        raise ValueError("--pack and --group_by_length are two ways to cut padding. HINT: pass one of them")
     toy = not cfg.model
     d = dist.setup(cfg.pp, cfg.timeout_min, cfg.threads)
     cfg = toy_model_and_data(cfg) if toy else cfg
@@ -137,34 +148,38 @@ def main(argv=None):
 
     # ---- tokenizer and data (checked in full before any model is built)
     tok = glm.Tokenizer.from_dir(cfg.model)
-    train_ex, eval_ex = data.load_train_eval(data.load_sft, cfg.data, cfg.eval_data, cfg.holdout, cfg.seed)
-    stats = data.TruncationStats()
-    train_enc = [data.encode_sft(tok, e, cfg.max_len, stats) for e in train_ex]
-    eval_enc = [data.encode_sft(tok, e, cfg.max_len, stats) for e in eval_ex]
-    dist.print0(f"data: {len(train_enc)} train / {len(eval_enc)} held-out examples; {stats}")
+    stats = data.TruncationStats()  # a jsonl is read and encoded here; a tokenised folder is mapped, read lazily
+    train_enc, eval_enc = data.load_train_eval(lambda path: data.sft_dataset(tok, path, cfg.max_len, stats),
+                                               cfg.data, cfg.eval_data, cfg.holdout, cfg.seed)
+    eval_ex = data.load_train_eval(data.load_sft, cfg.data, cfg.eval_data, cfg.holdout, cfg.seed)[1] if toy else []
+    rows = data.Packed(train_enc, cfg.max_len, cfg.seed, tok) if cfg.pack else train_enc  # what batches draw
+    dist.print0(f"data: {len(train_enc)} train / {len(eval_enc)} held-out examples; {stats}"
+                + (f"; packed into {len(rows)} rows of {cfg.max_len} tokens" if cfg.pack else ""))
     if not eval_enc:
         dist.print0("no held-out examples (raise --holdout or pass --eval_data): evaluation is off")
-    batches = data.Batches(len(train_enc), cfg.micro_batch_size * cfg.grad_accum, cfg.seed,
-                           rank=d.dp_rank, world=d.D)
+    batches = data.LengthGrouped(data.lengths(train_enc), cfg.micro_batch_size * cfg.grad_accum, cfg.seed,
+                                 rank=d.dp_rank, world=d.D) if cfg.group_by_length else \
+        data.Batches(len(rows), cfg.micro_batch_size * cfg.grad_accum, cfg.seed, rank=d.dp_rank, world=d.D)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(batches))
 
     # ---- the plan, this rank's stage, what trains, the optimiser, resume
     gcfg = glm.GLMConfig.from_json(os.path.join(cfg.model, "config.json"))
     mode = optim.train_mode(cfg.lora_rank, cfg.train_layers, gcfg.num_layers)
+    qs = quant.scheme(cfg.model, cfg.quantize, cfg.quant_group_size, mode)  # (bits, group size) of the base
     the_plan = plan.plan_for_run(gcfg, d.P, d.device, cfg.micro_batch_size, cfg.max_len, cfg.grad_accum, mode,
                                  cfg.lora_rank, cfg.lora_targets.split(","), cfg.train_layers, cfg.gpu_mem_gib,
-                                 cfg.plan)
+                                 cfg.plan, quantize=qs)
     dist.print0(the_plan.format_table())
     stage = the_plan.stages[d.pp_rank]
     resume_dir = ckpt.checkpoint_dir(cfg.out, cfg.resume)
-    model = dist.build_stage(resume_dir if resume_dir and mode != "lora" else cfg.model, stage, d, cfg.checkpoint)
+    model = dist.build_stage(resume_dir if resume_dir and mode != "lora" else cfg.model, stage, d, cfg.checkpoint, qs)
     optim.select_trainable(model, mode, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), cfg.lora_dropout,
                            cfg.train_layers, cfg.seed, adapter_dir=resume_dir)
     optim.warn_settings(total_steps, cfg.warmup_steps, cfg.lr, mode, len(eval_enc), pretrained=not toy)
     first_trainable = dist.first_trainable_stage(model, d)
     opt = optim.AdamW(optim.named_trainables(model), cfg.lr, cfg.weight_decay, d, the_plan.hosts)
     lora_name = "default" if mode == "lora" else None
-    hashes = ckpt.file_hashes({"data": cfg.data})  # recorded by each checkpoint, checked on resume
+    hashes = ckpt.file_hashes({"data": data.data_file(cfg.data)})  # recorded by each checkpoint, checked on resume
     state = ckpt.resume(resume_dir, d, {"optim": opt}, {"data": batches}, hashes,
                         cfg.allow_data_change) if resume_dir else {}
     step, bad_steps = state.get("step", 0), state.get("bad_steps", 0)
@@ -184,7 +199,7 @@ def main(argv=None):
     with dist.Progress(total_steps, step) as bar, dist.StopSignal() as stop:
         while step < total_steps and not stopped:
             t0 = time.perf_counter()
-            mbs = microbatches(train_enc, batches.next(), cfg.micro_batch_size, tok.pad_id, d.device)
+            mbs = microbatches(rows, batches.next(), cfg.micro_batch_size, tok.pad_id, d.device)
             lr = optim.lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
             loss = dist.train_step(model, d, mbs, sft_loss(count_label_tokens(mbs, d.dp_group)), first_trainable)
             loss, norm, bad_steps = optim.optimizer_step(opt, loss, lr, cfg.grad_clip, d, bad_steps, step)

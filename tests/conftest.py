@@ -11,7 +11,7 @@ Plain functions (import them: `from conftest import write_jsonl, sft_argv`):
     head_lines(path, n)                               the first n lines of a file
     newest_checkpoint(out)                            OUT/checkpoint-STEP of the highest step
     as_argv(opts, *extra)                             {name: value} -> ["--name", "value", ...] + extra
-    sft_argv / rm_argv (base, data_file, out, *extra, **flags), ppo_argv(toy_dir, out, mode, *extra, **flags)
+    sft_argv / rm_argv / dpo_argv (base, data_file, out, *extra, **flags), ppo_argv(toy_dir, out, mode, *extra, **flags)
                                                       flags of a small, fast run; keywords override
     read_metrics(out)                                 metrics.jsonl rows, in order
     metrics_by_step(out)                              {step: every value logged at that step}
@@ -129,6 +129,15 @@ def rm_argv(base, data_file, out, *extra, **flags):
     logged, the data file as its own held-out set."""
     opts = dict(model=base, data=data_file, eval_data=data_file, out=str(out), max_len=48, micro_batch_size=2,
                 grad_accum=2, lr=3e-3, warmup_steps=2, max_steps=4, log_every=1, eval_every=1000, save_every=1000)
+    return as_argv({**opts, **flags}, *extra)
+
+
+def dpo_argv(base, data_file, out, *extra, **flags):
+    """train_dpo.py flags of a small run: 2 micro-batches of 2 prompts a step, 4 steps, every loss
+    logged, the data file as its own held-out set."""
+    opts = dict(model=base, data=data_file, eval_data=data_file, out=str(out), max_len=48, micro_batch_size=2,
+                grad_accum=2, lr=3e-3, warmup_steps=2, max_steps=4, log_every=1, eval_every=1000, save_every=1000,
+                beta=0.5)
     return as_argv({**opts, **flags}, *extra)
 
 

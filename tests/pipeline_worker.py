@@ -25,6 +25,7 @@ import glm  # noqa: E402
 import lora  # noqa: E402
 import optim  # noqa: E402
 import plan  # noqa: E402
+import train_dpo  # noqa: E402
 import train_sft  # noqa: E402
 
 TOK_PATH = os.path.join(data.TOY_DIR, "ice_text.model")
@@ -97,7 +98,8 @@ def _stage(job, d, micro_batches, dtype=None):
     stage = the_plan.stages[d.pp_rank]
     if dtype is not None:  # a stage in another dtype than build_stage's (bf16 on a CPU)
         return glm.ChatGLM.from_pretrained(job["model"], dtype=dtype, **stage.model_kwargs())
-    return dist.build_stage(job["model"], stage, d, checkpoint_all=job.get("checkpoint", False))
+    return dist.build_stage(job["model"], stage, d, checkpoint_all=job.get("checkpoint", False),
+                            quantize=tuple(job.get("quantize", (0, 0))))  # (bits, group size): an int4 base
 
 
 def _my_share(mbs, d):
@@ -165,11 +167,12 @@ def generate_job(job, out):
 
 
 def train_job(job, out):
-    """train_sft.main under this launch's processes, sharing its process group with the other jobs."""
+    """train_sft.main (or job["script"]'s: "dpo") under this launch's processes, sharing its process
+    group with the other jobs."""
     saved = dist.setup, dist.teardown
     dist.setup, dist.teardown = _setup, dist.barrier
     try:
-        train_sft.main(job["argv"])
+        {"sft": train_sft, "dpo": train_dpo}[job.get("script", "sft")].main(job["argv"])
     finally:
         dist.setup, dist.teardown = saved
 

@@ -23,8 +23,11 @@ import glm
 import lora
 import optim
 import pipeline_worker as pw
+import quant
+import train_dpo
 import train_sft
-from conftest import fork_ranks, head_lines, losses, make_base, newest_checkpoint, sft_argv, write_jsonl
+from conftest import (dpo_argv, fork_ranks, head_lines, losses, make_base, newest_checkpoint, sft_argv,
+                      write_jsonl)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -74,10 +77,11 @@ def label_count(mbs):
     return sum(int((mb["labels"][:, 1:] != data.IGNORE).sum()) for mb in mbs)
 
 
-def reference_grads(base, mode, micro_batches=pw.MICRO_BATCHES):
+def reference_grads(base, mode, micro_batches=pw.MICRO_BATCHES, quantize=(0, 0)):
     """(loss, label count, {name: grad}): the whole model, a plain loop of full forwards and summed
-    cross-entropy over every micro-batch divided by the global label count, then backward."""
-    model = glm.ChatGLM.from_pretrained(base)
+    cross-entropy over every micro-batch divided by the global label count, then backward.
+    quantize (bits, group size): the whole model's block linears quantized in place, in one piece."""
+    model = quant.quantize_model(glm.ChatGLM.from_pretrained(base), *quantize)
     if mode == "lora":
         lora.inject_lora(model, targets=pw.TRAINS["lora_targets"], r=pw.TRAINS["lora_rank"],
                          alpha=pw.TRAINS["lora_alpha"])
@@ -171,8 +175,8 @@ def merged_grads(out, name, nproc):
     return ranks, grads
 
 
-def check_against_reference(base, out, name, nproc, mode="full", micro_batches=pw.MICRO_BATCHES):
-    loss, n, want = reference_grads(base, mode, micro_batches)
+def check_against_reference(base, out, name, nproc, mode="full", micro_batches=pw.MICRO_BATCHES, quantize=(0, 0)):
+    loss, n, want = reference_grads(base, mode, micro_batches, quantize)
     ranks, got = merged_grads(out, name, nproc)
     assert got.keys() == want.keys()  # every trainable tensor got a gradient, nothing frozen did
     for r in ranks:
@@ -240,6 +244,7 @@ def launched(setup_dir):
         dict(g, name="p4_m1", pp=4, mode="full", micro_batches=1),  # fewer micro-batches than stages
         dict(g, name="p4_last2", pp=4, mode="last_n"),
         dict(g, name="p4_lora", pp=4, mode="lora"),
+        dict(g, name="p2d2_lora_int4", pp=2, mode="lora", quantize=[4, 16]),  # each stage quantizes its blocks
         dict(g, name="p2d2", pp=2, mode="full"),
         dict(g, name="p2d2_uneven", pp=2, mode="full", counts=[1, 3], checkpoint=True),  # and recomputed
         dict(kind="hosted", name="hosted_p4", pp=4, model=s.base, hosts=HOSTS_P4),
@@ -257,8 +262,13 @@ def launched(setup_dir):
         sft("sft_p2d2", "--pp", "2", max_steps=4),
         sft("sft_p2d2_lora", "--pp", "2", "--lora_rank", "4", max_steps=4),
         sft("sft_p2d2_last2", "--pp", "2", "--train_layers", "2", max_steps=4),  # stage 0 only runs forward
+        sft("sft_p2d2_pack", "--pp", "2", "--pack", max_steps=2),  # packed rows carry their own positions and mask
         # 2 replicas of 1 micro-batch: the 4 examples a step of the --pp 4 run
         sft("sft_p4_to_p2d2", "--pp", "2", "--grad_accum", "1", "--resume"),
+        # train_dpo.py: 2 replicas of 1 micro-batch of 2 prompts, the 4 prompts a step of one process
+        dict(kind="train", script="dpo", name="dpo_p2d2", argv=dpo_argv(s.base, ranked8(s), s.root / "dpo_p2d2", "--pp",
+                                                                      "2", "--grad_accum", "1", max_steps=2,
+                                                                      eval_every=2)),
         dict(sft("pp3", "--pp", "3"), fails=True),
     ]
     return launch(4, jobs, out)
@@ -271,10 +281,18 @@ def single(setup_dir):
     for name, extra, steps in (("sft_p1", [], 6), ("sft_p1_3", [], 3),
                                ("sft_p1_ga4", ["--grad_accum", "4"], 4),
                                ("sft_p1_ga4_lora", ["--grad_accum", "4", "--lora_rank", "4"], 4),
-                               ("sft_p1_ga4_last2", ["--grad_accum", "4", "--train_layers", "2"], 4)):
+                               ("sft_p1_ga4_last2", ["--grad_accum", "4", "--train_layers", "2"], 4),
+                               ("sft_p1_ga4_pack", ["--grad_accum", "4", "--pack"], 2)):
         train_sft.main(sft_argv(s.base, s.train, s.root / name, *extra, max_steps=steps))
         runs[name] = s.root / name
+    runs["dpo_p1"] = s.root / "dpo_p1"
+    train_dpo.main(dpo_argv(s.base, ranked8(s), runs["dpo_p1"], max_steps=2, eval_every=2))
     return runs
+
+
+def ranked8(s):
+    """The first 8 toy rankings (3 answers each), for train_dpo.py's runs."""
+    return write_jsonl(s.root / "rank8.jsonl", head_lines(data.toy_file("rm_train"), 8))
 
 
 def assert_same_curve(got, want, steps, atol=1e-5):
@@ -351,6 +369,11 @@ def test_gloo_p4_lora_gradients_match_one_process(setup_dir, launched):
     assert all(".lora_" in k for r in ranks for k in r["grads"])
 
 
+def test_gloo_p2_d2_lora_on_an_int4_base_matches_one_process(setup_dir, launched):
+    ok(launched, "p2d2_lora_int4")
+    check_against_reference(setup_dir.base, launched.out, "p2d2_lora_int4", 4, mode="lora", quantize=(4, 16))
+
+
 # -----------------------------------------------------------------------------
 # pipelined generation
 
@@ -371,7 +394,20 @@ def test_gloo_p2_d2_bf16_generation_equals_one_bf16_process(setup_dir, launched)
 
 
 # -----------------------------------------------------------------------------
-# train_sft.py in several processes
+# train_sft.py (and train_dpo.py) in several processes
+
+
+def test_gloo_dpo_p2_d2_gives_the_single_process_losses_and_held_out_scores(setup_dir, launched, single):
+    """Each replica computes its share of the reference cache: the cache, the losses and the held-out
+    metrics are those of one process."""
+    ok(launched, "dpo_p2d2")
+    got, want = setup_dir.root / "dpo_p2d2", single["dpo_p1"]
+    assert_same_curve(losses(got), losses(want), [1, 2])
+    for key in ("eval_loss", "eval_pair_acc", "eval_margin", "eval_chosen_drift", "eval_kl"):
+        assert_same_curve(losses(got, key), losses(want, key), [2])
+    a, b = (torch.load(r / train_dpo.REF_FILE, weights_only=True) for r in (got, want))
+    for split in ("train", "eval"):
+        torch.testing.assert_close(a[split], b[split], atol=1e-5, rtol=1e-5)
 
 
 def test_gloo_sft_p2_d2_gives_the_single_process_losses(setup_dir, launched, single):
@@ -403,6 +439,11 @@ def test_gloo_sft_p2_d2_adapter_records_every_stage_s_base_fingerprint(setup_dir
 def test_gloo_sft_p2_d2_last2_gives_the_single_process_losses(setup_dir, launched, single):
     ok(launched, "sft_p2d2_last2")
     assert_same_curve(losses(setup_dir.root / "sft_p2d2_last2"), losses(single["sft_p1_ga4_last2"]), range(1, 5))
+
+
+def test_gloo_sft_p2_d2_packed_gives_the_single_process_losses(setup_dir, launched, single):
+    ok(launched, "sft_p2d2_pack")
+    assert_same_curve(losses(setup_dir.root / "sft_p2d2_pack"), losses(single["sft_p1_ga4_pack"]), range(1, 3))
 
 
 def stage_logits(model_dir, counts, ids):
