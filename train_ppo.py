@@ -396,15 +396,6 @@ class KLController:
 # the per-micro-batch quantities (last stage)
 
 
-def token_logprobs(model, h, ids, mask, temperature=1.0):
-    """log pi(token t+1 | tokens <= t) at the actions, mask [B, L-1] (0 elsewhere): [B, L-1], under
-    softmax(logits / temperature). The policy PPO optimises is the one rollouts sample from,
-    temperature included; the head runs on the response tokens only."""
-    out = torch.zeros(mask.shape, device=h.device)
-    out[mask] = glm.head_logprobs(model.lm_head, h[:, :-1][mask], ids[:, 1:][mask], temperature)[0]
-    return out
-
-
 def policy_loss(cfg, beta, stats):
     """Clipped surrogate over response actions, each weighted by mb["w"] (see loss_weights); plus an
     entropy bonus, and with --kl_in loss beta times the k3 estimate of KL(pi || pi_ref) per token,
@@ -467,25 +458,61 @@ def split(batch, idx, size):
     return [{k: v[idx[i:i + size]] for k, v in batch.items()} for i in range(0, len(idx), size)]
 
 
+def row_batches(ids, T, mask, end, size):
+    """Scoring micro-batches of `size` rows, one sequence a row. Each holds what scoring reads:
+    "pred_row", "pred_col" (the hidden state that predicts each action's token, row-major over
+    mask), "target" (that token), "eop_row", "eop_col" (each answer's last token)."""
+    out = []
+    for i in range(0, ids.shape[0], size):
+        rows, cols = mask[i:i + size].nonzero(as_tuple=True)  # action col predicts token col + 1
+        out.append({"input_ids": ids[i:i + size], "pred_row": rows, "pred_col": cols,
+                    "target": ids[i:i + size][rows, cols + 1], "eop_row": torch.arange(len(end[i:i + size]),
+                    device=ids.device), "eop_col": end[i:i + size]})
+    return out
+
+
+def group_batches(ids, T, mask, n, size, gcfg):
+    """The same micro-batches for groups of n completions (consecutive rows of one prompt): each
+    group is one row, its prompt once, then its n answers (data.group_rows), so the prompt is
+    computed once per group, not n times; size // n groups (at least one) per micro-batch. Actions
+    come out in the same row-major order as row_batches'."""
+    n_act = mask.sum(1).tolist()
+    groups = []
+    for r in range(0, ids.shape[0], n):
+        prompt = ids[r, :T].tolist()
+        lead = next((i for i, t in enumerate(prompt) if t != gcfg.pad_token_id), T)  # left padding
+        groups.append((prompt[lead:], [ids[r + k, T:T + n_act[r + k]].tolist() for k in range(n)]))
+    per = max(1, size // n)
+    return [{k: v.to(ids.device) for k, v in data.group_rows(groups[i:i + per], gcfg.pad_token_id, gcfg)[0].items()}
+            for i in range(0, len(groups), per)]
+
+
 def rm_scores(roles, d, mbs):
-    """The reward model's score of every sequence [B], read at its last answer token (mb["end"])."""
-    return torch.cat(dist.forward(roles.use("reward"), d, mbs, lambda m, h, mb: glm.rewards_at(
-        roles.reward_head, h, mb["end"]), lambda mb: (mb["input_ids"].shape[0],)))
+    """The reward model's score of every answer [B], read at its last token."""
+    return torch.cat(dist.forward(roles.use("reward"), d, mbs, lambda m, h, mb: roles.reward_head(
+        h[mb["eop_row"], mb["eop_col"]].float())[:, 0], lambda mb: (len(mb["eop_row"]),)))
 
 
 def score_rollout(roles, d, ids, T, cfg):
-    """One pass per role present over the finished sequences: old and reference log-probs, the
-    critic's values (PPO), the reward model's score (with --rm_dir)."""
-    eos = roles.models["actor"].config.eos_token_id
-    mask, end, has_eop = response_mask(ids, T, eos)
-    mbs = split({"input_ids": ids, "end": end, "mask": mask}, torch.arange(ids.shape[0]), cfg.micro_batch_size)
-    per_token = lambda mb: (mb["input_ids"].shape[0], mb["input_ids"].shape[1] - 1)
-    run = lambda role, fn, shape: torch.cat(dist.forward(roles.use(role), d, mbs, fn, shape))
-    logp_fn = lambda model, h, mb: token_logprobs(model, h, mb["input_ids"], mb["mask"], cfg.temperature)
-    r = dict(mask=mask, end=end, has_eop=has_eop, logp=run("actor", logp_fn, per_token),
-             ref_logp=run("reference", logp_fn, per_token))
+    """One pass per role present over the finished sequences: old and reference log-probs and the
+    critic's values at every action (0 elsewhere), the reward model's score (with --rm_dir). The
+    completions of a group (--group_size) share one row, their prompt computed once."""
+    gcfg = roles.models["actor"].config
+    mask, end, has_eop = response_mask(ids, T, gcfg.eos_token_id)
+    n = getattr(cfg, "group_size", 1)
+    mbs = (group_batches(ids, T, mask, n, cfg.micro_batch_size, gcfg) if n > 1 else
+           row_batches(ids, T, mask, end, cfg.micro_batch_size))
+    at = lambda h, mb: h[mb["pred_row"], mb["pred_col"]]  # [N, C]: the hidden state before each action
+
+    def per_action(role, fn):  # [N] per micro-batch -> [B, L-1], 0 off the actions
+        out = torch.zeros(mask.shape, device=ids.device)
+        out[mask] = torch.cat(dist.forward(roles.use(role), d, mbs, fn, lambda mb: (len(mb["target"]),)))
+        return out
+    logp_fn = lambda m, h, mb: glm.head_logprobs(m.lm_head, at(h, mb), mb["target"], cfg.temperature)[0]
+    r = dict(mask=mask, end=end, has_eop=has_eop, logp=per_action("actor", logp_fn),
+             ref_logp=per_action("reference", logp_fn))
     if "critic" in roles.present:
-        r["values"] = run("critic", lambda m, h, mb: roles.value_head(h[:, :-1].float())[..., 0], per_token)
+        r["values"] = per_action("critic", lambda m, h, mb: roles.value_head(at(h, mb).float())[:, 0])
     if "reward" in roles.present:
         r["score"] = rm_scores(roles, d, mbs)
     return r
@@ -614,9 +641,8 @@ def toy_report(roles, tok, d, cfg):
     answers = [tok.decode(row, skip_special_tokens=True) for row in out[:, ids.shape[1]:]]
     score = None
     if "reward" in roles.present:  # only the reward model's pass; every stage gets its output (dist.forward)
-        _, end, _ = response_mask(out, ids.shape[1], roles.models["actor"].config.eos_token_id)
-        mbs = split({"input_ids": out, "end": end}, torch.arange(out.shape[0]), cfg.micro_batch_size)
-        score = float(rm_scores(roles, d, mbs).mean())
+        mask, end, _ = response_mask(out, ids.shape[1], roles.models["actor"].config.eos_token_id)
+        score = float(rm_scores(roles, d, row_batches(out, ids.shape[1], mask, end, cfg.micro_batch_size)).mean())
     return data.toy_accuracy(eval_ex, answers), score, [[e["prompt"], a] for e, a in zip(eval_ex, answers)]
 
 

@@ -286,7 +286,7 @@ def test_kl_rewards_sign_and_placement():
 
 
 def test_score_rollout_reads_each_role_at_the_right_position(toy_dir):
-    """Old log-probs and values at every action (log-probs 0 elsewhere), the reward at the last response token: each equal to the
+    """Old log-probs and values at every action (0 elsewhere), the reward at the last response token: each equal to the
     model run on that row alone, cut right after the position read (so later padding cannot matter)."""
     model = glm.ChatGLM.from_pretrained(toy_dir).eval()
     g = torch.Generator().manual_seed(7)
@@ -307,9 +307,10 @@ def test_score_rollout_reads_each_role_at_the_right_position(toy_dir):
             logp = torch.log_softmax(model.lm_head(h[:-1]).double(), -1)
             assert r["mask"][b].sum() > 0
             for i in range(e):  # action i scores token i + 1; the head runs only at actions
-                want = logp[i, ids[b, i + 1]] if r["mask"][b, i] else torch.zeros((), dtype=torch.float64)
+                act = bool(r["mask"][b, i])
+                want = logp[i, ids[b, i + 1]] if act else torch.zeros((), dtype=torch.float64)
                 torch.testing.assert_close(r["logp"][b, i].double(), want, atol=1e-5, rtol=0)
-                torch.testing.assert_close(r["values"][b, i], heads[0](h[i])[0], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(r["values"][b, i], heads[0](h[i])[0] * act, atol=1e-5, rtol=1e-5)
         # the row whose <eop> is followed by padding: the last column would have given another score
         last_col = heads[1](model(ids[:1], return_hidden=True)[0, -1])[0]
         assert (last_col - r["score"][0]).abs() > 1e-3
@@ -443,6 +444,24 @@ def test_each_role_trains_only_its_own_tensors(tmp_path, mode):
     assert not roles.reward_head.weight.requires_grad and roles.value_head.weight.requires_grad
 
 
+def test_grouped_scoring_computes_each_prompt_once_with_the_same_results(toy_dir):
+    """--group_size n: the n completions of a prompt scored as one shared-prompt row give the
+    log-probs, values and reward-model scores of scoring each completion as its own row (which
+    the test above checks against the model run row by row)."""
+    model = glm.ChatGLM.from_pretrained(toy_dir).eval()
+    heads = [nn.Linear(64, 1) for _ in range(2)]
+    roles = SimpleNamespace(models={"actor": model}, use=lambda role: model, value_head=heads[0],
+                            reward_head=heads[1], present=("actor", "reference", "critic", "reward"))
+    ids, T, _ = hand_built()
+    ids = torch.cat([ids[:, :T].repeat_interleave(2, 0), ids[[0, 1, 2, 3, 3, 2, 1, 0], T:]], 1)  # 4 groups of 2
+    alone = train_ppo.score_rollout(roles, dist.Dist(), ids, T, SimpleNamespace(micro_batch_size=3, temperature=0.9))
+    shared = train_ppo.score_rollout(roles, dist.Dist(), ids, T,
+                                     SimpleNamespace(micro_batch_size=4, temperature=0.9, group_size=2))
+    for k in ("logp", "ref_logp", "values", "score", "mask", "end"):
+        torch.testing.assert_close(shared[k], alone[k], atol=1e-5, rtol=1e-5, msg=k)
+    assert (alone["logp"] != 0).sum() == alone["mask"].sum()
+
+
 @pytest.mark.parametrize("mode", ROLES)
 def test_each_role_scores_with_its_own_weights(tmp_path, mode):
     """All four roles hold different weights (the trained actor and critic have moved away from their
@@ -462,7 +481,7 @@ def test_each_role_scores_with_its_own_weights(tmp_path, mode):
         h = {role: m(ids, return_hidden=True) for role, m in want.items()}  # [B, L, C]
         logp = {role: torch.log_softmax(want[role].lm_head(h[role][:, :-1]).double() / 0.8, -1).gather(
             -1, ids[:, 1:, None])[..., 0] * r["mask"] for role in ("actor", "reference")}  # [B, L-1], 0 off actions
-        values = value_head(h["critic"][:, :-1])[..., 0]
+        values = value_head(h["critic"][:, :-1])[..., 0] * r["mask"]
         at_end = lambda role: h[role][torch.arange(ids.shape[0]), r["end"]]  # [B, C]
         score = reward_head(at_end("reward"))[:, 0]
         torch.testing.assert_close(r["logp"].double(), logp["actor"], atol=1e-5, rtol=1e-5)
