@@ -9,6 +9,8 @@
     torchrun --nproc_per_node=4 bench.py sft --pp 1 --train lora        # D = 4 data-parallel replicas
     torchrun --nproc_per_node=4 bench.py rm --pp 4 --train full         # ranked groups of 4 answers
     python bench.py make_model --dir /tmp/glm6b [--adapter]             # random 6B folder for train_ppo.py
+    python bench.py dpo --dir /tmp/glm6b        # train_dpo.py there: cached + shared prompt vs live + separate
+    python bench.py lengths --dir /tmp/glm6b    # train_sft.py on long-tailed lengths: padded, grouped, packed
     python bench.py generate --toy          # the 2-layer toy model, runs anywhere
 
 Each result is printed and appended as one JSON line to --out (default bench_results.jsonl)
@@ -320,9 +322,82 @@ def make_model(args, device, dtype):
     return []
 
 
+# -----------------------------------------------------------------------------
+# whole training scripts on a random 6B folder (make_model), timed from their metrics.jsonl
+
+
+def script_steps(argv, out, skip=2):
+    """Run `python SCRIPT ARGS` (a training script, log_every 1) and return its metrics records of
+    the steps after the first `skip` (warm-up: allocator, first reference pass)."""
+    import subprocess
+    subprocess.run([sys.executable, *argv, "--out", out, "--overwrite", "--log_every", "1", "--save_every", "100000"],
+                   check=True)
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8")]
+    return [r for r in rows if "loss" in r and r["step"] > skip]
+
+
+def median(rows, key):
+    vals = sorted(r[key] for r in rows)
+    return vals[len(vals) // 2]
+
+
+def random_words(tok, n, rng):
+    """About n tokens of text: ordinary pieces of the tokenizer, space-separated."""
+    words = [tok.sp.id_to_piece(i).lstrip("\u2581") for i in range(300, 1100)]
+    words = [w for w in words if w.isalnum()]
+    return " ".join(rng.choice(words) for _ in range(n))
+
+
+def bench_dpo(args, device, dtype):
+    """LoRA DPO (train_dpo.py) on groups of one ~256-token prompt and 4 ~256-token answers: the
+    default (reference log-probs cached, the prompt shared by its answers) beside the usual
+    implementation (a live reference, one row per answer), answers/s per GPU."""
+    import random
+    tok = glm.Tokenizer(os.path.join(args.dir, "ice_text.model"))
+    path, rng = os.path.join(args.dir, "ranked.jsonl"), random.Random(0)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(256):
+            f.write(json.dumps({"prompt": random_words(tok, 200, rng),
+                                "answers": [random_words(tok, 200, rng) for _ in range(4)]}) + "\n")
+    common = ["train_dpo.py", "--model", args.dir, "--data", path, "--lora_rank", "8", "--lr", "1e-4",
+              "--max_len", "512", "--micro_batch_size", "2", "--grad_accum", "4", "--max_steps", str(args.iters + 2),
+              "--holdout", "8", "--eval_every", "100000"]
+    results = []
+    for name, extra in [("cached_shared", []), ("live_separate", ["--no_ref_cache", "--no_shared_prompt"])]:
+        rows = script_steps(common + extra, f"/tmp/bench_dpo_{name}")
+        results.append(dict(mode="dpo", train="lora", variant=name, groups_per_step=8, answers_per_group=4,
+                            answers_per_s_per_gpu=round(median(rows, "answers_per_s"), 2)))
+        print(json.dumps(results[-1]), flush=True)
+    results.append(dict(mode="dpo", speedup=round(results[0]["answers_per_s_per_gpu"]
+                                                 / results[1]["answers_per_s_per_gpu"], 3)))
+    print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def bench_lengths(args, device, dtype):
+    """LoRA SFT (train_sft.py) on long-tailed example lengths (log-normal: median 200, 90th
+    percentile 700, cap 1024): padded micro-batches, --group_by_length, --pack; real tokens/s."""
+    path = os.path.join(args.dir, "long_tail.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for line in data.synth_lines(4096, seed=0):
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    common = ["train_sft.py", "--model", args.dir, "--data", path, "--lora_rank", "8", "--lr", "1e-4",
+              "--max_len", "1024", "--grad_accum", "1", "--max_steps", str(args.iters + 2), "--holdout", "8",
+              "--eval_every", "100000"]
+    results = []
+    for name, extra in [("padded", ["--micro_batch_size", "8"]), ("group_by_length", ["--micro_batch_size", "8",
+                        "--group_by_length"]), ("packed", ["--micro_batch_size", "3", "--pack"])]:
+        rows = script_steps(common + extra, f"/tmp/bench_len_{name}")
+        results.append(dict(mode="lengths", train="lora", variant=name, extra=" ".join(extra),
+                            real_tok_per_s=round(median(rows, "tokens_per_s"), 1),
+                            padding=round(sum(r["padding"] for r in rows) / len(rows), 3)))
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
 def main():
     p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["generate", "forward", "sft", "pipeline", "rm", "make_model"])
+    p.add_argument("mode", choices=["generate", "forward", "sft", "pipeline", "rm", "make_model", "dpo", "lengths"])
     p.add_argument("--toy", action="store_true", help="the 2-layer toy model instead of 6B shapes")
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--prompt_len", type=int, default=64)
@@ -350,7 +425,8 @@ def main():
     if local == 0:
         print(json.dumps(header), flush=True)
     results = {"generate": bench_generate, "forward": bench_forward, "sft": bench_train, "pipeline": bench_train,
-               "rm": bench_train, "make_model": make_model}[args.mode](args, device, dtype)
+               "rm": bench_train, "make_model": make_model, "dpo": bench_dpo,
+               "lengths": bench_lengths}[args.mode](args, device, dtype)
     if not results:
         return
     with open(args.out, "a", encoding="utf-8") as f:

@@ -335,9 +335,10 @@ def load_prompts(path):
 
 
 def split_holdout(examples, holdout, seed=0):
-    """(train, held_out): a fraction (float < 1) or count (int) of examples, chosen by seed, order kept."""
+    """(train, held_out): a fraction (< 1) or a count (a whole number) of examples, chosen by seed, order kept."""
     n = len(examples)
-    k = round(holdout * n) if isinstance(holdout, float) else int(holdout)
+    whole = isinstance(holdout, int) or (isinstance(holdout, float) and holdout >= 1 and holdout.is_integer())
+    k = int(holdout) if whole else round(holdout * n)  # --holdout 8 (a float flag) is a count too
     if not (isinstance(holdout, (int, float)) and 0 <= holdout and 0 <= k < n):
         raise ValueError(f"holdout={holdout!r} of {n} examples leaves no training data. HINT: pass "
                          "a fraction in [0, 1) or a count smaller than the number of examples")

@@ -582,46 +582,49 @@ def _wide(x):
 
 
 def _chunk_log_softmax(hc, weight, tau):
-    """log softmax(hc W^T / tau) [n, V] in float32 (or wider), the probabilities, the entropy [n]."""
+    """log softmax(hc W^T / tau) [n, V], in float32 (or wider)."""
     z = _wide(hc @ weight.t())
-    logp_all = torch.log_softmax(z / tau if tau != 1 else z, dim=-1)
-    p = logp_all.exp()
-    return logp_all, p, -(p * logp_all).sum(-1)
+    return torch.log_softmax(z.div_(tau) if tau != 1 else z, dim=-1)
 
 
-def _grad_logits(logp_all, p, ent, targets, g_logp, g_ent, tau, dtype):
+def _grad_logits(logp_all, targets, g_logp, g_ent, tau, dtype):
     """d/d logits of sum(g_logp * log p_target + g_ent * H), with z = logits / tau:
     d log p_t / dz = onehot_t - p and dH / dz = -p (log p + H)."""
-    gz = -p * (g_logp[:, None] + g_ent[:, None] * (logp_all + ent[:, None]))  # [n, V]
+    p = logp_all.exp()
+    ent = -(p * logp_all).sum(-1, keepdim=True)                       # [n, 1]
+    gz = -p * (g_logp[:, None] + g_ent[:, None] * (logp_all + ent))  # [n, V]
     gz.scatter_add_(1, targets[:, None], g_logp[:, None])
     return (gz / tau).to(dtype)
 
 
 class HeadLogProbs(torch.autograd.Function):
-    """log softmax(h W^T / tau) at the target ids, and the distribution's entropy, for hidden states
-    h [N, C], a chunk of tokens at a time: never the whole [N, V] float32 logits (1 GB at 2,048
-    tokens of ChatGLM's vocabulary). A frozen head (LoRA, last N blocks, scoring) gets d/dh of each
+    """log softmax(h W^T / tau) at the target ids (and the distribution's entropy), for hidden
+    states h [N, C], a chunk of tokens at a time: never the whole [N, V] float32 logits (1 GB at
+    2,048 tokens of ChatGLM's vocabulary). A frozen head (LoRA, last N blocks) gets d/dh of each
     output in the forward, [N, C] each, so backward only scales them; a trained head recomputes
     each chunk's logits in backward, where its weight gradient needs the incoming gradients."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, tau, chunk, entropy_grad):
+    def forward(ctx, h, weight, targets, tau, chunk, entropy):
         ctx.tau, ctx.chunk, ctx.recompute = tau, chunk, weight.requires_grad
+        now = h.requires_grad and not ctx.recompute  # the frozen head's gradients, taken here
         logp, ent, d_logp, d_ent = [], [], [], []
         for hc, tc in zip(h.split(chunk), targets.split(chunk)):
-            logp_all, p, e = _chunk_log_softmax(hc, weight, tau)
+            logp_all = _chunk_log_softmax(hc, weight, tau)              # [n, V]
             logp.append(logp_all.gather(1, tc[:, None])[:, 0])
-            ent.append(e)
-            if h.requires_grad and not ctx.recompute:
-                one, zero = torch.ones_like(e), torch.zeros_like(e)
-                d_logp.append(_grad_logits(logp_all, p, e, tc, one, zero, tau, weight.dtype) @ weight)  # [n, C]
-                if entropy_grad:
-                    d_ent.append(_grad_logits(logp_all, p, e, tc, zero, one, tau, weight.dtype) @ weight)
+            if entropy:
+                ent.append(-(logp_all.exp() * logp_all).sum(-1))
+            if now and entropy == "grad":
+                zero, one = torch.zeros_like(ent[-1]), torch.ones_like(ent[-1])
+                d_ent.append(_grad_logits(logp_all, tc, zero, one, tau, weight.dtype) @ weight)   # [n, C]
+            if now:  # d log p_t / dh = (W_t - p W) / tau, with p in place of the log-probs
+                p = logp_all.exp_().to(weight.dtype)
+                d_logp.append((weight[tc] - p @ weight) / tau)          # [n, C]
         ctx.save_for_backward(*((h, weight, targets) if ctx.recompute else [torch.cat(d) for d in (d_logp, d_ent) if d]))
-        logp, ent = torch.cat(logp), torch.cat(ent)
-        if not entropy_grad:
+        ent = torch.cat(ent) if entropy else torch.zeros_like(torch.cat(logp))
+        if entropy != "grad":
             ctx.mark_non_differentiable(ent)
-        return logp, ent
+        return torch.cat(logp), ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
@@ -634,23 +637,23 @@ class HeadLogProbs(torch.autograd.Function):
         g_w = _wide(torch.zeros_like(weight))
         for i in range(0, h.shape[0], ctx.chunk):
             hc, sl = h[i:i + ctx.chunk], slice(i, i + ctx.chunk)
-            gz = _grad_logits(*_chunk_log_softmax(hc, weight, ctx.tau), targets[sl], g_logp[sl], g_ent[sl],
-                              ctx.tau, weight.dtype)                  # [n, V]
+            gz = _grad_logits(_chunk_log_softmax(hc, weight, ctx.tau), targets[sl], g_logp[sl], g_ent[sl],
+                              ctx.tau, weight.dtype)                    # [n, V]
             if g_h is not None:
                 g_h[sl] = gz @ weight
-            g_w += gz.t() @ hc                                        # [V, C], summed over chunks in fp32
+            g_w += gz.t() @ hc                                          # [V, C], summed over chunks in fp32
         if hasattr(weight, "main_grad"):  # a bf16 weight whose optimiser sums its gradients in fp32
             weight.main_grad = g_w if weight.main_grad is None else weight.main_grad.add_(g_w)
             return g_h, None, None, None, None, None
         return g_h, g_w.to(weight.dtype), None, None, None, None
 
 
-def head_logprobs(lm_head, h, targets, temperature=1.0, entropy_grad=False):
+def head_logprobs(lm_head, h, targets, temperature=1.0, entropy=False):
     """(log pi(target), entropy of pi), each [N], with pi = softmax(lm_head(h) / temperature), for
-    hidden states h [N, C] and target ids [N]; in chunks of ~128 MB of float32 logits. The entropy
-    takes a gradient only with entropy_grad (an entropy bonus); otherwise it is a plain number."""
-    chunk = max(1, (1 << 25) // lm_head.weight.shape[0])
-    return HeadLogProbs.apply(h, lm_head.weight, targets, float(temperature), chunk, entropy_grad)
+    hidden states h [N, C] and target ids [N]; in chunks of ~256 MB of float32 logits. entropy:
+    False (zeros), True (its value, no gradient) or "grad" (an entropy bonus trains on it)."""
+    chunk = max(1, (1 << 26) // lm_head.weight.shape[0])
+    return HeadLogProbs.apply(h, lm_head.weight, targets, float(temperature), chunk, entropy)
 
 
 # -----------------------------------------------------------------------------

@@ -168,21 +168,23 @@ def _accumulate_fp32(p):
 
 
 @torch.no_grad()
-def adamw_update(p, g, st, lr, weight_decay, betas=(0.9, 0.95), eps=1e-8):
-    """One AdamW step on the fp32 tensor p in place, with gradient g and state st (Loshchilov &
-    Hutter: the decay is decoupled from the gradient). Written out rather than torch.optim's:
-    its optimisers import the compiler stack, ~2 s of start-up in every process."""
-    b1, b2 = betas
-    st["step"] = t = float(st.get("step", 0)) + 1
-    m = st.setdefault("exp_avg", torch.zeros_like(p))
-    v = st.setdefault("exp_avg_sq", torch.zeros_like(p))
-    p.mul_(1 - lr * weight_decay)
-    m.lerp_(g, 1 - b1)                          # m = b1 m + (1 - b1) g
-    v.mul_(b2).addcmul_(g, g, value=1 - b2)     # v = b2 v + (1 - b2) g^2
-    bc1, bc2 = 1 - b1 ** t, math.sqrt(1 - b2 ** t)
-    chunk = 1 << 24  # elements: sqrt(v)'s temporary stays <= 64 MB, also for the lm_head's master
-    for pc, mc, vc in zip(p.view(-1).split(chunk), m.view(-1).split(chunk), v.view(-1).split(chunk)):
-        pc.addcdiv_(mc, vc.sqrt().div_(bc2).add_(eps), value=-lr / bc1)
+def adamw_update(params, grads, states, lr, weight_decay, betas=(0.9, 0.95), eps=1e-8):
+    """One AdamW step (Loshchilov & Hutter) on fp32 tensors in place, each with its gradient and its
+    state {"step", "exp_avg", "exp_avg_sq"}:
+        m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  p = p (1 - lr wd) - lr m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps)
+    in torch's fused kernel (one launch for all tensors: a per-tensor loop costs ~8 ms a step over
+    the 56 LoRA tensors of ChatGLM-6B on an H200), called without torch.optim's classes, which
+    import the compiler stack: ~2 s of start-up in every process."""
+    if not params:
+        return
+    for p, st in zip(params, states):
+        if "exp_avg" not in st:
+            st.update(step=torch.zeros((), device=p.device), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+    steps = [st["step"] for st in states]
+    torch._foreach_add_(steps, 1.0)
+    torch._fused_adamw_(params, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], [],
+                        steps, lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps,
+                        amsgrad=False, maximize=False)
 
 
 class AdamW:
@@ -238,9 +240,11 @@ class AdamW:
         inbox = {n: torch.empty_like(self.masters[n]) for n in self.guests}
         dist.exchange(self.d, [(grads[n], h) for n, h in self.away.items()],
                       [(inbox[n], owner) for n, (owner, _) in self.guests.items()])
-        for n, t in self.masters.items():
-            adamw_update(t, inbox[n] if n in inbox else grads[n], self.state.setdefault(t, {}), lr,
-                         self.weight_decay if t.dim() >= 2 else 0.0)  # no decay on biases and LayerNorms
+        for matrices in (True, False):  # decay on matrices only, never on biases and LayerNorms
+            names = [n for n, t in self.masters.items() if (t.dim() >= 2) == matrices]
+            adamw_update([self.masters[n] for n in names], [inbox[n] if n in inbox else grads[n] for n in names],
+                         [self.state.setdefault(self.masters[n], {}) for n in names], lr,
+                         self.weight_decay if matrices else 0.0)
         # the new weights: back to their owners, and into this stage's own bf16 copies
         dist.exchange(self.d, [(self.masters[n].to(dtype), owner) for n, (owner, dtype) in self.guests.items()],
                       [(self.owned[n].detach(), h) for n, h in self.away.items()])
@@ -285,7 +289,8 @@ class AdamW:
             if master is not None:
                 with torch.no_grad():
                     t.copy_(master)
-            self.state[t] = {k: (v.to(t.device) if torch.is_tensor(v) and k != "step" else v) for k, v in st.items()}
+            self.state[t] = {k: torch.as_tensor(v, dtype=torch.float32).to(t.device) if k == "step" else v.to(t.device)
+                             for k, v in st.items()}
         self._refresh_working()
 
 

@@ -112,10 +112,10 @@ def dequantize(codes, scale, bits, dtype=torch.float32):
     q = unpack_int4(codes) if bits == 4 else codes  # [out, in]
     out, n = q.shape
     G = scale.shape[1] if scale.dim() == 2 else 1
-    # the product is formed in float16 for half-precision models (exact codes, the exact float16
-    # scale, one rounding), else in the compute dtype itself
+    # int8 x float is one kernel (type promotion), formed in float16 for half-precision models (the
+    # codes and the float16 scale exact, one rounding), else in the compute dtype itself
     prod = torch.float16 if dtype in (torch.float16, torch.bfloat16) else dtype
-    w = q.view(out, G, n // G).to(prod) * scale.view(out, G, 1).to(prod)  # [out, G, g]
+    w = q.view(out, G, n // G) * scale.view(out, G, 1).to(prod)  # [out, G, g]
     return w.view(out, n).to(dtype)
 
 

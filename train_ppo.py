@@ -403,7 +403,7 @@ def policy_loss(cfg, beta, stats):
     def fn(model, h, mb):
         mask = mb["mask"]  # the head only where there is an action to score: [n] of each below
         logp, entropy = glm.head_logprobs(model.lm_head, h[:, :-1][mask], mb["input_ids"][:, 1:][mask],
-                                          cfg.temperature, entropy_grad=cfg.entropy_coef > 0)
+                                          cfg.temperature, entropy="grad" if cfg.entropy_coef else True)
         old, adv, w = mb["logp"][mask], mb["adv"][mask], mb["w"][mask]
         ratio = torch.exp(logp - old)
         loss = -(w * torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_ratio, 1 + cfg.clip_ratio) * adv)).sum()

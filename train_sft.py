@@ -204,12 +204,13 @@ def main(argv=None):
             loss = dist.train_step(model, d, mbs, sft_loss(count_label_tokens(mbs, d.dp_group)), first_trainable)
             loss, norm, bad_steps = optim.optimizer_step(opt, loss, lr, cfg.grad_clip, d, bad_steps, step)
             step += 1
-            tokens = sum(mb["input_ids"].numel() for mb in mbs) * d.D
+            slots = sum(mb["input_ids"].numel() for mb in mbs)
+            tokens = sum(int((mb["input_ids"] != tok.pad_id).sum()) for mb in mbs) * d.D  # real tokens, no padding
             tokens_seen += tokens
             bar.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
             if step % cfg.log_every == 0 or step == total_steps:
                 log.log(step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tokens / (time.perf_counter() - t0),
-                        skipped=bad_steps)
+                        padding=1 - tokens / d.D / slots, skipped=bad_steps)
             if eval_enc and (step % cfg.eval_every == 0 or step == total_steps):
                 ev = evaluate()
                 log.log(step, eval_loss=ev, eval_ppl=math.exp(min(ev, 50)))

@@ -456,14 +456,14 @@ def test_missing_shard_is_named(tmp_path, golden_model):
 def test_head_logprobs_in_chunks_equal_the_full_log_softmax(train_head):
     """Log-probs, entropies and their gradients (h, and the head when it trains: recomputed per chunk
     in backward; else taken in forward) from chunks of tokens equal a float64 log_softmax over all
-    logits; without entropy_grad the entropy is a number that takes no gradient."""
+    logits; unless asked for "grad", the entropy is a number that takes no gradient."""
     g = torch.Generator().manual_seed(3)
     N, C, V, tau = 23, 8, 40, 0.7
     h = torch.randn(N, C, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(V, C, generator=g, dtype=torch.float64, requires_grad=train_head)
     t = torch.randint(0, V, (N,), generator=g)
     g_logp, g_ent = torch.randn(N, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)
-    logp, ent = glm.HeadLogProbs.apply(h, w, t, tau, 5, True)  # 5 chunks, the last one short
+    logp, ent = glm.HeadLogProbs.apply(h, w, t, tau, 5, "grad")  # 5 chunks, the last one short
     grads = torch.autograd.grad((logp * g_logp + ent * g_ent).sum(), [h, w] if train_head else [h])
     logp_all = torch.log_softmax(h @ w.t() / tau, -1)  # the reference: every logit at once
     want_logp, want_ent = logp_all.gather(1, t[:, None])[:, 0], -(logp_all.exp() * logp_all).sum(-1)
@@ -473,7 +473,8 @@ def test_head_logprobs_in_chunks_equal_the_full_log_softmax(train_head):
     torch.testing.assert_close(ent, want_ent, atol=1e-12, rtol=0)
     for got, ref in zip(grads, want):
         torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
-    logp, ent = glm.HeadLogProbs.apply(h, w, t, tau, 5, False)
+    logp, ent = glm.HeadLogProbs.apply(h, w, t, tau, 5, True)
     assert not ent.requires_grad
+    torch.testing.assert_close(ent, want_ent.detach(), atol=1e-12, rtol=0)
     torch.testing.assert_close(torch.autograd.grad((logp * g_logp).sum(), h)[0],
                                torch.autograd.grad((want_logp * g_logp).sum(), h)[0], atol=1e-12, rtol=0)
