@@ -54,6 +54,7 @@ import glm
 import lora
 import optim
 import plan
+import quant
 
 LOSSES = ("dpo", "listwise", "ipo", "simpo")
 REF_FILE = "ref_logps.pt"
@@ -64,6 +65,8 @@ class Config:
     # ---- model
     model: str = ""                 # HF folder: a full / last-N SFT result, or the base of a LoRA one; "" = toy
     sft_adapter: str = ""           # a LoRA SFT result: the policy's adapter starts there; a frozen copy: the reference
+    quantize: int = 0               # 8 / 4: the frozen base's block linears in int8 / int4 (LoRA only); 0 = off
+    quant_group_size: int = -1      # inputs per int scale: 0 = one per row; -1 = int8 per row, int4 128
     out: str = "runs/dpo"           # the run's folder: checkpoints, metrics, ref_logps.pt, final/
     # ---- data
     data: str = ""                  # ranked jsonl (train_rm.py's formats); "" = the bundled toy ranking set
@@ -271,7 +274,8 @@ def file_head_tail(path, h, n=1 << 20):
 
 def ref_key(cfg, groups, dtype):
     """What cached reference log-probs depend on: every answer's tokens (data, split, template and
-    truncation), the reference's files (--model's config and weights, --sft_adapter's) and the dtype."""
+    truncation), the reference's files (--model's config and weights, --sft_adapter's), the dtype and
+    the base's quantization."""
     toks = hashlib.sha256(json.dumps([[g["prompt"], g["answers"]] for gs in groups.values() for g in gs]).encode())
     ref = hashlib.sha256()
     files = sorted(glob.glob(os.path.join(cfg.model, "*.safetensors"))) + [os.path.join(cfg.model, "config.json")]
@@ -279,7 +283,8 @@ def ref_key(cfg, groups, dtype):
         files.append(os.path.join(cfg.sft_adapter, lora.ADAPTER_FILE))
     for path in files:
         file_head_tail(path, ref)
-    return {"answers": toks.hexdigest(), "reference": ref.hexdigest(), "dtype": str(dtype)}
+    return {"answers": toks.hexdigest(), "reference": ref.hexdigest(), "dtype": str(dtype),
+            "quantize": [cfg.quantize, cfg.quant_group_size]}  # an int8 / int4 base scores otherwise
 
 
 def split_tokens(flat, groups):
@@ -450,12 +455,13 @@ def build_policy(cfg, d, gcfg, k_max, live, resume_dir):
     micro-batch holds micro_batch_size prompts of up to k_max answers; a live reference in full and
     last-N modes is a second, frozen copy."""
     mode = optim.train_mode(cfg.lora_rank, cfg.train_layers, gcfg.num_layers)
+    qs = quant.scheme(cfg.model, cfg.quantize, cfg.quant_group_size, mode)  # (bits, group size) of the base
     the_plan = plan.plan_for_run(gcfg, d.P, d.device, cfg.micro_batch_size * k_max, cfg.max_len, cfg.grad_accum,
                                  mode, cfg.lora_rank, cfg.lora_targets.split(","), cfg.train_layers,
-                                 cfg.gpu_mem_gib, cfg.plan, copies=(1, int(live and mode != "lora")))
+                                 cfg.gpu_mem_gib, cfg.plan, copies=(1, int(live and mode != "lora")), quantize=qs)
     dist.print0(the_plan.format_table())
     stage = the_plan.stages[d.pp_rank]
-    model = dist.build_stage(resume_dir if resume_dir and mode != "lora" else cfg.model, stage, d, cfg.checkpoint)
+    model = dist.build_stage(resume_dir if resume_dir and mode != "lora" else cfg.model, stage, d, cfg.checkpoint, qs)
     optim.select_trainable(model, mode, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), cfg.lora_dropout,
                            cfg.train_layers, cfg.seed, adapter_dir=resume_dir or cfg.sft_adapter or None)
     return the_plan, stage, model, mode, reference_runner(cfg, mode, model, stage, d, fresh=not (resume_dir or live))

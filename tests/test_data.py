@@ -72,6 +72,8 @@ def test_lm_loss_matches_float64_recompute():
     assert got.dtype == torch.float32
     assert len(terms) == int(data.count_labels(labels))
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    head.requires_grad_(False)  # a frozen head: the chunked path, the same sum
+    torch.testing.assert_close(data.lm_loss(head, h, labels).double(), want, atol=1e-5, rtol=0)
     half = data.lm_loss(head.to(torch.bfloat16), h.bfloat16(), labels)  # bf16 logits: the loss is still float32
     assert half.dtype == torch.float32
     torch.testing.assert_close(half.double(), want, atol=2e-2, rtol=0)
