@@ -467,6 +467,18 @@ def build_policy(cfg, d, gcfg, k_max, live, resume_dir):
     return the_plan, stage, model, mode, reference_runner(cfg, mode, model, stage, d, fresh=not (resume_dir or live))
 
 
+def load_data(cfg, tok):
+    """(train groups, held-out groups) of the ranked files, said on rank 0; with no held-out
+    prompts, evaluation uses the training ones."""
+    train_g, eval_g, said = data.load_groups(tok, cfg.data, cfg.eval_data, cfg.holdout, cfg.seed, cfg.max_len)
+    dist.print0(f"data: {said}")
+    if any(g["margin"] for g in train_g):  # said, not silently dropped
+        dist.print0("note: the lines' 'margin' (a reward gap for train_rm.py) plays no part in these losses")
+    if not eval_g:
+        dist.print0("no held-out prompts: evaluation uses the training prompts")
+    return train_g, eval_g or train_g
+
+
 def main(argv=None):
     cfg = flags.parse(Config, argv, preset=lambda c: {} if c.model else data.TOY_DPO,
                       positive=POSITIVE, non_negative=NON_NEGATIVE)
@@ -483,13 +495,7 @@ def main(argv=None):
 
     # ---- tokenizer and data (checked in full before any model is built)
     tok = glm.Tokenizer.from_dir(cfg.model)
-    train_g, eval_g, said = data.load_groups(tok, cfg.data, cfg.eval_data, cfg.holdout, cfg.seed, cfg.max_len)
-    dist.print0(f"data: {said}")
-    if any(g["margin"] for g in train_g):  # said, not silently dropped
-        dist.print0("note: the lines' 'margin' (a reward gap for train_rm.py) plays no part in these losses")
-    if not eval_g:
-        dist.print0("no held-out prompts: evaluation uses the training prompts")
-        eval_g = train_g
+    train_g, eval_g = load_data(cfg, tok)
     batches = data.Batches(len(train_g), cfg.micro_batch_size * cfg.grad_accum, cfg.seed, rank=d.dp_rank, world=d.D)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(batches))
 
@@ -503,7 +509,7 @@ def main(argv=None):
     first_trainable = dist.first_trainable_stage(model, d)
     opt = optim.AdamW(optim.named_trainables(model), cfg.lr, cfg.weight_decay, d, the_plan.hosts)
     lora_name = "default" if mode == "lora" else None
-    hashes = ckpt.file_hashes({"data": cfg.data})  # recorded by each checkpoint, checked on resume
+    hashes = ckpt.file_hashes({"data": data.data_file(cfg.data)})  # recorded by each checkpoint, checked on resume
     state = ckpt.resume(resume_dir, d, {"optim": opt}, {"data": batches}, hashes,
                         cfg.allow_data_change) if resume_dir else {}
     step, bad_steps = state.get("step", 0), state.get("bad_steps", 0)

@@ -131,6 +131,25 @@ def toy_table(before, after):
              [[f"{before:.1%}" if before is not None else "n/a", f"{after:.1%}"]])]
 
 
+def load_data(cfg, tok, toy, d):
+    """(train and held-out examples, encoded; the toy's held-out questions; what batches draw: the
+    examples or, with --pack, rows of them; the batches of this replica), said on rank 0. A jsonl
+    is read and encoded here; a tokenised folder is mapped and read lazily."""
+    stats = data.TruncationStats()
+    train_enc, eval_enc = data.load_train_eval(lambda path: data.sft_dataset(tok, path, cfg.max_len, stats),
+                                               cfg.data, cfg.eval_data, cfg.holdout, cfg.seed)
+    eval_ex = data.load_train_eval(data.load_sft, cfg.data, cfg.eval_data, cfg.holdout, cfg.seed)[1] if toy else []
+    rows = data.Packed(train_enc, cfg.max_len, cfg.seed, tok) if cfg.pack else train_enc
+    dist.print0(f"data: {len(train_enc)} train / {len(eval_enc)} held-out examples; {stats}"
+                + (f"; packed into {len(rows)} rows of {cfg.max_len} tokens" if cfg.pack else ""))
+    if not eval_enc:
+        dist.print0("no held-out examples (raise --holdout or pass --eval_data): evaluation is off")
+    size = cfg.micro_batch_size * cfg.grad_accum
+    batches = (data.LengthGrouped(data.lengths(train_enc), size, cfg.seed, rank=d.dp_rank, world=d.D)
+               if cfg.group_by_length else data.Batches(len(rows), size, cfg.seed, rank=d.dp_rank, world=d.D))
+    return train_enc, eval_enc, eval_ex, rows, batches
+
+
 def main(argv=None):
     cfg = flags.parse(Config, argv, preset=lambda c: {} if c.model else data.TOY_SFT,
                       positive=POSITIVE, non_negative=NON_NEGATIVE)
@@ -148,18 +167,7 @@ def main(argv=None):
 
     # ---- tokenizer and data (checked in full before any model is built)
     tok = glm.Tokenizer.from_dir(cfg.model)
-    stats = data.TruncationStats()  # a jsonl is read and encoded here; a tokenised folder is mapped, read lazily
-    train_enc, eval_enc = data.load_train_eval(lambda path: data.sft_dataset(tok, path, cfg.max_len, stats),
-                                               cfg.data, cfg.eval_data, cfg.holdout, cfg.seed)
-    eval_ex = data.load_train_eval(data.load_sft, cfg.data, cfg.eval_data, cfg.holdout, cfg.seed)[1] if toy else []
-    rows = data.Packed(train_enc, cfg.max_len, cfg.seed, tok) if cfg.pack else train_enc  # what batches draw
-    dist.print0(f"data: {len(train_enc)} train / {len(eval_enc)} held-out examples; {stats}"
-                + (f"; packed into {len(rows)} rows of {cfg.max_len} tokens" if cfg.pack else ""))
-    if not eval_enc:
-        dist.print0("no held-out examples (raise --holdout or pass --eval_data): evaluation is off")
-    batches = data.LengthGrouped(data.lengths(train_enc), cfg.micro_batch_size * cfg.grad_accum, cfg.seed,
-                                 rank=d.dp_rank, world=d.D) if cfg.group_by_length else \
-        data.Batches(len(rows), cfg.micro_batch_size * cfg.grad_accum, cfg.seed, rank=d.dp_rank, world=d.D)
+    train_enc, eval_enc, eval_ex, rows, batches = load_data(cfg, tok, toy, d)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(batches))
 
     # ---- the plan, this rank's stage, what trains, the optimiser, resume
