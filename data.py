@@ -850,7 +850,8 @@ def tokenize(kind, sources, out, tok_path, max_len, workers=1):
     for path in sources:
         chunks, sha, lines = _split_source(path)
         files.append(dict(path=path, sha256=sha, bytes=os.path.getsize(path), lines=lines, examples=0))
-        jobs += [(kind, path, s, e, ln, tmp, f"shard-{len(jobs) + j:05d}", max_len) for j, (s, e, ln) in enumerate(chunks)]
+        jobs += [(kind, path, s, e, ln, tmp, f"shard-{len(jobs) + j:05d}", max_len)
+                 for j, (s, e, ln) in enumerate(chunks)]
     os.makedirs(tmp)
     try:
         shards, stats, ranks = _run_jobs(jobs, tok_path, workers, sum(f["lines"] for f in files))

@@ -620,7 +620,8 @@ class HeadLogProbs(torch.autograd.Function):
             if now:  # d log p_t / dh = (W_t - p W) / tau, with p in place of the log-probs
                 p = logp_all.exp_().to(weight.dtype)
                 d_logp.append((weight[tc] - p @ weight) / tau)          # [n, C]
-        ctx.save_for_backward(*((h, weight, targets) if ctx.recompute else [torch.cat(d) for d in (d_logp, d_ent) if d]))
+        ctx.save_for_backward(*((h, weight, targets) if ctx.recompute else
+                                [torch.cat(d) for d in (d_logp, d_ent) if d]))
         ent = torch.cat(ent) if entropy else torch.zeros_like(torch.cat(logp))
         if entropy != "grad":
             ctx.mark_non_differentiable(ent)
