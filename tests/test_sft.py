@@ -175,7 +175,7 @@ def test_toy_default_run(toy_chain):
     made beside --out, and the result is a whole HF folder trained away from that base."""
     runs, printed = toy_chain.runs, toy_chain.toy_sft.printed
     cfg = printed_config(printed)
-    assert cfg["max_steps"] == 3  # the flag wins over the preset's 1400
+    assert cfg["max_steps"] == 3  # the flag wins over the preset's 900
     assert {k: cfg[k] for k in data.TOY_SFT if k not in ("max_steps", "out")} == \
         {k: v for k, v in data.TOY_SFT.items() if k not in ("max_steps", "out")}
     assert (cfg["model"], cfg["data"], cfg["eval_data"]) == \
