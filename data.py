@@ -1381,10 +1381,12 @@ TOY_RM = dict(max_len=64, micro_batch_size=16, grad_accum=1, lr=1e-3, warmup_ste
               weight_decay=0.01, eval_every=100, save_every=150, out="runs/toy_rm", threads=1, keep_best=True)
 # DPO from the toy SFT model on the same rankings (python train_dpo.py): the full model, 120 steps of
 # 16 prompts (4.4 epochs). Adjacent pairs only: (right, off by one) and (off by one, far off); the
-# pair (right, far off) is easy, and with it the held-out accuracy rose less (76.3% against 78.9%,
-# seed 0; seeds 1 and 2: 76.3% and 77.6% adjacent). beta 0.3 or lr 2e-3 did worse (73.7-75.0%).
+# pair (right, far off) is easy, and with it the held-out accuracy rose less (76.3% against 78.9%
+# from a 72.4% model). With an NLL term on the best answer (sft_coef 0.5), from three SFT models of
+# 2026-11-30 (64.5, 61.8, 69.7%): +6.6, +1.4, +2.7 points; without it +3.9, +2.7, -7.9; beta 0.1
+# instead of 0.2: +6.6, +4.0, -2.6.
 TOY_DPO = dict(max_len=64, micro_batch_size=16, grad_accum=1, lr=1e-3, warmup_steps=5, max_steps=120, beta=0.2,
-               pairs="adjacent", eval_every=40, save_every=120, out="runs/toy_dpo", threads=1)
+               pairs="adjacent", sft_coef=0.5, eval_every=40, save_every=120, out="runs/toy_dpo", threads=1)
 # PPO's toy prompts are the held-out questions without their answers: neither the SFT model nor
 # the RM trained on them. All 76 go into every step, so the reward curve shows the policy's
 # progress rather than which prompts came up. The reward is the RM's score plus the task's answer
