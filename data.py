@@ -37,7 +37,7 @@ Batches are padded on the LEFT with the pad id (the reference tokenizer's conven
 resumable shuffling and data-parallel shards.
 
     python data.py toy --out data                       # regenerate the bundled toy task
-    python data.py check FILE --kind sft|rm|prompts [--tokenizer ice_text.model --max_len 512]
+    python data.py check FILE|DIR --kind sft|rm|prompts [--tokenizer ice_text.model --max_len 512]
     python data.py tokenize --kind sft|rm|prompts IN.jsonl... --out DIR --tokenizer ice_text.model --max_len 512
     python data.py synth --n 1000000 --out synth.jsonl  # long-tailed Alpaca-style lines, for timing
 
@@ -1442,6 +1442,19 @@ def write_toy_model(path, seed=0):
     return path
 
 
+def check_folder(folder, kind, tokenizer, max_len):
+    """`check` of a tokenised folder: its manifest against the tokenizer and max_len a run would use,
+    and every shard file present and whole (as a training run opens them), then what it holds."""
+    if not tokenizer:
+        raise ValueError(f"{folder}: a tokenised folder is checked against the run's tokenizer. HINT: add "
+                         "--tokenizer MODEL_DIR/ice_text.model (and the run's --max_len)")
+    stats = TruncationStats()
+    view = Shards(folder, glm.Tokenizer(tokenizer), kind, max_len, stats)
+    m = view.manifest
+    print(f"{folder}: {len(view)} {kind} examples, {m['tokens']} tokens in {len(m['shards'])} shards, all present")
+    print(f"max_len {max_len}: {stats}")
+
+
 # -----------------------------------------------------------------------------
 # command line
 
@@ -1452,8 +1465,8 @@ def main(argv=None):
     t = sub.add_parser("toy", help="write the toy task's jsonl files")
     t.add_argument("--out", required=True)
     t.add_argument("--seed", type=int, default=0)
-    c = sub.add_parser("check", help="load a file as training would, and report what it holds")
-    c.add_argument("file")
+    c = sub.add_parser("check", help="load a file (or a tokenised folder) as training would, and report what it holds")
+    c.add_argument("file", help="a .jsonl file, or a folder written by `tokenize`")
     c.add_argument("--kind", choices=("sft", "rm", "prompts"), required=True)
     c.add_argument("--tokenizer", help="ice_text.model: also tokenise and report truncation")
     c.add_argument("--max_len", "--max-len", type=int, default=512,  # --max-len: this command's old spelling
@@ -1483,6 +1496,8 @@ def main(argv=None):
         m = tokenize(args.kind, args.files, args.out, args.tokenizer, args.max_len, args.workers)
         print(f"wrote {args.out}: {m['examples']} examples, {m['tokens']} tokens in {len(m['shards'])} shards")
         return
+    if os.path.isdir(args.file):
+        return check_folder(args.file, args.kind, args.tokenizer, args.max_len)
     load, encode = {"sft": (load_sft, encode_sft), "rm": (load_ranked, encode_ranked),
                     "prompts": (load_prompts, encode_prompt)}[args.kind]
     examples = load(args.file)

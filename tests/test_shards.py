@@ -319,6 +319,19 @@ def test_stale_or_truncated_folders_fail_in_one_line(tok, folder, tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(FileNotFoundError, match="not a tokenised folder"):
         data.sft_dataset(tok, str(tmp_path), MAX_LEN)
+    # `python data.py check` opens a folder as a run would: the truncated shard is named
+    with pytest.raises(ValueError, match="shard-00001.ids.npy: missing, truncated"):
+        data.main(["check", str(bad), "--kind", "sft", "--tokenizer", TOK_PATH, "--max_len", str(MAX_LEN)])
+
+
+def test_check_reports_what_a_folder_holds(folder, capsys):
+    _, src, out = folder
+    data.main(["check", out, "--kind", "sft", "--tokenizer", TOK_PATH, "--max_len", str(MAX_LEN)])
+    said = capsys.readouterr().out
+    n = sum(1 for line in open(src, encoding="utf-8") if line.strip())  # the blank line is no example
+    assert f"{out}: {n} sft examples" in said and "all present" in said
+    with pytest.raises(ValueError, match="HINT: add --tokenizer"):
+        data.main(["check", out, "--kind", "sft"])
 
 
 def test_a_bad_line_leaves_no_folder(tmp_path):
