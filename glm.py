@@ -4,6 +4,8 @@
     python glm.py chat --model DIR            # interactive multi-turn chat, streamed (infer.py, as are:)
     python glm.py predict --model DIR --data in.jsonl --out out.jsonl
     python glm.py serve --model DIR --port 8000
+    python glm.py quantize --bits 8|4 IN_DIR OUT_DIR   # int8 / int4 block linears (quant.py; convert takes the
+                                                       # released chatglm-6b-int8 / -int4 there too)
 
 Shape vocabulary in comments: B batch, T query length, S key length, C hidden size,
 nh heads, hs head size, V vocabulary.
@@ -1126,6 +1128,14 @@ def convert(src, dst, shapes=None, known=None):
 INFER_COMMANDS = {"chat": "interactive chat in the terminal (--adapter: with a LoRA adapter)",
                   "predict": "answer every line of a jsonl file, resumable (torchrun: --pp)",
                   "serve": "OpenAI-compatible chat-completions server"}
+ELSEWHERE = {**{name: ("infer.py", text) for name, text in INFER_COMMANDS.items()},  # command -> (file, help)
+             "quantize": ("quant.py", "a float model -> an int8 / int4 one (--bits 8|4 IN OUT)")}
+
+
+def run_elsewhere(file, argv):
+    """Run a sibling script in this process's place: glm.py imports no project module."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), file)
+    return os.execv(sys.executable, [sys.executable, path, *argv])
 
 
 class Parser(argparse.ArgumentParser):
@@ -1137,9 +1147,8 @@ class Parser(argparse.ArgumentParser):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in INFER_COMMANDS:  # run infer.py in this process's place: glm.py imports no project module
-        infer = os.path.join(os.path.dirname(os.path.abspath(__file__)), "infer.py")
-        return os.execv(sys.executable, [sys.executable, infer, *argv])
+    if argv and argv[0] in ELSEWHERE:
+        return run_elsewhere(ELSEWHERE[argv[0]][0], argv)
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("convert", help="official pytorch_model-*.bin release -> safetensors",
@@ -1147,9 +1156,11 @@ def main(argv=None):
                                    "safetensors, config.json, ice_text.model, tokenizer_config.json.")
     c.add_argument("src", help="the release folder: config.json, pytorch_model*.bin (+ index), ice_text.model")
     c.add_argument("dst", help="the folder to write (written whole, or not at all)")
-    for name, text in INFER_COMMANDS.items():  # listed in --help; `glm.py NAME --help` shows their flags
+    for name, (_, text) in ELSEWHERE.items():  # listed in --help; `glm.py NAME --help` shows their flags
         sub.add_parser(name, help=text)
     args = p.parse_args(argv)
+    if release_config(args.src)[0].get("quantization_bit"):  # chatglm-6b-int8 / -int4: its codes and scales
+        return run_elsewhere("quant.py", argv)
     convert(args.src, args.dst)
     print(f"wrote {args.dst}")
 

@@ -176,6 +176,19 @@ def test_the_released_layout_loads_and_equals_its_dequantized_weights(base, tmp_
     torch.testing.assert_close(model(ids), ref(ids), atol=1e-5, rtol=1e-5)
 
 
+def test_glm_py_hands_quantize_and_quantized_releases_to_quant_py(base, tmp_path, monkeypatch):
+    """`python glm.py quantize ...` and `python glm.py convert` of a chatglm-6b-int8 / -int4 release run
+    quant.py in glm.py's place (glm.py imports no project module); a float release converts there."""
+    calls = []
+    monkeypatch.setattr(glm, "run_elsewhere", lambda file, argv: calls.append((file, argv)))
+    write_release(base, str(tmp_path / "rel"), 8)
+    glm.main(["convert", str(tmp_path / "rel"), str(tmp_path / "conv")])
+    glm.main(["quantize", "--bits", "4", base, str(tmp_path / "q4")])
+    assert calls == [("quant.py", ["convert", str(tmp_path / "rel"), str(tmp_path / "conv")]),
+                     ("quant.py", ["quantize", "--bits", "4", base, str(tmp_path / "q4")])]
+    assert not os.path.exists(tmp_path / "conv") and not os.path.exists(tmp_path / "q4")
+
+
 def test_quantize_command_writes_what_loading_with_quantize_builds(base, tmp_path, capsys):
     quant.main(["quantize", "--bits", "4", "--group_size", "32", base, str(tmp_path / "q4")])
     assert "int4, groups of 32" in capsys.readouterr().out
