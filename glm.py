@@ -624,10 +624,11 @@ class HeadLogProbs(torch.autograd.Function):
                 d_logp.append((weight[tc] - p @ weight) / tau)          # [n, C]
         ctx.save_for_backward(*((h, weight, targets) if ctx.recompute else
                                 [torch.cat(d) for d in (d_logp, d_ent) if d]))
-        ent = torch.cat(ent) if entropy else torch.zeros_like(torch.cat(logp))
+        logp = torch.cat(logp)
+        ent = torch.cat(ent) if entropy else torch.zeros_like(logp)
         if entropy != "grad":
             ctx.mark_non_differentiable(ent)
-        return torch.cat(logp), ent
+        return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):

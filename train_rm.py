@@ -276,7 +276,7 @@ def main(argv=None):
     gcfg = glm.GLMConfig.from_json(os.path.join(cfg.model, "config.json"))
     mode = optim.train_mode(cfg.lora_rank, cfg.train_layers, gcfg.num_layers)
     qs = quant.scheme(cfg.model, cfg.quantize, cfg.quant_group_size, mode)  # (bits, group size) of the base
-    k_max = max(len(e["ids"]) for e in train_enc)
+    k_max = max(len(e["ids"]) for e in train_enc)  # answers of the largest group
     the_plan = plan.plan_for_run(gcfg, d.P, d.device, cfg.micro_batch_size * k_max, cfg.max_len, cfg.grad_accum,
                                  mode, cfg.lora_rank, cfg.lora_targets.split(","), cfg.train_layers,
                                  cfg.gpu_mem_gib, cfg.plan, lm_head=False, quantize=qs)
@@ -286,8 +286,7 @@ def main(argv=None):
     model = dist.build_stage(resume_dir if resume_dir and mode != "lora" else cfg.model, stage, d, cfg.checkpoint, qs)
     optim.select_trainable(model, mode, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), cfg.lora_dropout,
                            cfg.train_layers, cfg.seed, adapter_dir=resume_dir or cfg.sft_adapter or None)
-    heads = reward_head_of(model, gcfg.hidden_size, cfg.seed, d, resume_dir)
-    head = heads.get(HEAD)
+    head = (heads := reward_head_of(model, gcfg.hidden_size, cfg.seed, d, resume_dir)).get(HEAD)
     optim.warn_settings(total_steps, cfg.warmup_steps, cfg.lr, mode, len(eval_enc), pretrained=not toy)
     first_trainable = dist.first_trainable_stage(model, d)
     opt = optim.AdamW(optim.named_trainables(model, heads), cfg.lr, cfg.weight_decay, d, the_plan.hosts)

@@ -213,7 +213,7 @@ def main(argv=None):
             loss, norm, bad_steps = optim.optimizer_step(opt, loss, lr, cfg.grad_clip, d, bad_steps, step)
             step += 1
             slots = sum(mb["input_ids"].numel() for mb in mbs)
-            tokens = sum(int((mb["input_ids"] != tok.pad_id).sum()) for mb in mbs) * d.D  # real tokens, no padding
+            tokens = int(sum((mb["input_ids"] != tok.pad_id).sum() for mb in mbs)) * d.D  # real tokens: one sync
             tokens_seen += tokens
             bar.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
             if step % cfg.log_every == 0 or step == total_steps:
