@@ -44,7 +44,8 @@ sys.path.insert(0, ROOT)
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "case_small")
 TOK_PATH = os.path.join(FIXTURE, "ice_text.model")  # the toy tokenizer (the same file as data/ice_text.model)
 
-torch.set_num_threads(2)
+# one thread per pytest-xdist worker (the README runs one worker per core), else two
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session")
