@@ -11,6 +11,7 @@
     python bench.py make_model --dir /tmp/glm6b [--adapter]             # random 6B folder for train_ppo.py
     python bench.py dpo --dir /tmp/glm6b        # train_dpo.py there: cached + shared prompt vs live + separate
     python bench.py lengths --dir /tmp/glm6b    # train_sft.py on long-tailed lengths: padded, grouped, packed
+    python bench.py quant --batches 1,64        # bf16 / int8 / int4 bases: LoRA SFT, decoding, logits' error
     python bench.py generate --toy          # the 2-layer toy model, runs anywhere
 
 Each result is printed and appended as one JSON line to --out (default bench_results.jsonl)
@@ -32,6 +33,7 @@ import flags
 import glm
 import optim
 import plan
+import quant
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s per H100 (datasheet), the MFU denominator
 
@@ -182,18 +184,23 @@ def model_flops_per_token(cfg, train, seq, train_layers=0):
     return fwd + 2 * train_layers * block + head
 
 
-def training_setup(args, cfg, d, method, dtype):
+def training_setup(args, cfg, d, method, dtype, quantize=quant.FLOAT):
     """This rank's stage of the plan with random weights, what trains, the optimiser and the fixed
-    micro-batches and loss of the step to time (an SFT step, or an RM step over ranked answers)."""
+    micro-batches and loss of the step to time (an SFT step, or an RM step over ranked answers);
+    quantize: the frozen base's scheme (quant.Scheme), for LoRA."""
     M = args.micro_batches
     budget = 0.95 * torch.cuda.get_device_properties(d.device).total_memory if d.device.type == "cuda" else None
     the_plan = plan.plan_pipeline(cfg, d.P, args.batch * (4 if args.mode == "rm" else 1), args.seq, M,
                                   train=args.train, lora_rank=8, train_layers=args.train_layers,
                                   param_bytes=2 if d.device.type == "cuda" else 4, checkpoint=budget is not None,
-                                  mem_budget=budget, method=method, lm_head=args.mode != "rm")
+                                  mem_budget=budget, method=method, lm_head=args.mode != "rm", quantize=quantize)
     dist.print0(the_plan.format_table())
     stage = the_plan.stages[d.pp_rank]
     model = random_model(cfg, dtype, d.device, d.pp_rank, **stage.model_kwargs())
+    if quantize.bits:
+        quant.quantize_model(model, quantize.bits, quantize.group_size)
+        if quantize.head:
+            quant.quantize_head(model)
     model.checkpoint_activations = frozenset(stage.layers if args.checkpoint else stage.checkpoint_layers)
     optim.select_trainable(model, args.train, train_layers=args.train_layers)
     head = None
@@ -328,12 +335,16 @@ def make_model(args, device, dtype):
 
 def script_steps(argv, out, skip=2):
     """Run `python SCRIPT ARGS` (a training script, log_every 1) and return its metrics records of
-    the steps after the first `skip` (warm-up: allocator, first reference pass)."""
+    the steps after the first `skip` (warm-up: allocator, first reference pass), and rank 0's peak
+    GiB from the memory table the run prints last (None on a CPU)."""
     import subprocess
-    subprocess.run([sys.executable, *argv, "--out", out, "--overwrite", "--log_every", "1", "--save_every", "100000"],
-                   check=True)
+    run = subprocess.run([sys.executable, *argv, "--out", out, "--overwrite", "--log_every", "1",
+                          "--save_every", "100000"], check=True, capture_output=True, text=True)
+    print(run.stdout[-1500:], flush=True)
+    table = run.stdout.split("measured peak GiB")[-1].split()  # "predicted GiB busy", then rank, stage, peak ...
+    peak = float(table[5]) if table[5] != "n/a" else None
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8")]
-    return [r for r in rows if "loss" in r and r["step"] > skip]
+    return [r for r in rows if "loss" in r and r["step"] > skip], peak
 
 
 def median(rows, key):
@@ -362,11 +373,17 @@ def bench_dpo(args, device, dtype):
     common = ["train_dpo.py", "--model", args.dir, "--data", path, "--lora_rank", "8", "--lr", "1e-4",
               "--max_len", "512", "--micro_batch_size", "2", "--grad_accum", "4", "--max_steps", str(args.iters + 2),
               "--holdout", "8", "--eval_every", "100000"]
-    results = []
-    for name, extra in [("cached_shared", []), ("live_separate", ["--no_ref_cache", "--no_shared_prompt"])]:
-        rows = script_steps(common + extra, f"/tmp/bench_dpo_{name}")
+    results, cfg = [], glm.GLMConfig.from_json(os.path.join(args.dir, "config.json"))
+    # model FLOPs of a token: the policy's forward and backward (LoRA: activation gradients only),
+    # plus the reference's forward where it runs live; attention at the row's length
+    for name, extra, seq, fwds in [("cached_shared", [], 5 * 256, 2),
+                                   ("live_separate", ["--no_ref_cache", "--no_shared_prompt"], 2 * 256, 3)]:
+        rows, peak = script_steps(common + extra, f"/tmp/bench_dpo_{name}")
+        tok_s = median(rows, "tokens_per_s")
         results.append(dict(mode="dpo", train="lora", variant=name, groups_per_step=8, answers_per_group=4,
-                            answers_per_s_per_gpu=round(median(rows, "answers_per_s"), 2)))
+                            answers_per_s_per_gpu=round(median(rows, "answers_per_s"), 2), tok_per_s=round(tok_s),
+                            mfu=round(model_flops_per_token(cfg, "lora", seq) / 2 * fwds * tok_s / H100_BF16_PEAK, 4),
+                            peak_gib=peak))
         print(json.dumps(results[-1]), flush=True)
     results.append(dict(mode="dpo", speedup=round(results[0]["answers_per_s_per_gpu"]
                                                  / results[1]["answers_per_s_per_gpu"], 3)))
@@ -387,17 +404,126 @@ def bench_lengths(args, device, dtype):
     results = []
     for name, extra in [("padded", ["--micro_batch_size", "8"]), ("group_by_length", ["--micro_batch_size", "8",
                         "--group_by_length"]), ("packed", ["--micro_batch_size", "3", "--pack"])]:
-        rows = script_steps(common + extra, f"/tmp/bench_len_{name}")
+        rows, peak = script_steps(common + extra, f"/tmp/bench_len_{name}")
         results.append(dict(mode="lengths", train="lora", variant=name, extra=" ".join(extra),
                             real_tok_per_s=round(median(rows, "tokens_per_s"), 1),
-                            padding=round(sum(r["padding"] for r in rows) / len(rows), 3)))
+                            padding=round(sum(r["padding"] for r in rows) / len(rows), 3), peak_gib=peak))
         print(json.dumps(results[-1]), flush=True)
     return results
 
 
+# -----------------------------------------------------------------------------
+# a frozen int8 / int4 base (quant.py) beside bf16, on one card
+
+
+def quant_schemes(toy):
+    """(name, quant.Scheme) compared; the toy's width of 64 takes int4 groups of 32."""
+    g = 32 if toy else 128
+    return [("bf16", quant.FLOAT), ("int8", quant.Scheme(8, 0)), (f"int4_g{g}", quant.Scheme(4, g)),
+            ("int4_row", quant.Scheme(4, 0)), ("int8+head", quant.Scheme(8, 0, True)),
+            (f"int4_g{g}+head", quant.Scheme(4, g, True))]
+
+
+def quantized_random_model(cfg, dtype, device, qs):
+    """random_model (the same weights every time), its block linears (and head) then quantized."""
+    model = random_model(cfg, dtype, device)
+    if qs.bits:
+        quant.quantize_model(model, qs.bits, qs.group_size)
+    if qs.head:
+        quant.quantize_head(model)
+    return model.eval()
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@torch.no_grad()
+def fused_vs_plain(model, ids, N):
+    """The CUDA kernels against quant.py's plain dequantize path: relative difference of the logits of
+    one token (its linears through the GEMV) and of the prompt ids [1, T] (int8: the tensor-core kernel
+    up to quant.FUSED_ROWS rows), and how many of N greedy tokens agree before the first difference."""
+    runs = []
+    for use in (True, False):
+        quant.USE_KERNELS = use
+        runs.append((model(ids[:, -1:])[0, -1], model(ids)[0], model.generate(ids, max_new_tokens=N,
+                                                                            stop_at_eop=False)[0, ids.shape[1]:]))
+    quant.USE_KERNELS = True
+    (one, rows, gen), (one_p, rows_p, gen_p) = runs
+    return round(rel_err(one, one_p), 5), round(rel_err(rows, rows_p), 5), int((gen == gen_p).cumprod(0).sum())
+
+
+def quant_sft(args, cfg, d, dtype, qs):
+    """(tokens/s, peak bytes) of LoRA SFT steps on a base of scheme qs (training_setup's step)."""
+    _, model, step = training_setup(args, cfg, d, "auto", dtype, quantize=qs)
+    for _ in range(2):
+        step()
+    if d.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(d.device)
+    _, dt = timed(lambda: [step() for _ in range(args.iters)], d.device)
+    peak = torch.cuda.max_memory_allocated(d.device) if d.device.type == "cuda" else None
+    return round(args.batch * args.seq * args.micro_batches * args.iters / dt, 1), peak
+
+
+def bench_quant(args, device, dtype):
+    """bf16 vs int8 vs int4 bases at 6B shapes: the logits' relative error against bf16 (and the fused
+    kernels' against the plain path), decode ms/step at each of --batches (CUDA graphs), LoRA SFT r=8
+    on query_key_value (--batch x --seq, activation checkpointing) tokens/s and peak memory. One
+    model at a time: each is built, measured and freed before the next."""
+    cfg = glm.GLMConfig.toy() if args.toy else glm.GLMConfig()
+    d, args.checkpoint = dist.setup(1), True
+    ids = random_prompts(cfg, 1, args.prompt_len, device)
+    ref, results = None, []
+    for name, qs in quant_schemes(args.toy):
+        model = quantized_random_model(cfg, dtype, device, qs)
+        with torch.no_grad():
+            logits = model(ids)[0]  # [T, V]
+        ref = logits if ref is None else ref
+        rec = dict(mode="quant", scheme=name, bits=qs.bits, group_size=qs.group_size, int8_head=qs.head,
+                   logits_rel_err=round(rel_err(logits, ref), 4))
+        if qs.bits and device.type == "cuda":
+            keys = ("vs_plain_rel_1row", "vs_plain_rel_rows", "greedy_same_of_16")
+            rec.update(zip(keys, fused_vs_plain(model, ids, 16)))
+        if name != "int4_row":  # int4 per row: its error only
+            for B in [int(b) for b in args.batches.split(",")]:
+                ms = decode_step_ms(model, random_prompts(cfg, B, args.prompt_len, device), args.new_tokens,
+                                    device.type == "cuda", device)
+                rec[f"decode_b{B}_ms"], rec[f"decode_b{B}_tok_per_s"] = round(ms, 3), round(B * 1000 / ms, 1)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if not qs.head and name != "int4_row":
+            rec["sft_tok_per_s"], peak = quant_sft(args, cfg, d, dtype, qs)
+            rec["sft_peak_gib"] = gib(peak)
+        print(json.dumps(rec), flush=True)
+        results.append(rec)
+    print_quant_table(results, args)
+    return results
+
+
+def print_quant_table(results, args):
+    """The records side by side, each speed also as a share of bf16's (added to the records)."""
+    base = results[0]
+    keys = ["sft_tok_per_s"] + [f"decode_b{b}_tok_per_s" for b in args.batches.split(",")]
+    for r in results[1:]:
+        for k in keys:
+            if k in r:
+                r[k.replace("tok_per_s", "x_bf16")] = round(r[k] / base[k], 3)
+    cols = [("sft tok/s", "sft_tok_per_s"), ("x bf16", "sft_x_bf16"), ("peak GiB", "sft_peak_gib")]
+    for B in args.batches.split(","):
+        cols += [(f"b{B} ms", f"decode_b{B}_ms"), (f"b{B} tok/s", f"decode_b{B}_tok_per_s"),
+                 ("x bf16", f"decode_b{B}_x_bf16")]
+    cols += [("logit err", "logits_rel_err"), ("plain 1", "vs_plain_rel_1row"), ("plain T", "vs_plain_rel_rows"),
+             ("greedy =", "greedy_same_of_16")]
+    print("scheme".ljust(15) + "".join(title.rjust(11) for title, _ in cols))
+    for r in results:
+        print(r["scheme"].ljust(15) + "".join(str(r.get(key, "-")).rjust(11) for _, key in cols))
+
+
 def main():
     p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["generate", "forward", "sft", "pipeline", "rm", "make_model", "dpo", "lengths"])
+    p.add_argument("mode", choices=["generate", "forward", "sft", "pipeline", "rm", "make_model", "dpo", "lengths",
+                                    "quant"])
     p.add_argument("--toy", action="store_true", help="the 2-layer toy model instead of 6B shapes")
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--prompt_len", type=int, default=64)
@@ -426,7 +552,7 @@ def main():
         print(json.dumps(header), flush=True)
     results = {"generate": bench_generate, "forward": bench_forward, "sft": bench_train, "pipeline": bench_train,
                "rm": bench_train, "make_model": make_model, "dpo": bench_dpo,
-               "lengths": bench_lengths}[args.mode](args, device, dtype)
+               "lengths": bench_lengths, "quant": bench_quant}[args.mode](args, device, dtype)
     if not results:
         return
     with open(args.out, "a", encoding="utf-8") as f:

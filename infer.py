@@ -77,7 +77,8 @@ def with_adapter(model, adapter_dir):
 
 def load_model(model_dir, adapter_dir, device="", quantize=(0, -1)):
     """The whole model on `device` ("": the GPU if there is one, else the CPU), bf16 on GPUs, else float32;
-    quantize (bits, group size): its block linears int8 / int4 (a quantized checkpoint loads as it is)."""
+    quantize (bits, group size[, head]): its block linears int8 / int4 (a quantized checkpoint loads as
+    it is), and lm_head int8 if head."""
     try:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
@@ -151,7 +152,8 @@ def read_message(ask=None):
 def chat(args):
     model_dir, adapter_dir = resolve_dirs(args.model, args.adapter)
     tok = load_tokenizer(model_dir, adapter_dir)
-    model = load_model(model_dir, adapter_dir, args.device, (args.quantize, args.quant_group_size))
+    model = load_model(model_dir, adapter_dir, args.device, (args.quantize, args.quant_group_size,
+                                                              args.quantize_head))
     device, max_seq = next(model.parameters()).device, model.config.max_sequence_length
     history = []
     print(f'ChatGLM chat. A line of {BLOCK} starts and ends a multi-line message; "clear" resets the '
@@ -267,7 +269,7 @@ def predict(args):
     # ---- this rank's stage of the model, the adapter merged into it
     stage = plan.plan_pipeline(gcfg, d.P, args.batch_size, max_prompt + args.max_new_tokens, d.P, train="lora",
                                param_bytes=2 if d.device.type == "cuda" else 4).stages[d.pp_rank]
-    qs = quant.scheme(model_dir, args.quantize, args.quant_group_size)
+    qs = quant.scheme(model_dir, args.quantize, args.quant_group_size, head=args.quantize_head)
     model = with_adapter(dist.build_stage(model_dir, stage, d, quantize=qs), adapter_dir)
     if done:
         dist.print0(f"resuming: {done} of {len(objs)} lines are already in {args.out}")
@@ -576,7 +578,8 @@ def make_server(args):
         raise OSError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror}). HINT: choose "
                       "another --port, or stop what holds it") from None
     try:
-        model = load_model(model_dir, adapter_dir, args.device, (args.quantize, args.quant_group_size))
+        model = load_model(model_dir, adapter_dir, args.device,
+                           (args.quantize, args.quant_group_size, args.quantize_head))
     except BaseException:
         httpd.server_close()
         raise
@@ -617,6 +620,7 @@ def parse_args(argv=None, prog="infer.py"):
         c.add_argument("--quantize", type=int, default=0, help="8 / 4: the block linears in int8 / int4 (0: as stored)")
         c.add_argument("--quant_group_size", type=int, default=-1,
                        help="inputs per int scale: 0 = per row; -1 = int8 per row, int4 128")
+        c.add_argument("--quantize_head", action="store_true", help="with --quantize: lm_head in int8 too")
         c.add_argument("--max_new_tokens", type=int, default=n, help="longest answer" + (
             " (a request's max_tokens overrides it)" if name == "serve" else ""))
         c.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")

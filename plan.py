@@ -401,8 +401,8 @@ def glm_pieces(cfg, micro_batch_size, seq_len, train="full", lora_rank=8,
     "full", "lora" (adapters in every block, base frozen) or "last_n" (the last train_layers blocks;
     the final LN and lm_head too if train_head). lm_head=False: no logits are computed (a reward model
     reads hidden states), so lm_head is held frozen and costs no FLOPs, gradients or logit buffers.
-    quantize (bits, group size): the blocks' linears are frozen int8 / int4 (LoRA only).
-    docs/numbers.md works the formulas through for ChatGLM-6B."""
+    quantize (bits, group size[, head]): the blocks' linears are frozen int8 / int4 (LoRA only), and
+    lm_head int8 (one float16 scale per row) if head. docs/numbers.md works the formulas through for ChatGLM-6B."""
     h, f, V, L = cfg.hidden_size, cfg.inner_hidden_size, cfg.vocab_size, cfg.num_layers
     T = micro_batch_size * seq_len  # tokens per micro-batch
     if train not in ("full", "lora", "last_n"):
@@ -436,7 +436,7 @@ def glm_pieces(cfg, micro_batch_size, seq_len, train="full", lora_rank=8,
         # a quantized block holds its linears' codes and scales: priced as the parameters of the
         # same bytes, so the planner's params x param_bytes is right (FLOPs still count n)
         linears = 4 * h * h + 2 * h * f  # their weights (biases stay float)
-        held = n - linears + quantized_bytes(cfg, *quantize) / param_bytes if quantize[0] else n
+        held = n - linears + quantized_bytes(cfg, *quantize[:2]) / param_bytes if quantize[0] else n
         # FLOPs ("Compute"): forward 2 per weight per token + attention scores and context 4*s*h
         # per token; backward: input gradients cost the forward again (attention's twice), weight
         # gradients 2 per trainable weight per token. Full training 3x forward, frozen base + LoRA ~2x.
@@ -449,10 +449,15 @@ def glm_pieces(cfg, micro_batch_size, seq_len, train="full", lora_rank=8,
     lm = V * h if lm_head else 0  # lm_head weights that compute (and train with the head)
     head_train = (2 * h + lm) if train == "full" or (train == "last_n" and train_head) else 0
     graph = graph or head_train > 0
+    # an int8 head holds a byte a weight and a float16 scale a row, and dequantizes its whole weight
+    # for a call's logits (glm.head_logprobs, prefill): held once, beside the logits
+    int8_head = len(quantize) > 2 and quantize[0] and quantize[2]
+    head = 2 * h + ((V * h + 2 * V) / param_bytes if int8_head else V * h)
+    once = (logits if graph else 0.0) + (V * h * param_bytes if int8_head else 0.0) if lm else 0.0
     # head: final LN (2h) and lm_head (V*h); keeps the LN input and output (4 T h bytes)
-    pieces.append(PieceCost("head", None, 2 * h + V * h, head_train, 2 * lm * T,
+    pieces.append(PieceCost("head", None, head, head_train, 2 * lm * T,
                             (2 * lm * T + 2 * head_train * T) if graph else 0.0,
-                            2 * T * h * param_bytes if graph else 0.0, 0.0, logits if graph and lm else 0.0))
+                            2 * T * h * param_bytes if graph else 0.0, 0.0, once))
     return pieces
 
 
@@ -473,7 +478,7 @@ class Request:
     train_layers: int = 0            # "last_n": how many of the last blocks
     train_head: bool = False         # "last_n": the final LN and lm_head too
     lm_head: bool = True             # False: no logits are computed (a reward model)
-    quantize: tuple = (0, 0)         # (bits, group size): int8 / int4 frozen block linears
+    quantize: tuple = (0, 0)         # (bits, group size[, head]): int8 / int4 frozen block linears (+ int8 head)
     # bytes a parameter
     param_bytes: int = 2             # bf16 weights (4: fp32, as on CPUs)
     grad_bytes: int = 4              # fp32 gradient accumulators
@@ -589,7 +594,7 @@ def plan_for_run(cfg, P, device, micro_batch_size, seq_len, micro_batches, train
     (PPO's full mode holds (2, 2)); lm_head: does the run compute logits (not a reward model)?
     rollout: (prompts, answers per prompt, prompt tokens, new tokens) that an RL step generates;
     loss_chunk: the tokens a micro-batch's loss takes logits of, if not all (RL: the answers');
-    quantize: (bits, group size) of a frozen int8 / int4 base (quant.scheme)."""
+    quantize: (bits, group size[, head]) of a frozen int8 / int4 base (quant.scheme)."""
     cuda = torch.device(device).type == "cuda"
     budget = gpu_mem_gib * GiB or (0.95 * torch.cuda.get_device_properties(device).total_memory
                                    if cuda else None)

@@ -3,22 +3,28 @@
     python quant.py quantize --bits 8 IN_DIR OUT_DIR                    # int8, one scale per output row
     python quant.py quantize --bits 4 IN_DIR OUT_DIR                    # int4, one scale per 128 inputs of a row
     python quant.py quantize --bits 4 --group_size 0 IN_DIR OUT_DIR     # int4 per row, as chatglm-6b-int4
+    python quant.py quantize --bits 4 --head IN_DIR OUT_DIR             # lm_head in int8 too (per row)
     python train_sft.py --model BF16_DIR --quantize 4 --lora_rank 8 ... # or quantize while loading
     python quant.py convert RELEASE_DIR OUT_DIR                         # chatglm-6b-int4 / -int8 .bin -> safetensors
 
 The four linears of every block (query_key_value, dense, dense_h_to_4h, dense_4h_to_h) are stored
 as int8 codes q and float16 scales s, w = q * s; the embedding, LayerNorms, biases and lm_head stay
-in the model's dtype. On disk, under the HF names the released chatglm-6b-int8 / -int4 use:
+in the model's dtype (--quantize_head / --head: lm_head too, int8 with one scale per row, 0.5 GB
+instead of 1 GB at 6B). On disk, under the HF names the released chatglm-6b-int8 / -int4 use:
     <linear>.weight        int8 [out, in] (int8), or [out, in / 2] (int4: two codes a byte)
     <linear>.weight_scale  float16 [out] (one scale per row: absmax / 127 or absmax / 7),
                            or [out, in / group] (int4 per group, this project's own)
-and config.json's "quantization_bit" (4 or 8) with "quantization_group_size" (0 or absent: per row).
+and config.json's "quantization_bit" (4 or 8) with "quantization_group_size" (0 or absent: per row),
+and "quantization_head" (this project's own: lm_head.weight int8 [V, h], lm_head.weight_scale [V]).
 
 A quantized linear is frozen: its forward dequantizes the weight to the compute dtype and runs one
 matmul, its backward gives the input's gradient only (it dequantizes again rather than keeping a
-float copy of the weight per micro-batch in flight). LoRA (lora.py) sits on top, in float.
+float copy of the weight per micro-batch in flight). LoRA (lora.py) sits on top, in float. On CUDA,
+quant_kernels.py (Triton) does both faster: a one-pass dequantization for many rows, and for few
+rows (decoding) a matmul that reads the codes directly and never writes the float weight.
 """
 import argparse
+import functools
 import json
 import os
 import re
@@ -35,8 +41,17 @@ BLOCK_LINEAR = re.compile(r"transformer\.layers\.(\d+)\."
                           r"(attention\.query_key_value|attention\.dense|mlp\.dense_h_to_4h|mlp\.dense_4h_to_h)")
 SCALE_KEY = re.compile(BLOCK_LINEAR.pattern + r"\.weight_scale")
 DEFAULT_GROUP = {8: 0, 4: 128}  # --group_size -1 (auto): int8 one scale per row, int4 groups of 128
-Scheme = namedtuple("Scheme", "bits group_size")  # bits 0: not quantized; group_size 0: one scale per row
+# bits 0: not quantized; group_size 0: one scale per row; head: lm_head in int8 (per row) too
+Scheme = namedtuple("Scheme", "bits group_size head", defaults=(False,))
 FLOAT = Scheme(0, 0)
+HEAD = Scheme(8, 0)  # the scheme of a quantized lm_head
+# On CUDA, x with at most this many rows (tokens) multiplies the codes directly (quant_kernels.linear:
+# one row the GEMV, a few int8 rows the tensor-core kernel); more rows dequantize the weight once, then
+# cuBLAS multiplies. Crossovers on an H200 at 6B shapes, us a block's four linears: int8 259 against
+# 294 at 128 rows, 516 against 333 at 256; int4's tensor-core version (nibbles unpacked) lost at 16
+# rows per row and 32 in groups, so it was dropped (docs/bench/h200_x1_quant_probe_2026-11-30.jsonl).
+FUSED_ROWS = {8: 128, 4: 1}
+USE_KERNELS = True  # False: the plain torch path on CUDA too (tests and benchmarks compare the two)
 
 
 # -----------------------------------------------------------------------------
@@ -79,7 +94,7 @@ def quantize(w, bits, group_size=0, name="weight"):
 
     Symmetric, round to nearest: s = absmax / (2^(bits-1) - 1) over a row (or a group of it), as the
     release computes it, q = round(w / s) in [-127, 127] or [-7, 7]."""
-    bits, group_size = check_scheme(bits, group_size)
+    bits, group_size, _ = check_scheme(bits, group_size)
     out, n = w.shape
     g = group_size or n
     if bits == 4 and n % 2:
@@ -109,6 +124,9 @@ def _divisor(n, g):
 
 def dequantize(codes, scale, bits, dtype=torch.float32):
     """(codes, scales) -> weight [out, in] in dtype: w = q * s, each scale over its row or group."""
+    kernels = _kernels(codes, dtype)
+    if kernels:  # one Triton pass, bit for bit the ops below
+        return kernels.dequantize(codes, scale, bits, dtype)
     q = unpack_int4(codes) if bits == 4 else codes  # [out, in]
     out, n = q.shape
     G = scale.shape[1] if scale.dim() == 2 else 1
@@ -119,39 +137,61 @@ def dequantize(codes, scale, bits, dtype=torch.float32):
     return w.view(out, n).to(dtype)
 
 
+@functools.cache
+def _triton():
+    """quant_kernels, or None where Triton cannot be imported (the CPU build of torch has none)."""
+    try:
+        import quant_kernels
+    except ImportError:
+        return None
+    return quant_kernels
+
+
+def _kernels(codes, dtype):
+    """The Triton kernels for CUDA codes and a half-precision compute dtype, else None (torch ops)."""
+    if not (USE_KERNELS and codes.is_cuda and dtype in (torch.float16, torch.bfloat16)):
+        return None
+    return _triton()
+
+
 # -----------------------------------------------------------------------------
 # the frozen quantized linear
 
 
 class _FrozenMatmul(torch.autograd.Function):
-    """x @ dequantize(codes)^T. Backward gives x's gradient only (codes and scales are frozen
-    integers and constants) and dequantizes again: saving the float weight would keep one copy of
-    every layer's weight per micro-batch in flight, the memory quantization is there to save."""
+    """x @ dequantize(codes)^T + bias. Backward gives x's gradient only (codes, scales and bias are
+    frozen) and dequantizes again: saving the float weight would keep one copy of every layer's
+    weight per micro-batch in flight, the memory quantization is there to save."""
 
     @staticmethod
-    def forward(ctx, x, codes, scale, bits):
+    def forward(ctx, x, codes, scale, bits, bias):
         ctx.save_for_backward(codes, scale)
         ctx.bits = bits
-        return F.linear(x, dequantize(codes, scale, bits, x.dtype))  # [.., in] -> [.., out]
+        bias = None if bias is None else bias.to(x.dtype)
+        kernels = _kernels(codes, x.dtype)
+        rows = x.numel() // x.shape[-1]
+        if kernels and 0 < rows <= FUSED_ROWS[bits]:  # decoding: read the codes, never write the float weight
+            y = kernels.linear(x.reshape(rows, x.shape[-1]), codes, scale, bits, bias)
+            if y is not None:
+                return y.view(*x.shape[:-1], codes.shape[0])
+        return F.linear(x, dequantize(codes, scale, bits, x.dtype), bias)  # [.., in] -> [.., out]
 
     @staticmethod
     def backward(ctx, grad_out):
         codes, scale = ctx.saved_tensors
-        return grad_out @ dequantize(codes, scale, ctx.bits, grad_out.dtype), None, None, None  # [.., in]
+        return grad_out @ dequantize(codes, scale, ctx.bits, grad_out.dtype), None, None, None, None  # [.., in]
 
 
 class QuantLinear(nn.Module):
     """A frozen linear y = x W^T + b with W stored as int8 / int4 codes and float16 scales.
 
     Buffers `weight` and `weight_scale` carry the release's HF names, so checkpoints load strictly;
-    `bias` stays a (frozen) float parameter. The plain path below dequantizes the whole weight each
-    call and then multiplies: simple and exact. A fused weight-only kernel (dequantize tiles inside
-    the GEMM, never writing the float weight) is what makes decoding faster on GPUs; it would
-    replace _FrozenMatmul.forward and keep this module's interface."""
+    `bias` stays a (frozen) float parameter. The plain path dequantizes the whole weight each call
+    and then multiplies: simple and exact. On CUDA the Triton kernels take over (_FrozenMatmul)."""
 
     def __init__(self, in_features, out_features, bits, group_size=0, bias=True, device=None, dtype=None):
         super().__init__()
-        bits, group_size = check_scheme(bits, group_size)
+        bits, group_size, _ = check_scheme(bits, group_size)
         g = group_size or in_features
         if not bits or in_features % g or (bits == 4 and in_features % 2):
             raise ValueError(f"QuantLinear({in_features}, {out_features}): bits {bits} / group size {group_size} "
@@ -181,8 +221,7 @@ class QuantLinear(nn.Module):
         return dequantize(self.weight, self.weight_scale, self.bits, dtype or self.compute_dtype)
 
     def forward(self, x):
-        y = _FrozenMatmul.apply(x, self.weight, self.weight_scale, self.bits)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return _FrozenMatmul.apply(x, self.weight, self.weight_scale, self.bits, self.bias)
 
     def extra_repr(self):
         per = f"groups of {self.group_size}" if self.group_size else "per row"
@@ -201,7 +240,7 @@ def _swap(model, path, new):
 def quantize_model(model, bits, group_size=-1, prefix=""):
     """Replace every block linear nn.Linear of `model` (a model, stage or block whose names start
     after `prefix`) by its QuantLinear; the float weights are dropped as each one is done."""
-    bits, group_size = check_scheme(bits, group_size)
+    bits, group_size, _ = check_scheme(bits, group_size)
     if not bits:
         return model
     for path, m in list(model.named_modules()):
@@ -219,6 +258,13 @@ def dequantize_model(model, dtype):
             if m.bias is not None:
                 lin.bias = nn.Parameter(m.bias.detach().to(dtype), requires_grad=False)
             _swap(model, path, lin)
+    return model
+
+
+def quantize_head(model):
+    """lm_head (if this model or stage holds a float one) -> an int8 QuantLinear, one scale per row."""
+    if type(getattr(model, "lm_head", None)) is nn.Linear:
+        model.lm_head = QuantLinear.from_linear(model.lm_head, *HEAD[:2], name="lm_head.weight")
     return model
 
 
@@ -240,14 +286,19 @@ def stored_scheme(model_dir):
     if raw.get("quantization_embeddings"):
         raise ValueError(f"{path}: quantization_embeddings is true (a release whose embedding is quantized too); "
                          "only quantized block linears are supported. HINT: use chatglm-6b-int4 or -int8")
-    return check_scheme(bits, group, flag=f"{path}: quantization_bit")
+    return check_scheme(bits, group, flag=f"{path}: quantization_bit")._replace(
+        head=bool(bits and raw.get("quantization_head")))
 
 
-def scheme(model_dir, bits=0, group_size=-1, mode="lora"):
+def scheme(model_dir, bits=0, group_size=-1, mode="lora", head=False):
     """The scheme a run uses: --quantize / --quant_group_size on a float checkpoint, or the stored
-    one of a quantized checkpoint (whose flags must agree). A quantized base only carries adapters:
-    training it in full or last-N mode is refused."""
+    one of a quantized checkpoint (whose flags must agree); --quantize_head (head) puts lm_head in
+    int8 too, as stored or while loading. A quantized base only carries adapters: training it in
+    full or last-N mode is refused."""
     asked, stored = check_scheme(bits, group_size), stored_scheme(model_dir)
+    if head and not (bits or stored.bits):
+        raise ValueError(f"--quantize_head without --quantize: {model_dir} stays float. HINT: add --quantize 8 "
+                         "(or 4): the int8 head comes with a quantized base")
     if not bits and group_size > 0 and not stored.bits:
         raise ValueError(f"--quant_group_size {group_size} without --quantize: {model_dir} stays float. HINT: add "
                          "--quantize 4 (or 8), or drop --quant_group_size")
@@ -255,7 +306,7 @@ def scheme(model_dir, bits=0, group_size=-1, mode="lora"):
         raise ValueError(f"{model_dir} is already quantized (int{stored.bits}, group size {stored.group_size}); "
                          f"--quantize {bits} --quant_group_size {group_size} asks for another scheme. HINT: drop "
                          "--quantize to use it as it is, or quantize the float checkpoint")
-    use = stored if stored.bits else asked
+    use = (stored if stored.bits else asked)._replace(head=bool(head or stored.head))
     if use.bits and mode != "lora":
         raise ValueError(f"an int{use.bits} base is frozen: {mode.replace('_n', '-N')} training would change its "
                          "weights. HINT: train LoRA adapters on it (--lora_rank 8), or drop --quantize and train "
@@ -263,12 +314,14 @@ def scheme(model_dir, bits=0, group_size=-1, mode="lora"):
     return use
 
 
-def from_pretrained(model_dir, dtype=torch.float32, device="cpu", bits=0, group_size=-1, layer_ids=None,
-                    first=True, last=True):
+def from_pretrained(model_dir, dtype=torch.float32, device="cpu", bits=0, group_size=-1, head=False,
+                    layer_ids=None, first=True, last=True):
     """glm.ChatGLM.from_pretrained, with the block linears quantized: read as stored from a
     quantized checkpoint, or quantized as each block is read from a float one (so at most one
-    block's float weights exist beside the codes). bits 0 on a float checkpoint: the float model."""
-    use, kwargs = scheme(model_dir, bits, group_size), dict(layer_ids=layer_ids, first=first, last=last)
+    block's float weights exist beside the codes); head: lm_head in int8 too. bits 0 on a float
+    checkpoint: the float model."""
+    use = scheme(model_dir, bits, group_size, head=head)
+    kwargs = dict(layer_ids=layer_ids, first=first, last=last)
     if not use.bits:
         return glm.ChatGLM.from_pretrained(model_dir, dtype=dtype, device=device, **kwargs)
     cfg = glm.GLMConfig.from_json(os.path.join(model_dir, "config.json"))
@@ -276,10 +329,13 @@ def from_pretrained(model_dir, dtype=torch.float32, device="cpu", bits=0, group_
         glm.check_tokenizer(glm.Tokenizer(os.path.join(model_dir, "ice_text.model")), cfg, model_dir)
     with torch.device("meta"):
         model = glm.ChatGLM(cfg, **kwargs)
-    if stored_scheme(model_dir).bits:
-        _load_quantized(model, model_dir, use, dtype, device)
+    stored = stored_scheme(model_dir)
+    if stored.bits:
+        _load_quantized(model, model_dir, stored, dtype, device)
     else:
         _load_quantizing(model, model_dir, use, dtype, device)
+    if use.head:  # a float head read from either kind of checkpoint (a stored int8 head is one already)
+        quantize_head(model)
     model.name_or_path = str(model_dir)
     return model.to(device)
 
@@ -294,28 +350,33 @@ def _load_quantizing(model, model_dir, use, dtype, device):
         prefix = f"transformer.layers.{i}."
         state = glm.read_safetensors(model_dir, {k: s for k, s in shapes.items() if k.startswith(prefix)}, device)
         block.load_state_dict({k[len(prefix):]: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
-        quantize_model(block, *use, prefix=prefix)
+        quantize_model(block, use.bits, use.group_size, prefix=prefix)
 
 
 def known_key(key, num_layers):
-    """glm.is_model_key, plus the scale of each block linear: True to read, False to drop, else an error."""
+    """glm.is_model_key, plus the scale of each block linear and of an int8 head: True to read, False
+    to drop, else an error."""
     m = SCALE_KEY.fullmatch(key)
-    return (m is not None and int(m.group(1)) < num_layers) or glm.is_model_key(key, num_layers)
+    return (m is not None and int(m.group(1)) < num_layers) or key == "lm_head.weight_scale" or \
+        glm.is_model_key(key, num_layers)
 
 
 def quantized_shapes(model, use, dtype):
-    """Swap a meta model's block linears for meta QuantLinears; {key: shape} of its checkpoint."""
+    """Swap a meta model's block linears (and lm_head if use.head) for meta QuantLinears; {key: shape}
+    of its checkpoint."""
     for path, m in list(model.named_modules()):
-        if type(m) is nn.Linear and BLOCK_LINEAR.fullmatch(path):
-            _swap(model, path, QuantLinear(m.in_features, m.out_features, *use, bias=m.bias is not None,
-                                           device="meta", dtype=dtype))
+        quantized = HEAD if use.head and path == "lm_head" else use if BLOCK_LINEAR.fullmatch(path) else FLOAT
+        if type(m) is nn.Linear and quantized.bits:
+            _swap(model, path, QuantLinear(m.in_features, m.out_features, quantized.bits, quantized.group_size,
+                                           bias=m.bias is not None, device="meta", dtype=dtype))
     return {k: tuple(v.shape) for k, v in glm.base_state_dict(model).items()}
 
 
 def _load_quantized(model, model_dir, use, dtype, device):
-    """Fill a meta model from a quantized checkpoint: codes int8 as stored, scales float16, the rest in dtype."""
+    """Fill a meta model from a quantized checkpoint (stored scheme `use`): codes int8 as stored,
+    scales float16, the rest in dtype."""
     shapes = quantized_shapes(model, use, dtype)
-    codes = {k for k in shapes if k.endswith(".weight") and BLOCK_LINEAR.fullmatch(k[:-len(".weight")])}
+    codes = {p + ".weight" for p, m in model.named_modules() if isinstance(m, QuantLinear)}
 
     def read(f, path, key):
         if key not in codes:
@@ -351,6 +412,8 @@ def save_quantized(model, out_dir, tokenizer=None, max_shard_bytes=2 << 30):
     def write(tmp):
         config = model.config.to_json(str(q.compute_dtype).removeprefix("torch."))
         config.update(quantization_bit=q.bits, quantization_group_size=q.group_size)
+        if isinstance(getattr(model, "lm_head", None), QuantLinear):
+            config.update(quantization_head=True)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
         glm.write_safetensors_shards(glm.base_state_dict(model), tmp, max_shard_bytes)
@@ -377,6 +440,7 @@ def main(argv=None):
     c.add_argument("--bits", type=int, required=True, help="8 or 4")
     c.add_argument("--group_size", type=int, default=-1,
                    help="inputs per scale; 0: one per row; -1 (default): int8 per row, int4 128")
+    c.add_argument("--head", "--quantize_head", action="store_true", help="lm_head in int8 too (one scale per row)")
     c.add_argument("src", help="float model folder (config.json, model*.safetensors, ice_text.model)")
     c.add_argument("dst", help="the folder to write (written whole, or not at all)")
     v = sub.add_parser("convert", help="the released chatglm-6b-int8 / -int4 (.bin) -> safetensors")
@@ -391,11 +455,12 @@ def main(argv=None):
         raise ValueError("--bits 0: expected 4 or 8")
     if stored_scheme(args.src).bits:
         raise ValueError(f"{args.src} is already quantized. HINT: quantize the float checkpoint")
-    model = from_pretrained(args.src, dtype=weight_dtype(args.src), bits=use.bits, group_size=use.group_size)
+    model = from_pretrained(args.src, dtype=weight_dtype(args.src), bits=use.bits, group_size=use.group_size,
+                            head=args.head)
     tok = os.path.join(args.src, "ice_text.model")
     save_quantized(model, args.dst, glm.Tokenizer(tok) if os.path.isfile(tok) else None)
     per = f"groups of {use.group_size}" if use.group_size else "one scale per row"
-    print(f"wrote {args.dst} (int{use.bits}, {per})")
+    print(f"wrote {args.dst} (int{use.bits}, {per}" + (", lm_head int8)" if args.head else ")"))
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ class Config:
     sft_adapter: str = ""           # a LoRA SFT result: the policy's adapter starts there; a frozen copy: the reference
     quantize: int = 0               # 8 / 4: the frozen base's block linears in int8 / int4 (LoRA only); 0 = off
     quant_group_size: int = -1      # inputs per int scale: 0 = one per row; -1 = int8 per row, int4 128
+    quantize_head: bool = False     # with --quantize: lm_head in int8 too (one scale per row)
     out: str = "runs/dpo"           # the run's folder: checkpoints, metrics, ref_logps.pt, final/
     # ---- data
     data: str = ""                  # ranked jsonl (train_rm.py's formats); "" = the bundled toy ranking set
@@ -256,12 +257,6 @@ def running_as_reference(model, lora_mode, ref_adapter):
         model.train(was)
 
 
-def reference_logps(model, lora_mode, ref_adapter, d, mbs):
-    """The reference's per-token log-probs of the micro-batches' answers: [N_tok] each, on every stage."""
-    with running_as_reference(model, lora_mode, ref_adapter):
-        return dist.forward(model, d, mbs, token_logps, lambda mb: (len(mb["target"]),))
-
-
 def file_head_tail(path, h, n=1 << 20):
     """Hash a file's size and its first and last n bytes into h (weights: a cheap, strong enough identity)."""
     size = os.path.getsize(path)
@@ -284,7 +279,7 @@ def ref_key(cfg, groups, dtype):
     for path in files:
         file_head_tail(path, ref)
     return {"answers": toks.hexdigest(), "reference": ref.hexdigest(), "dtype": str(dtype),
-            "quantize": [cfg.quantize, cfg.quant_group_size]}  # an int8 / int4 base scores otherwise
+            "quantize": [cfg.quantize, cfg.quant_group_size] + [1] * cfg.quantize_head}  # int8 / int4 score otherwise
 
 
 def split_tokens(flat, groups):
@@ -309,47 +304,93 @@ def compute_reference(ref_run, groups, cfg, pad_id, gcfg, d):
     return out
 
 
-def reference_cache(path, key, ref_run, groups, cfg, pad_id, gcfg, d):
+def reference_cache(path, key, ref_run, groups, cfg, pad_id, gcfg, d, sample=None):
     """The reference log-probs ({split: per group [tokens]}), read from path when its key matches,
-    else computed and written there (rank 0, atomically), saying why."""
+    else computed and written there (rank 0, atomically), saying why. sample: () -> groups of
+    answers drawn from the reference, computed with the rest and kept in the file: their groups
+    under "kl_groups", their log-probs under "kl"."""
     if os.path.isfile(path):
         cached = ckpt.read_pt(path)
-        if cached.get("key") == key:
+        if cached.get("key") == key and (sample is None or "kl_groups" in cached):
             dist.print0(f"reference log-probs: read {path}")
-            return {s: split_tokens(cached[s], gs) for s, gs in groups.items()}
-        differ = [k for k in key if cached.get("key", {}).get(k) != key[k]]
+            groups = dict(groups, kl=cached["kl_groups"]) if sample else groups
+            kept = {"kl_groups": groups["kl"]} if sample else {}
+            return {**{s: split_tokens(cached[s], gs) for s, gs in groups.items()}, **kept}
+        differ = [k for k in key if cached.get("key", {}).get(k) != key[k]] or ["the reference's samples"]
         dist.print0(f"reference log-probs: {path} is stale ({' and '.join(differ)} changed): computing them again")
     t0 = time.perf_counter()
+    groups = dict(groups, kl=sample()) if sample else groups
+    kept = {"kl_groups": groups["kl"]} if sample else {}
     out = compute_reference(ref_run, groups, cfg, pad_id, gcfg, d)
     if dist.is_main():
         tmp = path + ".tmp"
-        torch.save({"key": key, **{s: torch.cat(v) if v else torch.zeros(0) for s, v in out.items()}}, tmp)
+        torch.save({"key": key, **{s: torch.cat(v) if v else torch.zeros(0) for s, v in out.items()}, **kept}, tmp)
         os.replace(tmp, path)
     dist.barrier()
     dist.print0(f"reference log-probs: computed in {time.perf_counter() - t0:.1f} s, wrote {path}")
-    return out
+    return {**out, **kept}
+
+
+class Reference:
+    """The run's frozen reference. Called on micro-batches: its per-token log-probs of their answers
+    ([N_tok] each, on every stage). .sample(): answers drawn from it. LoRA: the policy's model with
+    the SFT adapter loaded again, frozen, as "reference" (or no adapter at all); full and last-N: the
+    policy itself while untouched (fresh: before its first step), else a frozen copy of --model,
+    built at first use."""
+
+    def __init__(self, cfg, lora_mode, model, stage, d, fresh):
+        self.lora_mode, self.adapter, self.d, self.held = lora_mode, None, d, []
+        self.build = lambda: (model if lora_mode or fresh else  # else a frozen copy
+                              dist.build_stage(cfg.model, stage, d).requires_grad_(False))
+        if lora_mode and cfg.sft_adapter:
+            lora.load_adapter(model, cfg.sft_adapter, name="reference")  # refuses an adapter of another base
+            lora.mark_only_lora_trainable(model, "default")
+            lora.set_adapter(model, "default")
+            self.adapter = "reference"
+
+    def running(self):
+        if not self.held:
+            self.held.append(self.build())
+        return running_as_reference(self.held[0], self.lora_mode, self.adapter)
+
+    def __call__(self, mbs):
+        with self.running() as model:
+            return dist.forward(model, self.d, mbs, token_logps, lambda mb: (len(mb["target"]),))
+
+    def sample(self, groups, pad_id, eop_id, seed, batch_size=64):
+        """One answer to each group's prompt, sampled at temperature 1 (seeded alike on every
+        replica), as groups {prompt, answers: [ids ending at <eop>]}; as long as the group's
+        longest answer at most."""
+        out, g = [], torch.Generator(device=self.d.device).manual_seed(seed)
+        with self.running() as model:
+            for i in range(0, len(groups), batch_size):
+                chunk = groups[i:i + batch_size]
+                ids = glm.left_pad([c["prompt"] for c in chunk], pad_id).to(self.d.device)  # [b, T]
+                n = max(len(a) for c in chunk for a in c["answers"])
+                new, _ = dist.generate(model, self.d, ids, n, do_sample=True, generator=g)
+                for c, row in zip(chunk, new[:, ids.shape[1]:].tolist()):
+                    end = row.index(eop_id) + 1 if eop_id in row else len(row)
+                    out.append({"prompt": c["prompt"], "answers": [row[:end]]})
+        return out
 
 
 def reference_runner(cfg, mode, model, stage, d, fresh):
-    """ref_run(mbs) -> the reference's token log-probs per micro-batch, or None for simpo. LoRA: the
-    policy's model with the SFT adapter loaded again, frozen, as "reference" (or no adapter at all);
-    full and last-N: the policy itself while untouched (fresh: the cache is built before the first
-    step), else a frozen copy of --model, built at the first call."""
-    if cfg.loss == "simpo":
-        return None
-    lora_mode, ref_adapter, held = mode == "lora", None, []
-    if lora_mode and cfg.sft_adapter:
-        lora.load_adapter(model, cfg.sft_adapter, name="reference")  # refuses an adapter of another base
-        lora.mark_only_lora_trainable(model, "default")
-        lora.set_adapter(model, "default")
-        ref_adapter = "reference"
+    """The run's Reference, or None for simpo (which uses none)."""
+    return None if cfg.loss == "simpo" else Reference(cfg, mode == "lora", model, stage, d, fresh)
 
-    def ref_run(mbs):
-        if not held:
-            held.append(model if lora_mode or fresh else
-                        dist.build_stage(cfg.model, stage, d).requires_grad_(False))
-        return reference_logps(held[0], lora_mode, ref_adapter, d, mbs)
-    return ref_run
+
+def reference_once(cfg, ref_run, live, groups, pad_id, eop_id, d, layout, dtype):
+    """(the reference's cached log-probs {split: per group [tokens]}, {} when live or without a
+    reference; the micro-batches of the KL: one answer sampled from the reference per held-out
+    prompt, with their reference log-probs, or None without a reference)."""
+    if ref_run is None:
+        return {}, None
+    sample = lambda: ref_run.sample(groups["eval"], pad_id, eop_id, cfg.seed)
+    ref = {} if live else reference_cache(os.path.join(cfg.out, REF_FILE), ref_key(cfg, groups, dtype), ref_run,
+                                          groups, cfg, pad_id, layout, d, sample)
+    kl_g = sample() if live else ref["kl_groups"]
+    kl_mbs = microbatches(kl_g, list(range(len(kl_g))), cfg.micro_batch_size, pad_id, d.device, layout, ref.get("kl"))
+    return ref, attach_reference(kl_mbs, ref_run) if live else kl_mbs
 
 
 def attach_reference(mbs, ref_run):
@@ -367,14 +408,11 @@ def preference_metrics(cfg, pi_toks, mbs):
     """Held-out metrics from each micro-batch's policy token log-probs: the loss; pairwise and
     full-ranking accuracy of the implicit reward over every pair (a tie counts as wrong); its mean
     margin r_better - r_worse; the drift log pi - log pi_ref of the best and of the other answers
-    (nats per answer); a KL estimate per token of the best answers, k3 = e^d - d - 1 with d = log
-    pi_ref - log pi (never negative; on held-out best answers, the nearest to the policy's own
-    samples that need no generation: on the rejected ones, whose probability DPO drives to zero,
-    it explodes). Without a reference (simpo) the last three are None."""
+    (nats per answer). Without a reference (simpo) the last two are None."""
     n_pairs, n_groups = counts(mbs, cfg.pairs)
     has_ref = all("ref_tok" in mb for mb in mbs)
     s = dict.fromkeys(("loss", "right", "pairs", "whole", "prompts", "margin", "chosen", "n_chosen", "rejected",
-                       "n_rejected", "kl", "tokens"), 0.0)
+                       "n_rejected"), 0.0)
     for lp, mb in zip(pi_toks, mbs):
         s["loss"] += float(mb_loss(cfg, lp, mb, n_pairs, n_groups))
         pi = per_answer(lp, mb)
@@ -388,33 +426,44 @@ def preference_metrics(cfg, pi_toks, mbs):
         if has_ref:
             best = torch.zeros(len(pi), dtype=torch.bool, device=pi.device)
             best[mb["best"]] = True
-            drift, dl = pi - ref, (mb["ref_tok"] - lp)[best[mb["tok_answer"]]]  # [tokens of best answers]
+            drift = pi - ref  # [N]
             s["chosen"], s["n_chosen"] = s["chosen"] + float(drift[best].sum()), s["n_chosen"] + int(best.sum())
             s["rejected"], s["n_rejected"] = s["rejected"] + float(drift[~best].sum()), \
                 s["n_rejected"] + int((~best).sum())
-            s["kl"], s["tokens"] = s["kl"] + float((dl.exp() - dl - 1).sum()), s["tokens"] + len(dl)
     per = lambda a, b: s[a] / max(s[b], 1) if has_ref else None
     return dict(loss=s["loss"], pair_acc=s["right"] / max(s["pairs"], 1), rank_acc=s["whole"] / max(s["prompts"], 1),
                 margin=s["margin"] / max(s["pairs"], 1), chosen_drift=per("chosen", "n_chosen"),
-                rejected_drift=per("rejected", "n_rejected"), kl=per("kl", "tokens"))
+                rejected_drift=per("rejected", "n_rejected"))
 
 
-def evaluate(cfg, model, d, mbs, ref_run=None):
-    """Held-out metrics; every replica scores the whole set. ref_run: the live reference, run first."""
+def kl_to_reference(model, d, kl_mbs):
+    """KL(pi_ref || pi) per token, estimated on answers sampled from the reference (kl_mbs, with
+    their ref_tok): k3 = r - 1 - log r with r = pi / pi_ref per token, unbiased on the reference's
+    own samples and never negative. (The other direction would need fresh samples of the policy,
+    and the reference live, at every evaluation.)"""
+    lp = torch.cat(dist.forward(model, d, kl_mbs, token_logps, lambda mb: (len(mb["target"]),)))
+    log_r = lp - torch.cat([mb["ref_tok"] for mb in kl_mbs])  # [tokens]
+    return float((log_r.exp() - 1 - log_r).mean())
+
+
+def evaluate(cfg, model, d, mbs, ref_run=None, kl_mbs=None):
+    """Held-out metrics; every replica scores the whole set. ref_run: the live reference, run first.
+    kl_mbs: the reference's samples for the KL (None: no reference, no KL)."""
     if ref_run is not None:
         attach_reference(mbs, ref_run)
     was = model.training
     model.eval()
     pi_toks = dist.forward(model, d, mbs, token_logps, lambda mb: (len(mb["target"]),))
+    kl = kl_to_reference(model, d, kl_mbs) if kl_mbs else None
     model.train(was)
-    return preference_metrics(cfg, pi_toks, mbs)
+    return dict(preference_metrics(cfg, pi_toks, mbs), kl=kl)
 
 
 def print_eval(ev, when):
     f = lambda k, fmt: "n/a" if ev.get(k) is None else format(ev[k], fmt)
     dist.print0(f"{when}: held-out pairwise accuracy {ev['pair_acc']:.1%}, full-ranking {ev['rank_acc']:.1%}, "
                 f"loss {ev['loss']:.4f}, margin {ev['margin']:+.3f}, drift chosen {f('chosen_drift', '+.3f')} "
-                f"rejected {f('rejected_drift', '+.3f')}, KL/token of chosen {f('kl', '.4f')}")
+                f"rejected {f('rejected_drift', '+.3f')}, KL(ref||pi)/token {f('kl', '.4f')}")
     return ev
 
 
@@ -433,7 +482,7 @@ def report_tables(before, after, acc):
     rows = [[name, cell(before, k), cell(after, k)] for name, k in (
         ("pairwise accuracy", "pair_acc"), ("full-ranking accuracy", "rank_acc"), ("loss", "loss"),
         ("reward margin", "margin"), ("chosen log-prob drift", "chosen_drift"),
-        ("rejected log-prob drift", "rejected_drift"), ("KL per token of the best answers (k3)", "kl"))]
+        ("rejected log-prob drift", "rejected_drift"), ("KL(ref || pi) per token, on the reference's samples", "kl"))]
     if acc is not None:
         rows.append(["toy exact-match accuracy", *(f"{a:.1%}" if a is not None else "n/a" for a in acc)])
     return [("held-out rankings", ["", "before", "after"], rows)]
@@ -455,7 +504,7 @@ def build_policy(cfg, d, gcfg, k_max, live, resume_dir):
     micro-batch holds micro_batch_size prompts of up to k_max answers; a live reference in full and
     last-N modes is a second, frozen copy."""
     mode = optim.train_mode(cfg.lora_rank, cfg.train_layers, gcfg.num_layers)
-    qs = quant.scheme(cfg.model, cfg.quantize, cfg.quant_group_size, mode)  # (bits, group size) of the base
+    qs = quant.scheme(cfg.model, cfg.quantize, cfg.quant_group_size, mode, cfg.quantize_head)  # the base's scheme
     the_plan = plan.plan_for_run(gcfg, d.P, d.device, cfg.micro_batch_size * k_max, cfg.max_len, cfg.grad_accum,
                                  mode, cfg.lora_rank, cfg.lora_targets.split(","), cfg.train_layers,
                                  cfg.gpu_mem_gib, cfg.plan, copies=(1, int(live and mode != "lora")), quantize=qs)
@@ -518,9 +567,8 @@ def main(argv=None):
     # ---- the reference's log-probs, once (unless live or simpo), then the held-out micro-batches
     log = ckpt.start_run(cfg.out, "train_dpo", asdict(cfg), state["step"] if resume_dir else None)
     layout = None if cfg.no_shared_prompt else gcfg  # one row per prompt, or per answer
-    groups = {"train": train_g, "eval": eval_g}
-    ref = reference_cache(os.path.join(cfg.out, REF_FILE), ref_key(cfg, groups, dist.stage_dtype(model)), ref_run,
-                          groups, cfg, tok.pad_id, layout, d) if ref_run and not live else {}
+    ref, kl_mbs = reference_once(cfg, ref_run, live, {"train": train_g, "eval": eval_g}, tok.pad_id, tok.eop_id, d,
+                                 layout, dist.stage_dtype(model))
     eval_mbs = microbatches(eval_g, list(range(len(eval_g))), cfg.micro_batch_size, tok.pad_id, d.device, layout,
                             ref.get("eval"))
     live_run = ref_run if live else None
@@ -530,7 +578,7 @@ def main(argv=None):
     if resume_dir:
         ev_before, acc_before = state.get("ev_before"), state.get("toy_before")
     else:
-        ev_before = print_eval(evaluate(cfg, model, d, eval_mbs, live_run), "before training")
+        ev_before = print_eval(evaluate(cfg, model, d, eval_mbs, live_run, kl_mbs), "before training")
         acc_before = toy_accuracy(model, tok, cfg, d, "before") if toy else None
     model.train()
     t_start, ev, stopped = dist.start_clock(), None, 0
@@ -546,13 +594,14 @@ def main(argv=None):
             loss = dist.train_step(model, d, mbs, dpo_loss(cfg, n_pairs, n_groups), first_trainable)
             loss, norm, bad_steps = optim.optimizer_step(opt, loss, lr, cfg.grad_clip, d, bad_steps, step)
             step += 1
-            answers = sum(len(mb["answer_len"]) for mb in mbs) * d.D
+            answers, dt = sum(len(mb["answer_len"]) for mb in mbs) * d.D, time.perf_counter() - t0
+            tokens = int(sum((mb["input_ids"] != tok.pad_id).sum() for mb in mbs)) * d.D  # the rows' real tokens
             bar.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             if step % cfg.log_every == 0 or step == total_steps:
                 log.log(step, loss=loss, lr=lr, grad_norm=norm, pairs=int(n_pairs), skipped=bad_steps,
-                        answers_per_s=answers / (time.perf_counter() - t0))
+                        answers_per_s=answers / dt, tokens_per_s=tokens / dt)
             if step % cfg.eval_every == 0 or step == total_steps:
-                ev = log_eval(log, step, evaluate(cfg, model, d, eval_mbs, live_run))
+                ev = log_eval(log, step, evaluate(cfg, model, d, eval_mbs, live_run, kl_mbs))
                 if cfg.keep_best:
                     best = ckpt.save_if_best(cfg.out, best, step, ev["loss"], d, tok.path, {"": (model, lora_name)})
             stopped = step < total_steps and stop.requested(d)  # a signal in the last step: just finish
@@ -569,7 +618,7 @@ def main(argv=None):
     # ---- the result: PEFT adapter (LoRA) or HF weights, loadable with glm.py + lora.py
     final = os.path.join(cfg.out, "final")
     if ckpt.restore_best(cfg.out, best, step, d, {"": (model, lora_name)}) or ev is None:
-        ev = evaluate(cfg, model, d, eval_mbs, live_run)
+        ev = evaluate(cfg, model, d, eval_mbs, live_run, kl_mbs)
     ckpt.save(final, d, tok.path, {"": (model, lora_name)})
     dist.print0(f"wrote {final} ({'LoRA adapter' if mode == 'lora' else 'full HF weights'}); {wall:.1f} s of training")
     print_eval(ev, "after training")

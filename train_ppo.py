@@ -57,6 +57,7 @@ class Config:
     model: str = ""                 # lora: the frozen base (HF folder)
     quantize: int = 0               # lora: 8 / 4 = the shared base's block linears in int8 / int4; 0 = off
     quant_group_size: int = -1      # inputs per int scale: 0 = one per row; -1 = int8 per row, int4 128
+    quantize_head: bool = False     # with --quantize: lm_head in int8 too (one scale per row)
     sft_adapter: str = ""           # lora: the SFT adapter (policy init + reference); "" = the base is the SFT model
     actor: str = ""                 # full: the SFT model (policy init + reference)
     rm_dir: str = ""                # train_rm.py output: weights or adapter, reward_head.safetensors, reward_stats.json
@@ -241,7 +242,8 @@ class Roles:
 
     def _build_lora(self, cfg, d, stage):
         model = dist.build_stage(cfg.model, stage, d, cfg.checkpoint,
-                                 quant.scheme(cfg.model, cfg.quantize, cfg.quant_group_size))  # one base, all roles
+                                 quant.scheme(cfg.model, cfg.quantize, cfg.quant_group_size,
+                                              head=cfg.quantize_head))  # one base, all roles
         targets = tuple(cfg.lora_targets.split(","))
         sft = cfg.sft_adapter
         # trainable adapters in float32; frozen ones may stay in the base's dtype
@@ -709,7 +711,7 @@ def rl_plan(cfg, gcfg, d):
                              rollout=(cfg.rollout_batch_size, cfg.group_size, cfg.max_prompt_len, cfg.max_new_tokens),
                              loss_chunk=cfg.micro_batch_size * cfg.max_new_tokens,  # logits of the answers only
                              quantize=quant.scheme(cfg.model or cfg.actor, cfg.quantize, cfg.quant_group_size,
-                                                   cfg.mode))
+                                                   cfg.mode, cfg.quantize_head))
 
 
 def main(argv=None):

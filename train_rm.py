@@ -52,6 +52,7 @@ class Config:
     out: str = "runs/rm"            # the run's folder: checkpoints, metrics, final/
     quantize: int = 0               # 8 / 4: the frozen base's block linears in int8 / int4 (LoRA only); 0 = off
     quant_group_size: int = -1      # inputs per int scale: 0 = one per row; -1 = int8 per row, int4 128
+    quantize_head: bool = False     # with --quantize: lm_head in int8 too (one scale per row)
     # ---- data
     data: str = ""                  # ranked jsonl; "" = the bundled toy ranking set
     eval_data: str = ""             # held-out jsonl; "" = hold out `holdout` of --data
@@ -275,7 +276,7 @@ def main(argv=None):
     # logits), this rank's stage, what trains (LoRA continues the SFT adapter), the head, resume
     gcfg = glm.GLMConfig.from_json(os.path.join(cfg.model, "config.json"))
     mode = optim.train_mode(cfg.lora_rank, cfg.train_layers, gcfg.num_layers)
-    qs = quant.scheme(cfg.model, cfg.quantize, cfg.quant_group_size, mode)  # (bits, group size) of the base
+    qs = quant.scheme(cfg.model, cfg.quantize, cfg.quant_group_size, mode, cfg.quantize_head)  # the base's scheme
     k_max = max(len(e["ids"]) for e in train_enc)  # answers of the largest group
     the_plan = plan.plan_for_run(gcfg, d.P, d.device, cfg.micro_batch_size * k_max, cfg.max_len, cfg.grad_accum,
                                  mode, cfg.lora_rank, cfg.lora_targets.split(","), cfg.train_layers,

@@ -36,6 +36,7 @@ class Config:
     model: str = ""                 # HF folder (config.json, model*.safetensors, ice_text.model); "" = toy
     quantize: int = 0               # 8 / 4: the frozen base's block linears in int8 / int4 (LoRA only); 0 = off
     quant_group_size: int = -1      # inputs per int scale: 0 = one per row; -1 = int8 per row, int4 128
+    quantize_head: bool = False     # with --quantize: lm_head in int8 too (one scale per row)
     out: str = "runs/sft"           # the run's folder: checkpoints, metrics, final/
     # ---- data
     data: str = ""                  # SFT jsonl or tokenised folder (data.py tokenize); "" = the bundled toy task
@@ -173,7 +174,7 @@ def main(argv=None):
     # ---- the plan, this rank's stage, what trains, the optimiser, resume
     gcfg = glm.GLMConfig.from_json(os.path.join(cfg.model, "config.json"))
     mode = optim.train_mode(cfg.lora_rank, cfg.train_layers, gcfg.num_layers)
-    qs = quant.scheme(cfg.model, cfg.quantize, cfg.quant_group_size, mode)  # (bits, group size) of the base
+    qs = quant.scheme(cfg.model, cfg.quantize, cfg.quant_group_size, mode, cfg.quantize_head)  # the base's scheme
     the_plan = plan.plan_for_run(gcfg, d.P, d.device, cfg.micro_batch_size, cfg.max_len, cfg.grad_accum, mode,
                                  cfg.lora_rank, cfg.lora_targets.split(","), cfg.train_layers, cfg.gpu_mem_gib,
                                  cfg.plan, quantize=qs)

@@ -266,3 +266,40 @@ def test_adapter_of_another_base_is_refused(tmp_path, capsys, base, data8):
     with pytest.raises(SystemExit):
         flags.run(train_dpo.main, dpo_argv(base, data8, tmp_path / "run", "--sft_adapter", str(tmp_path / "sft")))
     assert "differs from this model" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# the held-out KL to the reference
+
+
+def test_kl_on_the_references_samples_estimates_the_exact_kl(tmp_path, tok, base):
+    """kl_to_reference (k3 on answers sampled from the reference) against the exact KL(ref || pi)
+    of the next-token distributions at the same positions, summed over the whole vocabulary in
+    float64: equal in expectation, so within a few percent over ~1,000 sampled tokens; and 0 for
+    pi = ref. The cache keeps the samples: read back, they are the same, not drawn again."""
+    d, ref_model = dist.get(), glm.ChatGLM.from_pretrained(base).eval()
+    policy = glm.ChatGLM.from_pretrained(base).eval()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    exs = [dict(prompt=f"What is {i % 10} plus {i // 10}?", answers=["1 2 3 4 5 6", "7"]) for i in range(100)]
+    groups = data.encode_groups(tok, exs, 48, data.TruncationStats(), data.RankStats())
+    reference = train_dpo.Reference(train_dpo.Config(), False, ref_model, None, d, fresh=True)
+    samples = reference.sample(groups * 2, tok.pad_id, tok.eop_id, seed=0)
+    mbs = train_dpo.microbatches(samples, list(range(len(samples))), 50, tok.pad_id, d.device)
+    train_dpo.attach_reference(mbs, reference)
+    exact, n = 0.0, 0
+    with torch.no_grad():
+        for mb in mbs:
+            at = lambda m: m.lm_head(m.transformer(mb["input_ids"], *m.batch_inputs(mb))[mb["pred_row"], mb["pred_col"]])
+            q, p = at(ref_model).double().log_softmax(-1), at(policy).double().log_softmax(-1)  # [N_tok, V]
+            exact, n = exact + float((q.exp() * (q - p)).sum()), n + len(q)
+    assert n > 1000 and exact / n > 0.05
+    assert train_dpo.kl_to_reference(policy, d, mbs) == pytest.approx(exact / n, rel=0.05)
+    assert train_dpo.kl_to_reference(ref_model, d, mbs) == pytest.approx(0.0, abs=1e-6)
+    # the cache: written with the samples and their log-probs, read back without drawing again
+    path, cfg, split = str(tmp_path / train_dpo.REF_FILE), train_dpo.Config(micro_batch_size=50), {"eval": groups}
+    first = train_dpo.reference_cache(path, {"k": 1}, reference, split, cfg, tok.pad_id, None, d, lambda: samples)
+    again = train_dpo.reference_cache(path, {"k": 1}, reference, split, cfg, tok.pad_id, None, d, lambda: 1 / 0)
+    assert again["kl_groups"] == first["kl_groups"] == samples
+    assert torch.equal(torch.cat(again["kl"]), torch.cat([mb["ref_tok"] for mb in mbs]))

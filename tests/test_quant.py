@@ -12,13 +12,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
+import dist
 import flags
 import glm
 import lora
 import plan
 import quant
 import train_sft
-from conftest import load_tensors, sft_argv
+from conftest import head_lines, load_tensors, sft_argv, write_jsonl
+
+build_stage = dist.build_stage
 
 LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
@@ -265,3 +269,117 @@ def test_mismatched_scales_and_codes_are_one_line_errors_that_name_the_tensor(ba
         write_release(base, str(tmp_path / name), 8, tamper)
         err = one_line_error(capsys, convert_and_load, str(tmp_path / name))
         assert key in err and says in err, err
+
+
+# -----------------------------------------------------------------------------
+# an int8 lm_head (--quantize_head)
+
+
+def greedy_without_cache(model, ids, n):
+    """The argmax of a full forward, n times: the no-cache path generation must equal."""
+    for _ in range(n):
+        ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def test_an_int8_head_is_within_its_rounding_of_the_float_head_and_generates_greedily(base):
+    model = quant.from_pretrained(base, bits=8, head=True)
+    assert isinstance(model.lm_head, quant.QuantLinear) and model.lm_head.bits == 8
+    w = glm.ChatGLM.from_pretrained(base).lm_head.weight.detach()  # the float head, [V, h]
+    ids = torch.tensor([[20, 31, 45, 5, 8, 60], [3, 3, 22, 40, 5, 8]])
+    with torch.no_grad():
+        h = model(ids, return_hidden=True)                        # [B, T, h]
+        err = (model.lm_head(h) - h @ w.t()).abs()                # [B, T, V]
+    # |sum_k h_k (q_k s - w_k)| <= s / 2 * sum_k |h_k| with s = absmax / 127 of the row (float16: 1e-3 more)
+    bound = h.abs().sum(-1, keepdim=True) * (w.abs().amax(1) / 127 / 2 * (1 + 2e-3))
+    assert (err <= bound + 1e-6).all() and err.max() > 0
+    out = model.generate(ids[:1], max_new_tokens=4, stop_at_eop=False)
+    assert torch.equal(out, greedy_without_cache(model, ids[:1], 4))
+
+
+def test_lora_gradients_through_an_int8_head_equal_those_through_its_dequantized_float_copy(base):
+    qmodel = quant.from_pretrained(base, bits=4, group_size=16, head=True)
+    fmodel = quant.dequantize_model(copy.deepcopy(qmodel), torch.float32)
+    assert type(fmodel.lm_head) is nn.Linear
+    ids = torch.tensor([[20, 31, 45, 5, 8, 60, 61], [3, 3, 22, 40, 5, 8, 70]])
+    labels = ids.clone()
+    labels[:, :4] = -100
+    grads = []
+    for m in (qmodel, fmodel):
+        lora.inject_lora(m, r=2, alpha=4, seed=0)
+        for _, layer in lora.lora_modules(m):
+            nn.init.normal_(layer.lora_B["default"], generator=torch.Generator().manual_seed(3))
+        data.lm_loss(m.lm_head, m(ids, return_hidden=True), labels).backward()  # the SFT loss, chunked
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 4
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_an_int8_head_saves_loads_and_trains_from_the_command_line(base, data8, tmp_path, monkeypatch, capsys):
+    dst = str(tmp_path / "q8h")
+    quant.main(["quantize", "--bits", "8", "--head", base, dst])
+    assert "lm_head int8" in capsys.readouterr().out
+    with open(os.path.join(dst, "config.json"), encoding="utf-8") as f:
+        assert json.load(f)["quantization_head"] is True
+    stored = quant.from_pretrained(dst)
+    q, s = ref_quantize(load_tensors(base)["lm_head.weight"], 8)  # the test-side formula
+    assert np.array_equal(stored.lm_head.weight.numpy(), q) and np.array_equal(stored.lm_head.weight_scale.numpy(), s)
+    fly = quant.from_pretrained(base, bits=8, head=True).state_dict()
+    assert stored.state_dict().keys() == fly.keys()
+    assert all(torch.equal(v, fly[k]) for k, v in stored.state_dict().items())
+    built, two = [], write_jsonl(tmp_path / "two.jsonl", head_lines(data8, 2))  # the stage train_sft.py builds
+    monkeypatch.setattr(dist, "build_stage", lambda *a, **k: built.append(build_stage(*a, **k)) or built[-1])
+    train_sft.main(sft_argv(base, two, tmp_path / "run", quantize=8, quantize_head=True, lora_rank=2, max_steps=1,
+                            micro_batch_size=1, grad_accum=1, max_len=32))
+    assert isinstance(built[0].lm_head, quant.QuantLinear)
+    assert os.path.isfile(tmp_path / "run" / "final" / "adapter_config.json")
+
+
+def test_quantize_head_needs_a_quantized_base_and_the_planner_prices_an_int8_head(base, capsys):
+    err = one_line_error(capsys, quant.from_pretrained, base, torch.float32, "cpu", 0, -1, True)
+    assert "--quantize_head without --quantize" in err
+    cfg = glm.GLMConfig()
+    V, h = cfg.vocab_size, cfg.hidden_size
+    plans = [plan.plan_pipeline(cfg, 1, 4, 512, 1, train="lora", quantize=q) for q in ((8, 0), (8, 0, True))]
+    (a, b) = (p.stages[0].mem for p in plans)
+    assert a["params"] - b["params"] == pytest.approx(V * h * 2 - (V * h + 2 * V), rel=1e-9)  # bf16 -> int8 + scales
+    assert b["logits"] - a["logits"] == pytest.approx(V * h * 2)  # the weight dequantized for a call's logits
+
+
+# -----------------------------------------------------------------------------
+# the Triton kernels (CUDA only; the device's check, skipped on CPUs)
+
+cuda_kernels = pytest.mark.skipif(not torch.cuda.is_available() or quant._triton() is None,
+                                  reason="needs CUDA and Triton")
+
+
+@cuda_kernels
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 0), (4, 128), (8, 64), (4, 32)])
+def test_cuda_kernels_equal_the_plain_torch_path(bits, group, monkeypatch):
+    torch.manual_seed(5)
+    w = torch.randn(300, 1024, device="cuda")
+    codes, scale = quant.quantize(w, bits, group)
+    monkeypatch.setattr(quant, "USE_KERNELS", False)
+    plain = quant.dequantize(codes, scale, bits, torch.bfloat16)
+    kernels = quant._triton()
+    assert torch.equal(kernels.dequantize(codes, scale, bits, torch.bfloat16), plain)  # bit for bit
+    bias = torch.randn(300, device="cuda").bfloat16()
+    x = torch.randn(64, 1024, device="cuda").bfloat16()
+    ref = x.double() @ plain.double().t() + bias.double()
+    close = lambda y, r: y.dtype == torch.bfloat16 and ((y.double() - r).norm() / r.norm()) < 1e-2
+    assert close(kernels.gemv(x[:1], codes, scale, bits, bias), ref[:1])
+    if bits == 8:  # the tensor-core kernel, one row and many
+        assert close(kernels.matmul(x[:1], codes, scale, bias), ref[:1])
+        assert close(kernels.matmul(x, codes, scale), ref - bias.double())
+
+
+@cuda_kernels
+def test_cuda_decoding_with_kernels_matches_the_plain_path(base, monkeypatch):
+    model = quant.from_pretrained(base, torch.bfloat16, "cuda", bits=4, group_size=32, head=True)
+    ids = torch.tensor([[20, 31, 45, 5, 8, 60]], device="cuda")
+    with torch.no_grad():
+        fused = model(ids[:, -1:])  # one row: the GEMV
+        monkeypatch.setattr(quant, "USE_KERNELS", False)
+        plain = model(ids[:, -1:])
+    assert ((fused.float() - plain.float()).norm() / plain.float().norm()) < 1e-2
