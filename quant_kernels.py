@@ -14,16 +14,17 @@ int4 bytes hold code 2j in the high nibble and 2j+1 in the low one (quant.pack_i
 
 Measured on an H200 at ChatGLM-6B's shapes (docs/bench/h200_x1_quant*_2026-11-30.jsonl): dequantize
 moves ~3.8 TB/s (int8), 2.7 (int4, groups of 128), against 1.2 ms a layer for the torch ops; a decode
-step at batch 1 takes 3.67 ms int8, 5.53 int4 (groups of 128) against 4.80 bf16. gemv's int4 groups
-are slow: a tile is one group of each row (64 bytes), too little in flight; tiles of several groups
-(as the per-row case has) are the next step.
+step at batch 1 takes 3.67 ms int8, 3.60 int4 (groups of 128) against 4.80 bf16 (bench.py quant).
+gemv's tiles span several groups: with one group a tile (64 bytes a row for int4) the four linears
+of a block took 140 us int4 / 136 int8 in groups of 128, and the step 5.53 ms; now 71 / 83 us (per
+row: 66 / 73, bf16 cuBLAS: 113).
 """
 import torch
 import triton
 import triton.language as tl
 
 DEQUANT_BLOCK = (4, 1024, 4)  # (rows, weights of a row, num_warps) a program of `dequantize`
-GEMV_WORDS = 256              # int32 words of a row a tile of `gemv` without groups (1,024 int8 / 2,048 int4 codes)
+GEMV_WORDS = 256              # int32 words of a row a tile of `gemv` (1,024 int8 / 2,048 int4 codes)
 MATMUL_CONFIGS = {16: (32, 256, 4, 4), 128: (32, 128, 4, 4)}  # rows <= key: (BLOCK_N, BLOCK_K, warps, stages),
                                                               # the probe's best of 5-6 at 1, 16 and 64 rows
 
@@ -69,33 +70,39 @@ def dequantize(codes, scale, bits, dtype):
 
 
 # KW unspecialised: with its alignment unproven, the word loads stay plain and coalesced
-@triton.autotune(configs=[triton.Config({"BLOCK_N": n}, num_warps=4) for n in (4, 8, 32)], key=["N", "KW", "WG"])
+@triton.autotune(configs=[triton.Config({"BLOCK_N": n}, num_warps=4) for n in (4, 8, 32)],
+                 key=["N", "KW", "BITS", "GROUP", "TILE"])
 @triton.jit(do_not_specialize=["KW"])
-def _gemv_kernel(x, words, scales, bias, out, N, K, KW, BITS: tl.constexpr,
-                 GROUP: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, WG: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+def _gemv_kernel(x, words, scales, bias, out, N, K, KW, BITS: tl.constexpr, GROUP: tl.constexpr,
+                 SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[n] = sum_k x[k] q[n, k] s[n, k // GROUP] (+ bias[n]) for ONE row x [K]: the codes read as
-    int32 words (KW a row), [BLOCK_N rows, WG words] a tile (one group of each row, with groups). No
-    int-to-float instruction (a quarter of the float rate: this loop's bottleneck otherwise):
-    q + 2^(BITS-1) >= 0 goes into the low mantissa bits of the float 2^23, then 2^23 + 2^(BITS-1) is
-    subtracted. Autotuned per shape on first use (BLOCK_N)."""
+    int32 words (KW a row), [TILE words, BLOCK_N rows] a tile whatever the groups: a tile spans several
+    groups of a row (or a group several tiles), so that enough bytes are in flight. Words run down axis
+    0: Triton then lays the scales' load (constant along a group) out as the words' (both fastest on
+    axis 0); a [rows, words] tile would send the products through shared memory every step to meet
+    the scales' layout. No int-to-float instruction (a quarter of the float rate: this loop's
+    bottleneck otherwise): q + 2^(BITS-1) >= 0 goes into the low mantissa bits of the float 2^23, then
+    2^23 + 2^(BITS-1) is subtracted. Autotuned per shape on first use (BLOCK_N)."""
     PER: tl.constexpr = 32 // BITS                                          # codes a word
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)                 # [BN]
-    acc = tl.zeros((BLOCK_N, WG), dtype=tl.float32)
-    for w0 in range(0, KW, WG):
-        c = w0 + tl.arange(0, WG)                                           # [WG] word columns
-        w = tl.load(words + rn[:, None] * KW + c[None, :], mask=(rn[:, None] < N) & (c[None, :] < KW), other=0)
-        part = tl.zeros((BLOCK_N, WG), dtype=tl.float32)
+    acc = tl.zeros((TILE, BLOCK_N), dtype=tl.float32)
+    for w0 in range(0, KW, TILE):
+        c = w0 + tl.arange(0, TILE)                                         # [TILE] word columns
+        mask = (c[:, None] < KW) & (rn[None, :] < N)                         # [TILE, BN]
+        w = tl.load(words + rn[None, :] * KW + c[:, None], mask=mask, other=0)
+        part = tl.zeros((TILE, BLOCK_N), dtype=tl.float32)
         for p in tl.static_range(PER):  # code p of each word, bits BITS*p..; int4: input p ^ 1 (pack_int4)
             u = ((w >> (BITS * p)) & ((1 << BITS) - 1)) ^ (1 << (BITS - 1))                  # q + 2^(BITS-1)
             q = (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + (1 << (BITS - 1)))
-            part += q * tl.load(x + c * PER + (p ^ SWAP), mask=c < KW, other=0.0).to(tl.float32)[None, :]
-        if GROUP:  # the tile is group w0 / WG of each row
-            s = tl.load(scales + rn * (K // GROUP) + w0 // WG, mask=rn < N, other=0)
-            acc += part * s.to(tl.float32)[:, None]
+            part += q * tl.load(x + c * PER + (p ^ SWAP), mask=c < KW, other=0.0).to(tl.float32)[:, None]
+        if GROUP:  # word c lies in group c // (GROUP / PER) of its row: the scales gathered to the tile's
+            # shape, in the words' layout (see above); a warp's lanes on one group read one address
+            g = c // (GROUP // PER)                                         # [TILE] groups of the words
+            s = tl.load(scales + rn[None, :] * (K // GROUP) + g[:, None], mask=mask, other=0)
+            acc += part * s.to(tl.float32)
         else:
             acc += part
-    y = tl.sum(acc, axis=1)                                                 # [BN]
+    y = tl.sum(acc, axis=0)                                                 # [BN]
     if not GROUP:
         y *= tl.load(scales + rn, mask=rn < N, other=0).to(tl.float32)
     if HAS_BIAS:
@@ -105,8 +112,8 @@ def _gemv_kernel(x, words, scales, bias, out, N, K, KW, BITS: tl.constexpr,
 
 def gemv(x, codes, scale, bits, bias=None):
     """x [1, K] @ dequantize(codes, scale)^T (+ bias) -> [1, N] in x's dtype, or None where the codes
-    cannot be read as int32 words (a row of codes not a multiple of 4 bytes) or a group is not a tile
-    (not a power of two, or under a word: 4 int8 / 8 int4 codes)."""
+    cannot be read as int32 words (a row of codes not a multiple of 4 bytes) or a group does not hold
+    whole words (not a power of two, or under a word: 4 int8 / 8 int4 codes)."""
     K, N, per = x.shape[1], codes.shape[0], 32 // bits
     group = K // scale.shape[1] if scale.dim() == 2 else 0
     if K % per or not codes.is_contiguous() or codes.storage_offset() % 4 or \
@@ -116,7 +123,7 @@ def gemv(x, codes, scale, bits, bias=None):
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
     _gemv_kernel[grid](x if x.stride(1) == 1 else x.contiguous(), codes.view(torch.int32), scale,
                        bias if bias is not None else scale, out, N, K, K // per, bits, group, int(bits == 4),
-                       bias is not None, group // per if group else GEMV_WORDS)
+                       bias is not None, GEMV_WORDS)
     return out
 
 
