@@ -726,6 +726,25 @@ class Batches:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
 
 
+class Ahead:
+    """A training loop's micro-batches, built one step ahead. take() gives this step's, with the
+    Batches state after them (what its checkpoint records); prepare(), called once the step's
+    forward and backward are queued on the GPU, builds the next step's meanwhile, so collating
+    (padding, packing, the masks of shared-prompt rows: ~5% of a 6B LoRA step) costs no GPU time."""
+
+    def __init__(self, batches, build):
+        self.batches, self.build, self.ready = batches, build, None  # build(indices) -> micro-batches
+
+    def prepare(self):
+        self.ready = self.build(self.batches.next()), self.batches.state_dict()
+
+    def take(self):
+        if self.ready is None:
+            self.prepare()
+        out, self.ready = self.ready, None
+        return out
+
+
 # -----------------------------------------------------------------------------
 # tokenised folders: `python data.py tokenize` once, memory-mapped shards at training time
 #

@@ -582,16 +582,19 @@ def main(argv=None):
         acc_before = toy_accuracy(model, tok, cfg, d, "before") if toy else None
     model.train()
     t_start, ev, stopped = dist.start_clock(), None, 0
+    ahead = data.Ahead(batches, lambda idx: microbatches(train_g, idx, cfg.micro_batch_size, tok.pad_id, d.device,
+                                                         layout, ref.get("train")))
     with dist.Progress(total_steps, step) as bar, dist.StopSignal() as stop:
         while step < total_steps and not stopped:
             t0 = time.perf_counter()
-            mbs = microbatches(train_g, batches.next(), cfg.micro_batch_size, tok.pad_id, d.device, layout,
-                               ref.get("train"))
+            mbs, data_state = ahead.take()
             if live:
                 attach_reference(mbs, ref_run)
             n_pairs, n_groups = counts(mbs, cfg.pairs, d.dp_group)
             lr = optim.lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
             loss = dist.train_step(model, d, mbs, dpo_loss(cfg, n_pairs, n_groups), first_trainable)
+            if step + 1 < total_steps:
+                ahead.prepare()  # the next step's batch, on the CPU while the GPU runs this one
             loss, norm, bad_steps = optim.optimizer_step(opt, loss, lr, cfg.grad_clip, d, bad_steps, step)
             step += 1
             answers, dt = sum(len(mb["answer_len"]) for mb in mbs) * d.D, time.perf_counter() - t0
@@ -607,7 +610,7 @@ def main(argv=None):
             stopped = step < total_steps and stop.requested(d)  # a signal in the last step: just finish
             if stopped or step % cfg.save_every == 0 or step == total_steps:
                 ckpt.save_checkpoint(cfg.out, step, d, tok.path, {"": (model, lora_name)}, optimizers={"optim": opt},
-                                     train_state=dict(step=step, bad_steps=bad_steps, data=batches.state_dict(),
+                                     train_state=dict(step=step, bad_steps=bad_steps, data=data_state,
                                                       data_hashes=hashes, config=asdict(cfg), best=best,
                                                       ev_before=ev_before, toy_before=acc_before),
                                      keep=cfg.keep_checkpoints)

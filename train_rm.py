@@ -307,13 +307,16 @@ def main(argv=None):
         else state.get("toy_before")
     model.train()
     t_start, tokens_seen, ev, stopped = dist.start_clock(), 0, None, 0
+    ahead = data.Ahead(batches, lambda idx: microbatches(train_enc, idx, cfg.micro_batch_size, tok, d.device, layout))
     with dist.Progress(total_steps, step) as bar, dist.StopSignal() as stop:
         while step < total_steps and not stopped:
             t0 = time.perf_counter()
-            mbs = microbatches(train_enc, batches.next(), cfg.micro_batch_size, tok, d.device, layout)
+            mbs, data_state = ahead.take()
             n_pairs = count_pairs(mbs, d.dp_group)
             lr = optim.lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
             loss = dist.train_step(model, d, mbs, rm_loss(head, n_pairs), first_trainable)
+            if step + 1 < total_steps:
+                ahead.prepare()  # the next step's batch, on the CPU while the GPU runs this one
             loss, norm, bad_steps = optim.optimizer_step(opt, loss, lr, cfg.grad_clip, d, bad_steps, step)
             step += 1
             tokens = sum(mb["input_ids"].numel() for mb in mbs) * d.D
@@ -330,7 +333,7 @@ def main(argv=None):
             stopped = step < total_steps and stop.requested(d)  # a signal in the last step: just finish
             if stopped or step % cfg.save_every == 0 or step == total_steps:
                 ckpt.save_checkpoint(cfg.out, step, d, tok.path, {"": (model, lora_name)}, heads, {"optim": opt},
-                                     dict(step=step, bad_steps=bad_steps, data=batches.state_dict(), data_hashes=hashes,
+                                     dict(step=step, bad_steps=bad_steps, data=data_state, data_hashes=hashes,
                                           config=asdict(cfg), best=best, toy_before=ev_before),
                                      keep=cfg.keep_checkpoints)
     if stopped:

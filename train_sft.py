@@ -205,12 +205,15 @@ def main(argv=None):
         state.get("toy_before")
     model.train()
     t_start, tokens_seen, stopped = dist.start_clock(), 0, 0
+    ahead = data.Ahead(batches, lambda idx: microbatches(rows, idx, cfg.micro_batch_size, tok.pad_id, d.device))
     with dist.Progress(total_steps, step) as bar, dist.StopSignal() as stop:
         while step < total_steps and not stopped:
             t0 = time.perf_counter()
-            mbs = microbatches(rows, batches.next(), cfg.micro_batch_size, tok.pad_id, d.device)
+            mbs, data_state = ahead.take()
             lr = optim.lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
             loss = dist.train_step(model, d, mbs, sft_loss(count_label_tokens(mbs, d.dp_group)), first_trainable)
+            if step + 1 < total_steps:
+                ahead.prepare()  # the next step's batch, on the CPU while the GPU runs this one
             loss, norm, bad_steps = optim.optimizer_step(opt, loss, lr, cfg.grad_clip, d, bad_steps, step)
             step += 1
             slots = sum(mb["input_ids"].numel() for mb in mbs)
@@ -229,7 +232,7 @@ def main(argv=None):
             stopped = step < total_steps and stop.requested(d)  # a signal in the last step: just finish
             if stopped or step % cfg.save_every == 0 or step == total_steps:
                 ckpt.save_checkpoint(cfg.out, step, d, tok.path, {"": (model, lora_name)}, optimizers={"optim": opt},
-                                     train_state=dict(step=step, bad_steps=bad_steps, data=batches.state_dict(),
+                                     train_state=dict(step=step, bad_steps=bad_steps, data=data_state,
                                                       data_hashes=hashes, config=asdict(cfg), best=best,
                                                       toy_before=acc_before),
                                      keep=cfg.keep_checkpoints)
