@@ -730,9 +730,9 @@ class Ahead:
     """A training loop's micro-batches, built one step ahead. take() gives this step's, with the
     Batches state after them (what its checkpoint records); prepare(), called once the step's
     forward and backward are queued on the GPU, builds the next step's meanwhile, so collating
-    (padding, packing, the masks of shared-prompt rows) costs no GPU time: 6% more real tokens/s for
-    6B LoRA SFT on padded or packed long-tailed rows, 28% with --group_by_length (H200, bench.py
-    lengths), under 1% for DPO."""
+    (padding, packing, the masks of shared-prompt rows) costs no GPU time. One H200 call before and
+    one after (bench.py lengths, 6B LoRA SFT on long-tailed rows): +6% real tokens/s padded or
+    packed, +28% with --group_by_length; DPO (bench.py dpo): under 1%."""
 
     def __init__(self, batches, build):
         self.batches, self.build, self.ready = batches, build, None  # build(indices) -> micro-batches
