@@ -358,9 +358,9 @@ class Reference:
             return dist.forward(model, self.d, mbs, token_logps, lambda mb: (len(mb["target"]),))
 
     def sample(self, groups, pad_id, eop_id, seed, batch_size=64):
-        """One answer to each group's prompt, sampled at temperature 1 (seeded alike on every
-        replica), as groups {prompt, answers: [ids ending at <eop>]}; as long as the group's
-        longest answer at most."""
+        """One answer to each group's prompt, sampled at temperature 1, as groups {prompt, answers:
+        [ids ending at <eop>]}; as long as the group's longest answer at most. Every rank gets rank
+        0's samples (replicas sample alike from one seed, unless their kernels differ in rounding)."""
         out, g = [], torch.Generator(device=self.d.device).manual_seed(seed)
         with self.running() as model:
             for i in range(0, len(groups), batch_size):
@@ -371,7 +371,7 @@ class Reference:
                 for c, row in zip(chunk, new[:, ids.shape[1]:].tolist()):
                     end = row.index(eop_id) + 1 if eop_id in row else len(row)
                     out.append({"prompt": c["prompt"], "answers": [row[:end]]})
-        return out
+        return dist.broadcast_object(out, self.d)
 
 
 def reference_runner(cfg, mode, model, stage, d, fresh):

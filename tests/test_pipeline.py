@@ -406,8 +406,9 @@ def test_gloo_dpo_p2_d2_gives_the_single_process_losses_and_held_out_scores(setu
     for key in ("eval_loss", "eval_pair_acc", "eval_margin", "eval_chosen_drift", "eval_kl"):
         assert_same_curve(losses(got, key), losses(want, key), [2])
     a, b = (torch.load(r / train_dpo.REF_FILE, weights_only=True) for r in (got, want))
-    for split in ("train", "eval"):
+    for split in ("train", "eval", "kl"):  # kl: the reference's samples for the KL, drawn through the pipeline
         torch.testing.assert_close(a[split], b[split], atol=1e-5, rtol=1e-5)
+    assert a["kl_groups"] == b["kl_groups"]
 
 
 def test_gloo_sft_p2_d2_gives_the_single_process_losses(setup_dir, launched, single):
