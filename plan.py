@@ -446,19 +446,25 @@ def glm_pieces(cfg, micro_batch_size, seq_len, train="full", lora_rank=8,
         att = {"full": attn, "lora": lora_attn, "last_n": attn if trains else 0}[train]
         pieces.append(PieceCost(f"layer {i}", i, held, trains, fwd, bwd, act if graph else 0.0,
                                 ckpt if graph else 0.0, parts=(("attention", att), ("mlp", trains - att))))
-    lm = V * h if lm_head else 0  # lm_head weights that compute (and train with the head)
-    head_train = (2 * h + lm) if train == "full" or (train == "last_n" and train_head) else 0
-    graph = graph or head_train > 0
-    # an int8 head holds a byte a weight and a float16 scale a row, and dequantizes its whole weight
-    # for a call's logits (glm.head_logprobs, prefill): held once, beside the logits
+    trains_head = train == "full" or (train == "last_n" and train_head)
     int8_head = len(quantize) > 2 and quantize[0] and quantize[2]
-    head = 2 * h + ((V * h + 2 * V) / param_bytes if int8_head else V * h)
-    once = (logits if graph else 0.0) + (V * h * param_bytes if int8_head else 0.0) if lm else 0.0
-    # head: final LN (2h) and lm_head (V*h); keeps the LN input and output (4 T h bytes)
-    pieces.append(PieceCost("head", None, head, head_train, 2 * lm * T,
-                            (2 * lm * T + 2 * head_train * T) if graph else 0.0,
-                            2 * T * h * param_bytes if graph else 0.0, 0.0, once))
+    pieces.append(head_piece(cfg, T, lm_head, trains_head, graph, logits, int8_head, param_bytes))
     return pieces
+
+
+def head_piece(cfg, T, lm_head, trains, graph, logits, int8_head, param_bytes):
+    """The head's PieceCost: final LN (2h) and lm_head (V*h), keeping the LN's input and output (4 T h
+    bytes). lm_head=False: its weights compute nothing. An int8 head holds a byte a weight and a
+    float16 scale a row, and dequantizes its whole weight for a call's logits (glm.head_logprobs,
+    prefill): held once, beside the logits."""
+    h, V = cfg.hidden_size, cfg.vocab_size
+    lm = V * h if lm_head else 0  # lm_head weights that compute (and train with the head)
+    head_train = (2 * h + lm) if trains else 0
+    graph = graph or head_train > 0
+    held = 2 * h + ((V * h + 2 * V) / param_bytes if int8_head else V * h)
+    once = (logits if graph else 0.0) + (V * h * param_bytes if int8_head else 0.0) if lm else 0.0
+    return PieceCost("head", None, held, head_train, 2 * lm * T, (2 * lm * T + 2 * head_train * T) if graph else 0.0,
+                     2 * T * h * param_bytes if graph else 0.0, 0.0, once)
 
 
 # ---- the request: ChatGLM of one shape, trained one way, on one kind of GPU -------------------

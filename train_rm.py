@@ -252,6 +252,16 @@ def reward_head_of(model, hidden_size, seed, d, resume_dir):
 # training
 
 
+def rm_plan(cfg, gcfg, d, mode, qs, k_max):
+    """The run's plan, printed: a micro-batch holds micro_batch_size prompts of up to k_max answers
+    (one sequence each, or one row each with the prompt shared) and computes no logits."""
+    the_plan = plan.plan_for_run(gcfg, d.P, d.device, cfg.micro_batch_size * k_max, cfg.max_len, cfg.grad_accum,
+                                 mode, cfg.lora_rank, cfg.lora_targets.split(","), cfg.train_layers,
+                                 cfg.gpu_mem_gib, cfg.plan, lm_head=False, quantize=qs)
+    dist.print0(the_plan.format_table())
+    return the_plan
+
+
 def main(argv=None):
     cfg = flags.parse(Config, argv, preset=lambda c: {} if c.model else data.TOY_RM,
                       positive=POSITIVE, non_negative=NON_NEGATIVE)
@@ -277,11 +287,7 @@ def main(argv=None):
     gcfg = glm.GLMConfig.from_json(os.path.join(cfg.model, "config.json"))
     mode = optim.train_mode(cfg.lora_rank, cfg.train_layers, gcfg.num_layers)
     qs = quant.scheme(cfg.model, cfg.quantize, cfg.quant_group_size, mode, cfg.quantize_head)  # the base's scheme
-    k_max = max(len(e["ids"]) for e in train_enc)  # answers of the largest group
-    the_plan = plan.plan_for_run(gcfg, d.P, d.device, cfg.micro_batch_size * k_max, cfg.max_len, cfg.grad_accum,
-                                 mode, cfg.lora_rank, cfg.lora_targets.split(","), cfg.train_layers,
-                                 cfg.gpu_mem_gib, cfg.plan, lm_head=False, quantize=qs)
-    dist.print0(the_plan.format_table())
+    the_plan = rm_plan(cfg, gcfg, d, mode, qs, max(len(e["ids"]) for e in train_enc))
     stage = the_plan.stages[d.pp_rank]
     resume_dir = ckpt.checkpoint_dir(cfg.out, cfg.resume)
     model = dist.build_stage(resume_dir if resume_dir and mode != "lora" else cfg.model, stage, d, cfg.checkpoint, qs)
