@@ -196,11 +196,7 @@ def training_setup(args, cfg, d, method, dtype, quantize=quant.FLOAT):
                                   mem_budget=budget, method=method, lm_head=args.mode != "rm", quantize=quantize)
     dist.print0(the_plan.format_table())
     stage = the_plan.stages[d.pp_rank]
-    model = random_model(cfg, dtype, d.device, d.pp_rank, **stage.model_kwargs())
-    if quantize.bits:
-        quant.quantize_model(model, quantize.bits, quantize.group_size)
-        if quantize.head:
-            quant.quantize_head(model)
+    model = quant.quantize_as(random_model(cfg, dtype, d.device, d.pp_rank, **stage.model_kwargs()), quantize)
     model.checkpoint_activations = frozenset(stage.layers if args.checkpoint else stage.checkpoint_layers)
     optim.select_trainable(model, args.train, train_layers=args.train_layers)
     head = None
@@ -426,12 +422,7 @@ def quant_schemes(toy):
 
 def quantized_random_model(cfg, dtype, device, qs):
     """random_model (the same weights every time), its block linears (and head) then quantized."""
-    model = random_model(cfg, dtype, device)
-    if qs.bits:
-        quant.quantize_model(model, qs.bits, qs.group_size)
-    if qs.head:
-        quant.quantize_head(model)
-    return model.eval()
+    return quant.quantize_as(random_model(cfg, dtype, device), qs).eval()
 
 
 def rel_err(a, b):

@@ -268,6 +268,16 @@ def quantize_head(model):
     return model
 
 
+def quantize_as(model, scheme):
+    """A float model (or stage) quantized in place as `scheme` says: its block linears, and lm_head
+    with scheme.head. FLOAT leaves it as it is."""
+    if scheme.bits:
+        quantize_model(model, scheme.bits, scheme.group_size)
+        if scheme.head:
+            quantize_head(model)
+    return model
+
+
 def is_quantized(model):
     return any(isinstance(m, QuantLinear) for m in model.modules())
 
