@@ -71,7 +71,9 @@ def timed(fn, device):
 def bench_generate(args, device, dtype):
     model = random_model(glm.GLMConfig.toy() if args.toy else glm.GLMConfig(), dtype, device).eval()
     cfg, results = model.config, []
-    for B in [int(b) for b in args.batches.split(",")]:
+    variants = [(k, int(b)) for k in args.kernels.split(",") for b in args.batches.split(",")]
+    for kernels, B in variants:
+        glm.FUSED = kernels == "fused"
         ids = random_prompts(cfg, B, args.prompt_len, device)
         N = args.new_tokens
         for use_graph in ([False, True] if device.type == "cuda" else [False]):
@@ -79,7 +81,7 @@ def bench_generate(args, device, dtype):
             timed(gen, device)  # warm-up (allocator, kernels)
             out, total = timed(gen, device)
             step_ms = decode_step_ms(model, ids, N, use_graph, device)
-            results.append(dict(mode="generate", batch=B, prompt_len=args.prompt_len, new_tokens=N,
+            results.append(dict(mode="generate", kernels=kernels, batch=B, prompt_len=args.prompt_len, new_tokens=N,
                                 cuda_graph=use_graph, decode_ms_per_step=round(step_ms, 3),
                                 decode_tok_per_s=round(B * 1000 / step_ms, 1),
                                 end_to_end_s=round(total, 4), end_to_end_tok_per_s=round(B * N / total, 1),
@@ -231,7 +233,8 @@ def bench_train(args, device, dtype):
     if args.toy:
         cfg.num_layers = 4
     results = []
-    for method in args.plans.split(","):
+    for method, kernels in [(m, k) for m in args.plans.split(",") for k in args.kernels.split(",")]:
+        glm.FUSED = kernels == "fused"  # fused: glm_kernels' Triton kernels; plain: torch ops only
         the_plan, model, step = training_setup(args, cfg, d, method, dtype)
         for _ in range(2):
             step()
@@ -248,7 +251,7 @@ def bench_train(args, device, dtype):
         params = sum(p.numel() for p in model.parameters()) if args.train != "lora" else None
         if params is not None:  # the issue's MFU: 6 x all parameters (embedding included) x tokens
             params = int(dist.all_reduce(torch.tensor(float(params), device=d.device), "sum", d.pp_group).item())
-        res = training_record(args, cfg, d, method, the_plan, dt, rows, params)
+        res = dict(kernels=kernels, **training_record(args, cfg, d, method, the_plan, dt, rows, params))
         dist.print0(json.dumps(res))
         results.append(res)
         del model, step
@@ -528,6 +531,8 @@ def main():
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--micro_batches", type=int, default=1, help="micro-batches per step and replica (M)")
     p.add_argument("--plans", default="auto", help="comma-separated: auto, naive")
+    p.add_argument("--kernels", default="fused", help="generate, sft, pipeline, rm: comma-separated fused "
+                   "(glm_kernels' Triton kernels on CUDA), plain (torch ops only)")
     p.add_argument("--dir", default="/tmp/glm6b")
     p.add_argument("--adapter", action="store_true")
     p.add_argument("--out", default="bench_results.jsonl")

@@ -11,6 +11,8 @@ Shape vocabulary in comments: B batch, T query length, S key length, C hidden si
 nh heads, hs head size, V vocabulary.
 """
 import argparse
+import functools
+import importlib
 import json
 import math
 import os
@@ -315,6 +317,67 @@ def apply_rotary_2d(x, cos, sin):
     return torch.addcmul(x * cos, swapped, sin)
 
 
+def rotary_heads(qkv, rope, cache=None, pos=None):
+    """The fused QKV output [B, T, nh, 3, hs] -> q, k, v [B, nh, T, hs] with q and k rotated; with a
+    cache, k and v are first written into it at pos and the cache's window [B, nh, S, hs] returned."""
+    kernels = kernels_for(qkv)
+    if kernels and cache is None:  # one pass forward, one backward, instead of ~10 elementwise ops
+        return kernels.RotaryHeads.apply(qkv, *rope)
+    if kernels:
+        q = kernels.rotary_into_cache(qkv, *rope, cache.k, cache.v, pos[0])
+        return q, cache.k[:, :pos[1]].transpose(1, 2), cache.v[:, :pos[1]].transpose(1, 2)
+    qk = apply_rotary_2d(qkv[:, :, :, :2], *rope)  # q and k rotated together: [B, T, nh, 2, hs]
+    q, k, v = qk[:, :, :, 0], qk[:, :, :, 1], qkv[:, :, :, 2]  # [B, T, nh, hs]
+    if cache is not None:
+        k, v = cache.update(pos, k, v)  # [B, S, nh, hs]: S = the window's end
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+# -----------------------------------------------------------------------------
+# fused kernels (CUDA)
+
+
+FUSED = True  # False: the plain torch ops on CUDA too (tests and benchmarks compare the two)
+
+
+@functools.cache
+def triton_module(name):
+    """The Triton kernel module `name` (glm_kernels, quant_kernels), or None where Triton cannot be
+    imported: the CPU build of torch ships without it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def kernels_for(x):
+    """glm_kernels for x on CUDA with power-of-two heads (the kernels' tiles), else None: torch ops."""
+    hs = x.shape[-1]
+    if not (FUSED and x.is_cuda and hs & (hs - 1) == 0):
+        return None
+    return triton_module("glm_kernels")
+
+
+def layer_norm(ln, a, b=None, alpha=1.0, decoding=False):
+    """ln(a + alpha * b), or ln(a); one kernel when decoding (torch's takes ~8 us for one row). Other
+    forwards keep torch's: PPO's old and new log-probs, with and without autograd, agree bit for bit."""
+    kernels = kernels_for(a) if decoding and not torch.is_grad_enabled() else None
+    if kernels:
+        return kernels.layer_norm(ln, a, b, alpha)
+    return ln(a if b is None else torch.add(a, b, alpha=alpha))
+
+
+def attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(hs) + mask) v for q [B, nh, T, hs], k and v [B, nh, S, hs] and the
+    additive mask [B, 1, T, S] (or a BlockMask) -> [B, nh, T, hs]."""
+    if isinstance(mask, BlockMask):
+        return flex(q, k, v, mask)
+    kernels = kernels_for(q) if q.shape[2] == 1 and not torch.is_grad_enabled() else None
+    if kernels:  # a decode step: one query a row
+        return kernels.decode_attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 # -----------------------------------------------------------------------------
 # the model
 
@@ -362,16 +425,9 @@ class SelfAttention(nn.Module):
         B, T, C = x.shape
         # fused QKV is interleaved per head: [q_h k_h v_h] for each head h, not [Q K V]
         qkv = self.query_key_value(x).view(B, T, self.nh, 3, self.hs)  # [B, T, nh, 3, hs]
-        qk = apply_rotary_2d(qkv[:, :, :, :2], *rope)  # q and k rotated together: [B, T, nh, 2, hs]
-        q, k, v = qk[:, :, :, 0], qk[:, :, :, 1], qkv[:, :, :, 2]  # [B, T, nh, hs]
-        if cache is not None:
-            k, v = cache.update(pos, k, v)  # [B, S, nh, hs]: S = the window's end
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, nh, T or S, hs]
-        # scores q.k / sqrt(hs) in both kernels; the release's extra scaling by layer_id+1 cancels in softmax
-        if isinstance(mask, BlockMask):
-            y = flex(q, k, v, mask)  # [B, nh, T, hs]
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, nh, T, hs]
+        q, k, v = rotary_heads(qkv, rope, cache, pos)  # [B, nh, T or S, hs]
+        # scores q.k / sqrt(hs); the release's extra scaling by layer_id+1 cancels in softmax
+        y = attention(q, k, v, mask)  # [B, nh, T, hs]
         return self.dense(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -399,10 +455,10 @@ class GLMBlock(nn.Module):
 
     def forward(self, h, rope, mask, cache=None, pos=None):
         # pre-LN with a scaled residual: the *normalised* input is what is carried forward
-        x = self.input_layernorm(h)
-        h = torch.add(self.attention(x, rope, mask, cache, pos), x, alpha=self.alpha)  # x*alpha + attn(x)
-        y = self.post_attention_layernorm(h)
-        return torch.add(self.mlp(y), y, alpha=self.alpha)
+        x = layer_norm(self.input_layernorm, h, decoding=cache is not None)
+        a = self.attention(x, rope, mask, cache, pos)
+        y = layer_norm(self.post_attention_layernorm, a, x, self.alpha, cache is not None)  # LN(x*alpha + attn(x))
+        return torch.add(self.mlp(y), y, alpha=self.alpha)  # y*alpha + mlp(y)
 
 
 class GLMTransformer(nn.Module):
@@ -438,7 +494,9 @@ class GLMTransformer(nn.Module):
                 h = torch.utils.checkpoint.checkpoint(block, h, rope, mask, use_reentrant=False)
             else:
                 h = block(h, rope, mask, cache, pos)
-        return self.final_layernorm(h) if self.final_layernorm is not None else h
+        if self.final_layernorm is None:
+            return h
+        return layer_norm(self.final_layernorm, h, decoding=caches is not None)
 
 
 class ChatGLM(nn.Module):

@@ -24,7 +24,6 @@ quant_kernels.py (Triton) does both faster: a one-pass dequantization for many r
 rows (decoding) a matmul that reads the codes directly and never writes the float weight.
 """
 import argparse
-import functools
 import json
 import os
 import re
@@ -137,21 +136,11 @@ def dequantize(codes, scale, bits, dtype=torch.float32):
     return w.view(out, n).to(dtype)
 
 
-@functools.cache
-def _triton():
-    """quant_kernels, or None where Triton cannot be imported (the CPU build of torch has none)."""
-    try:
-        import quant_kernels
-    except ImportError:
-        return None
-    return quant_kernels
-
-
 def _kernels(codes, dtype):
     """The Triton kernels for CUDA codes and a half-precision compute dtype, else None (torch ops)."""
     if not (USE_KERNELS and codes.is_cuda and dtype in (torch.float16, torch.bfloat16)):
         return None
-    return _triton()
+    return glm.triton_module("quant_kernels")
 
 
 # -----------------------------------------------------------------------------

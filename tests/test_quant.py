@@ -350,7 +350,7 @@ def test_quantize_head_needs_a_quantized_base_and_the_planner_prices_an_int8_hea
 # -----------------------------------------------------------------------------
 # the Triton kernels (CUDA only; the device's check, skipped on CPUs)
 
-cuda_kernels = pytest.mark.skipif(not torch.cuda.is_available() or quant._triton() is None,
+cuda_kernels = pytest.mark.skipif(not torch.cuda.is_available() or glm.triton_module("quant_kernels") is None,
                                   reason="needs CUDA and Triton")
 
 
@@ -362,7 +362,7 @@ def test_cuda_kernels_equal_the_plain_torch_path(bits, group, monkeypatch):
     codes, scale = quant.quantize(w, bits, group)
     monkeypatch.setattr(quant, "USE_KERNELS", False)
     plain = quant.dequantize(codes, scale, bits, torch.bfloat16)
-    kernels = quant._triton()
+    kernels = glm.triton_module("quant_kernels")
     assert torch.equal(kernels.dequantize(codes, scale, bits, torch.bfloat16), plain)  # bit for bit
     bias = torch.randn(300, device="cuda").bfloat16()
     x = torch.randn(64, 1024, device="cuda").bfloat16()
