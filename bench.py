@@ -69,8 +69,11 @@ def timed(fn, device):
 
 
 def bench_generate(args, device, dtype):
+    """Decode ms/step and end-to-end tokens/s at each of --batches, with and without CUDA graphs; with
+    --kernels fused,plain also how many greedy tokens of the two agree (random weights: flat logits,
+    where a last-bit difference can flip a token and everything after it)."""
     model = random_model(glm.GLMConfig.toy() if args.toy else glm.GLMConfig(), dtype, device).eval()
-    cfg, results = model.config, []
+    cfg, results, outs = model.config, [], {}
     variants = [(k, int(b)) for k in args.kernels.split(",") for b in args.batches.split(",")]
     for kernels, B in variants:
         glm.FUSED = kernels == "fused"
@@ -86,6 +89,12 @@ def bench_generate(args, device, dtype):
                                 decode_tok_per_s=round(B * 1000 / step_ms, 1),
                                 end_to_end_s=round(total, 4), end_to_end_tok_per_s=round(B * N / total, 1),
                                 weight_gb=round(sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9, 2)))
+            outs[kernels, B, use_graph] = out
+            if kernels == "plain" and ("fused", B, use_graph) in outs:
+                same = (outs["fused", B, use_graph] == out).float()[:, ids.shape[1]:]  # [B, N]
+                first = torch.where(same.min(0).values == 0)[0]
+                results[-1].update(tokens_same_as_fused=round(same.mean().item(), 4),
+                                   first_differing_step=int(first[0]) if len(first) else None)
             print(json.dumps(results[-1]), flush=True)
         del ids
     return results

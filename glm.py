@@ -350,18 +350,26 @@ def triton_module(name):
         return None
 
 
-def kernels_for(x):
-    """glm_kernels for x on CUDA with power-of-two heads (the kernels' tiles), else None: torch ops."""
+def kernels_for(x, heads=True):
+    """glm_kernels for x on CUDA, else None (torch ops); heads: x [..., hs] must have a power-of-two
+    head size (the kernels' tiles)."""
     hs = x.shape[-1]
-    if not (FUSED and x.is_cuda and hs & (hs - 1) == 0):
+    if not (FUSED and x.is_cuda and (not heads or hs & (hs - 1) == 0)):
         return None
     return triton_module("glm_kernels")
+
+
+def linear(layer, x):
+    """layer(x); a decode step's single row through a plain nn.Linear takes the Triton GEMV."""
+    one_row = x.numel() == x.shape[-1] and not torch.is_grad_enabled() and type(layer) is nn.Linear
+    kernels = kernels_for(x, heads=False) if one_row and layer.weight.is_contiguous() else None
+    return kernels.gemv(x, layer.weight, layer.bias) if kernels else layer(x)
 
 
 def layer_norm(ln, a, b=None, alpha=1.0, decoding=False):
     """ln(a + alpha * b), or ln(a); one kernel when decoding (torch's takes ~8 us for one row). Other
     forwards keep torch's: PPO's old and new log-probs, with and without autograd, agree bit for bit."""
-    kernels = kernels_for(a) if decoding and not torch.is_grad_enabled() else None
+    kernels = kernels_for(a, heads=False) if decoding and not torch.is_grad_enabled() else None
     if kernels:
         return kernels.layer_norm(ln, a, b, alpha)
     return ln(a if b is None else torch.add(a, b, alpha=alpha))
@@ -424,11 +432,11 @@ class SelfAttention(nn.Module):
         """mask: the additive float mask [B, 1, T, S] (0 or -inf), or a BlockMask (no cache)."""
         B, T, C = x.shape
         # fused QKV is interleaved per head: [q_h k_h v_h] for each head h, not [Q K V]
-        qkv = self.query_key_value(x).view(B, T, self.nh, 3, self.hs)  # [B, T, nh, 3, hs]
+        qkv = linear(self.query_key_value, x).view(B, T, self.nh, 3, self.hs)  # [B, T, nh, 3, hs]
         q, k, v = rotary_heads(qkv, rope, cache, pos)  # [B, nh, T or S, hs]
         # scores q.k / sqrt(hs); the release's extra scaling by layer_id+1 cancels in softmax
         y = attention(q, k, v, mask)  # [B, nh, T, hs]
-        return self.dense(y.transpose(1, 2).reshape(B, T, C))
+        return linear(self.dense, y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
@@ -438,7 +446,7 @@ class MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(cfg.inner_hidden_size, cfg.hidden_size)
 
     def forward(self, x):
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+        return linear(self.dense_4h_to_h, F.gelu(linear(self.dense_h_to_4h, x), approximate="tanh"))
 
 
 class GLMBlock(nn.Module):
@@ -807,7 +815,7 @@ class Decoder:
     def run(self, x, rope, attend, pos, caches=None):
         """Logits [B, V] at the last position (hidden states [B, T, C] on a stage without the head)."""
         h = self.model.transformer(x, rope, attend, caches or self.caches, pos)
-        return self.model.lm_head(h[:, -1]) if self.model.lm_head is not None else h
+        return linear(self.model.lm_head, h[:, -1]) if self.model.lm_head is not None else h
 
     def prefill(self, x, layout, group=1):
         """The whole prompt in one pass; logits [B, V] at its last position (or hidden states).

@@ -100,6 +100,20 @@ def test_decode_attention_against_float64(dtype, B):
     assert (got.double() - ref).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_against_float64(dtype):
+    torch.manual_seed(4)
+    lin = torch.nn.Linear(300, 1000, device="cuda", dtype=dtype)  # neither a multiple of the tiles
+    x = torch.randn(1, 1, 300, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        for bias in (lin.bias, None):
+            ref = F.linear(x.double(), lin.weight.double(), None if bias is None else bias.double())
+            got = glm_kernels().gemv(x, lin.weight, bias)
+            assert got.shape == (1, 1, 1000)
+            assert ((got.double() - ref).norm() / ref.norm()) < (1e-6 if dtype == torch.float32 else 4e-3)
+        assert torch.equal(glm.linear(lin, x), glm_kernels().gemv(x, lin.weight, lin.bias))  # one row: the kernel
+
+
 def glm_kernels():
     return glm.triton_module("glm_kernels")
 
