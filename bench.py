@@ -88,7 +88,8 @@ def bench_generate(args, device, dtype):
                                 cuda_graph=use_graph, decode_ms_per_step=round(step_ms, 3),
                                 decode_tok_per_s=round(B * 1000 / step_ms, 1),
                                 end_to_end_s=round(total, 4), end_to_end_tok_per_s=round(B * N / total, 1),
-                                weight_gb=round(sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9, 2)))
+                                weight_gb=round(sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9,
+                                                2)))
             outs[kernels, B, use_graph] = out
             if kernels == "plain" and ("fused", B, use_graph) in outs:
                 same = (outs["fused", B, use_graph] == out).float()[:, ids.shape[1]:]  # [B, N]
@@ -137,20 +138,24 @@ def bench_forward(args, device, dtype):
             p.grad = None
         return loss
 
-    step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = [timed(step, device)[1] for _ in range(args.iters)]
-    dt = sorted(times)[len(times) // 2]
-    tokens = args.batch * (args.seq - 1)
-    n_params = sum(p.numel() for p in model.parameters())
-    attn = 12 * cfg.num_layers * cfg.hidden_size * (args.seq - 1)  # fwd+bwd scores and context per token
-    flops = (6 * n_params + attn) * tokens
-    res = dict(mode="forward", batch=args.batch, seq=args.seq, checkpoint=args.checkpoint,
-               step_s=round(dt, 4), tok_per_s=round(tokens / dt, 1), mfu=round(flops / dt / H100_BF16_PEAK, 4),
-               peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None)
-    print(json.dumps(res), flush=True)
-    return [res]
+    results = []
+    for kernels in args.kernels.split(","):
+        glm.FUSED = kernels == "fused"
+        step()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = [timed(step, device)[1] for _ in range(args.iters)]
+        dt = sorted(times)[len(times) // 2]
+        tokens = args.batch * (args.seq - 1)
+        n_params = sum(p.numel() for p in model.parameters())
+        attn = 12 * cfg.num_layers * cfg.hidden_size * (args.seq - 1)  # fwd+bwd scores and context per token
+        flops = (6 * n_params + attn) * tokens
+        results.append(dict(mode="forward", kernels=kernels, batch=args.batch, seq=args.seq, checkpoint=args.checkpoint,
+                            step_s=round(dt, 4), tok_per_s=round(tokens / dt, 1),
+                            mfu=round(flops / dt / H100_BF16_PEAK, 4), peak_mem_gib=round(
+                                torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None))
+        print(json.dumps(results[-1]), flush=True)
+    return results
 
 
 def train_batches(cfg, args, M, device, seed):
@@ -540,7 +545,7 @@ def main():
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--micro_batches", type=int, default=1, help="micro-batches per step and replica (M)")
     p.add_argument("--plans", default="auto", help="comma-separated: auto, naive")
-    p.add_argument("--kernels", default="fused", help="generate, sft, pipeline, rm: comma-separated fused "
+    p.add_argument("--kernels", default="fused", help="generate, forward, sft, pipeline, rm: comma-separated fused "
                    "(glm_kernels' Triton kernels on CUDA), plain (torch ops only)")
     p.add_argument("--dir", default="/tmp/glm6b")
     p.add_argument("--adapter", action="store_true")
