@@ -9,6 +9,10 @@
 
 Shape vocabulary in comments: B batch, T query length, S key length, C hidden size,
 nh heads, hs head size, V vocabulary.
+
+On CUDA, a few steps run as Triton kernels (glm_kernels.py) where they fit: the rotary and its
+gradient, and for decoding LayerNorm, attention and single-row linears. The torch ops beside them
+are the reference (CPU, and glm.FUSED = False).
 """
 import argparse
 import functools
@@ -351,19 +355,25 @@ def triton_module(name):
 
 
 def kernels_for(x, heads=True):
-    """glm_kernels for x on CUDA, else None (torch ops); heads: x [..., hs] must have a power-of-two
-    head size (the kernels' tiles)."""
+    """glm_kernels for x on the current CUDA device (Triton launches there), else None (torch ops);
+    heads: x [..., hs] must have a power-of-two head size (the kernels' tiles)."""
     hs = x.shape[-1]
-    if not (FUSED and x.is_cuda and (not heads or hs & (hs - 1) == 0)):
+    if not (FUSED and x.is_cuda and x.device.index == torch.cuda.current_device()
+            and (not heads or hs & (hs - 1) == 0)):
         return None
     return triton_module("glm_kernels")
 
 
 def linear(layer, x):
-    """layer(x); a decode step's single row through a plain nn.Linear takes the Triton GEMV."""
-    one_row = x.numel() == x.shape[-1] and not torch.is_grad_enabled() and type(layer) is nn.Linear
-    kernels = kernels_for(x, heads=False) if one_row and layer.weight.is_contiguous() else None
-    return kernels.gemv(x, layer.weight, layer.bias) if kernels else layer(x)
+    """layer(x); a plain nn.Linear goes through `project` (LoRA and quantized layers have their own)."""
+    return project(x, layer.weight, layer.bias) if type(layer) is nn.Linear else layer(x)
+
+
+def project(x, weight, bias=None):
+    """F.linear(x, weight, bias); a decode step's single row (no autograd, CUDA) takes the Triton GEMV."""
+    one_row = x.numel() == x.shape[-1] and not torch.is_grad_enabled() and weight.is_contiguous()
+    kernels = kernels_for(x, heads=False) if one_row else None
+    return kernels.gemv(x, weight, bias) if kernels else F.linear(x, weight, bias)
 
 
 def layer_norm(ln, a, b=None, alpha=1.0, decoding=False):

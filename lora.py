@@ -104,7 +104,7 @@ class LoRALinear(nn.Linear):
         return (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scaling[name]
 
     def base_forward(self, x):
-        return F.linear(x, self.weight, self.bias)
+        return glm.project(x, self.weight, self.bias)
 
     def forward(self, x):
         if self.merged is not None and self.merged != self.active:  # weight holds another adapter's delta

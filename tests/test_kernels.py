@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import glm
+import lora
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or glm.triton_module("glm_kernels") is None,
                                 reason="needs CUDA and Triton")
@@ -111,7 +112,14 @@ def test_gemv_against_float64(dtype):
             got = glm_kernels().gemv(x, lin.weight, bias)
             assert got.shape == (1, 1, 1000)
             assert ((got.double() - ref).norm() / ref.norm()) < (1e-6 if dtype == torch.float32 else 4e-3)
-        assert torch.equal(glm.linear(lin, x), glm_kernels().gemv(x, lin.weight, lin.bias))  # one row: the kernel
+        want = glm_kernels().gemv(x, lin.weight, lin.bias)
+        assert torch.equal(glm.linear(lin, x), want)  # a decode step's row takes the kernel
+        before = lin.weight.clone()
+        lora.LoRALinear.convert(lin).add_adapter("a", 4, 8.0)
+        lin.lora_B["a"].data.normal_()
+        lin.merge()  # an adapter folded into the weight, as `glm.py chat --adapter` runs it
+        assert not torch.equal(lin.weight, before)
+        assert torch.equal(glm.linear(lin, x), glm_kernels().gemv(x, lin.weight, lin.bias))
 
 
 def glm_kernels():
