@@ -7,8 +7,8 @@ that read and write the same tensors several times. glm.py imports this module o
   ops (a float16 copy of the tables, mul, a flip, addcmul, the slices' zero-filled gradients, the
   transposes) took ~12% of a LoRA SFT step at 4 x 512 (H200 profile, 2026-11-30).
 - `rotary_into_cache`: the same rotation for generation, writing k and v into the KV cache slots.
-- `layer_norm`: LayerNorm of a + alpha * b in one pass, for forwards without autograd (generation,
-  scoring): torch's kernel takes ~8 us for a decode step's single row, and the residual add is another.
+- `layer_norm`: LayerNorm of a + alpha * b in one pass, for generation: torch's kernel takes ~8 us
+  for a decode step's single row, and the residual add is another.
 - `decode_attention`: one new query per row against the cache window, its keys split into chunks
   at small batches.
 - `gemv`: a linear layer on a single row (decoding at batch 1), faster than cuBLAS at these shapes.
@@ -33,7 +33,7 @@ def _rotary_kernel(qkv, cos, sin, q_out, k_out, v_out, slots, T, NH,
     strides (s?b, s?h, s?t) and contiguous heads; k and v go to time slots[t] when HAS_SLOTS.
     As glm.apply_rotary_2d: y = x * cos + swap(x) * sin, cos and sin rounded to x's dtype, x * cos
     rounded before the add (addcmul)."""
-    bt = tl.program_id(0)
+    bt = tl.program_id(0).to(tl.int64)  # offsets past 2^31 elements: long prompts in large batches
     b, t = bt // T, bt % T
     h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)                    # [H]
     j = tl.arange(0, HS)                                                  # [HS]
@@ -60,7 +60,7 @@ def _rotary_backward_kernel(dq, dk, dv, cos, sin, dqkv, T, NH, sqb, sqh, sqt, sk
                             HS: tl.constexpr, HEADS: tl.constexpr):
     """dqkv [B, T, nh, 3, hs] from the gradients of q, k, v [B, nh, T, hs] (strides s?b, s?h, s?t):
     dx = dy * cos + swap(dy * sin), each product rounded as autograd rounds it through the torch ops."""
-    bt = tl.program_id(0)
+    bt = tl.program_id(0).to(tl.int64)  # offsets past 2^31 elements: long prompts in large batches
     b, t = bt // T, bt % T
     h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
     j = tl.arange(0, HS)
@@ -164,7 +164,7 @@ def _decode_attention_kernel(q, k, v, mask, out, part, S, CHUNK, NH, sqb, sqh, s
     """Row b, head h, keys [c * CHUNK, (c + 1) * CHUNK) for c = program_id(1): softmax(q k^T * scale + mask) v
     online in float32 (running max m, normaliser l), BLOCK_S keys a step. One chunk (SPLIT = 1) writes the
     output; several write (m, l, unnormalised sum) to `part` for _combine_kernel."""
-    bh, c = tl.program_id(0), tl.program_id(1)
+    bh, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     b, h = bh // NH, bh % NH
     d = tl.arange(0, HS)
     qv = tl.load(q + b * sqb + h * sqh + d).to(tl.float32) * scale                   # [HS]
@@ -197,7 +197,7 @@ def _decode_attention_kernel(q, k, v, mask, out, part, S, CHUNK, NH, sqb, sqh, s
 @triton.jit
 def _combine_kernel(part, out, HS: tl.constexpr, SPLIT: tl.constexpr):
     """The chunks of row b, head h merged: sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c."""
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)
     c, d = tl.arange(0, SPLIT), tl.arange(0, HS)
     rows = part + (bh * SPLIT + c) * (HS + 2)                                        # [SPLIT] pointers
     m, l = tl.load(rows + HS), tl.load(rows + HS + 1)
