@@ -325,8 +325,10 @@ def sync_grads(grads, d, bucket=1 << 26):
 def clip_grad_norm(grads, max_norm, d):
     """Global gradient norm over all stages (each holds different tensors); clip to max_norm."""
     sq = torch.zeros((), device=d.device)
-    if grads:  # one multi-tensor kernel: a norm kernel per tensor took ~15 us each, 0.8 ms a LoRA step
-        sq += torch.stack(torch._foreach_norm(grads)).float().square().sum()
+    # one multi-tensor kernel (a norm kernel per tensor took ~15 us on CUDA, 0.8 ms a LoRA step),
+    # the squares summed in order as before
+    for n in torch._foreach_norm(grads) if grads else ():
+        sq += n.square()
     norm = dist.all_reduce(sq, "sum", d.pp_group).sqrt()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
