@@ -324,7 +324,7 @@ def apply_rotary_2d(x, cos, sin):
 def rotary_heads(qkv, rope, cache=None, pos=None):
     """The fused QKV output [B, T, nh, 3, hs] -> q, k, v [B, nh, T, hs] with q and k rotated; with a
     cache, k and v are first written into it at pos and the cache's window [B, nh, S, hs] returned."""
-    kernels = kernels_for(qkv)
+    kernels = kernels_for(qkv) if rope[0].shape[:2] == qkv.shape[:2] else None  # tables per row, not broadcast
     if kernels and cache is None:  # one pass forward, one backward, instead of ~10 elementwise ops
         return kernels.RotaryHeads.apply(qkv, *rope)
     if kernels:
