@@ -99,8 +99,9 @@ class RotaryHeads(torch.autograd.Function):
         B, T, NH, _, HS = qkv.shape
         qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
         q, k, v = (torch.empty(B, NH, T, HS, dtype=qkv.dtype, device=qkv.device) for _ in range(3))
-        _rotary_kernel[(B * T, triton.cdiv(NH, HEADS))](qkv, cos, sin, q, k, v, cos, T, NH, *_strides(q),
-                                                         *_strides(k), *_strides(v), HS, HEADS, False)
+        grid = (B * T, triton.cdiv(NH, HEADS))
+        _rotary_kernel[grid](qkv, cos, sin, q, k, v, cos, T, NH, *_strides(q), *_strides(k), *_strides(v),
+                             HS, HEADS, False)
         ctx.save_for_backward(cos, sin)
         return q, k, v
 
@@ -110,8 +111,9 @@ class RotaryHeads(torch.autograd.Function):
         B, NH, T, HS = dq.shape
         dq, dk, dv = (g.contiguous() if g.stride(-1) != 1 else g for g in (dq, dk, dv))
         dqkv = torch.empty(B, T, NH, 3, HS, dtype=dq.dtype, device=dq.device)
-        _rotary_backward_kernel[(B * T, triton.cdiv(NH, HEADS))](dq, dk, dv, cos, sin, dqkv, T, NH, *_strides(dq),
-                                                                  *_strides(dk), *_strides(dv), HS, HEADS)
+        grid = (B * T, triton.cdiv(NH, HEADS))
+        _rotary_backward_kernel[grid](dq, dk, dv, cos, sin, dqkv, T, NH, *_strides(dq), *_strides(dk),
+                                      *_strides(dv), HS, HEADS)
         return dqkv, None, None
 
 
@@ -121,9 +123,9 @@ def rotary_into_cache(qkv, cos, sin, k_cache, v_cache, slots):
     B, T, NH, _, HS = qkv.shape
     q = torch.empty(B, NH, T, HS, dtype=qkv.dtype, device=qkv.device)
     kc, vc = k_cache.permute(0, 2, 1, 3), v_cache.permute(0, 2, 1, 3)  # [B, nh, S, hs] views
-    _rotary_kernel[(B * T, triton.cdiv(NH, HEADS))](qkv.contiguous(), cos.contiguous(), sin.contiguous(), q,
-                                                     k_cache, v_cache, slots, T, NH, *_strides(q), *_strides(kc),
-                                                     *_strides(vc), HS, HEADS, True)
+    grid = (B * T, triton.cdiv(NH, HEADS))
+    _rotary_kernel[grid](qkv.contiguous(), cos.contiguous(), sin.contiguous(), q, k_cache, v_cache, slots, T, NH,
+                         *_strides(q), *_strides(kc), *_strides(vc), HS, HEADS, True)
     return q
 
 
@@ -162,14 +164,14 @@ def layer_norm(ln, a, b=None, alpha=1.0):
 def _decode_attention_kernel(q, k, v, mask, out, part, S, CHUNK, NH, sqb, sqh, skb, skh, sks, svb, svh, svs, smb, sms,
                              scale, HS: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT: tl.constexpr):
     """Row b, head h, keys [c * CHUNK, (c + 1) * CHUNK) for c = program_id(1): softmax(q k^T * scale + mask) v
-    online in float32 (running max m, normaliser l), BLOCK_S keys a step. One chunk (SPLIT = 1) writes the
-    output; several write (m, l, unnormalised sum) to `part` for _combine_kernel."""
+    online in float32 (running max m, normaliser den), BLOCK_S keys a step. One chunk (SPLIT = 1) writes the
+    output; several write (m, den, unnormalised sum) to `part` for _combine_kernel."""
     bh, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     b, h = bh // NH, bh % NH
     d = tl.arange(0, HS)
     qv = tl.load(q + b * sqb + h * sqh + d).to(tl.float32) * scale                   # [HS]
     m = tl.full((), float("-inf"), tl.float32)
-    l = tl.zeros((), tl.float32)
+    den = tl.zeros((), tl.float32)
     acc = tl.zeros((HS,), tl.float32)
     for s0 in range(c * CHUNK, tl.minimum((c + 1) * CHUNK, S), BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)                                               # [BS]
@@ -182,27 +184,27 @@ def _decode_attention_kernel(q, k, v, mask, out, part, S, CHUNK, NH, sqb, sqh, s
         ref = tl.where(m_new == float("-inf"), 0.0, m_new)   # only masked keys so far: no NaN
         p = tl.exp(score - ref)                                                      # [BS]
         corr = tl.exp(m - ref)
-        l = l * corr + tl.sum(p, axis=0)
+        den = den * corr + tl.sum(p, axis=0)
         acc = acc * corr + tl.sum(p[:, None] * vt.to(tl.float32), axis=0)
         m = m_new
     if SPLIT == 1:
-        tl.store(out + bh * HS + d, (acc / l).to(out.dtype.element_ty))
+        tl.store(out + bh * HS + d, (acc / den).to(out.dtype.element_ty))
     else:
         row = part + (bh * SPLIT + c) * (HS + 2)
         tl.store(row + d, acc)
         tl.store(row + HS, m)
-        tl.store(row + HS + 1, l)
+        tl.store(row + HS + 1, den)
 
 
 @triton.jit
 def _combine_kernel(part, out, HS: tl.constexpr, SPLIT: tl.constexpr):
-    """The chunks of row b, head h merged: sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c."""
+    """The chunks of row b, head h merged: sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) den_c."""
     bh = tl.program_id(0).to(tl.int64)
     c, d = tl.arange(0, SPLIT), tl.arange(0, HS)
     rows = part + (bh * SPLIT + c) * (HS + 2)                                        # [SPLIT] pointers
-    m, l = tl.load(rows + HS), tl.load(rows + HS + 1)
+    m, den = tl.load(rows + HS), tl.load(rows + HS + 1)
     w = tl.where(m == float("-inf"), 0.0, tl.exp(m - tl.max(m, axis=0)))           # empty chunks weigh 0
-    y = tl.sum(tl.load(rows[:, None] + d[None, :]) * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    y = tl.sum(tl.load(rows[:, None] + d[None, :]) * w[:, None], axis=0) / tl.sum(den * w, axis=0)
     tl.store(out + bh * HS + d, y.to(out.dtype.element_ty))
 
 
