@@ -138,6 +138,10 @@ def bench_forward(args, device, dtype):
             p.grad = None
         return loss
 
+    tokens = args.batch * (args.seq - 1)
+    n_params = sum(p.numel() for p in model.parameters())
+    attn = 12 * cfg.num_layers * cfg.hidden_size * (args.seq - 1)  # fwd+bwd scores and context per token
+    flops = (6 * n_params + attn) * tokens
     results = []
     for kernels in args.kernels.split(","):
         glm.FUSED = kernels == "fused"
@@ -146,10 +150,6 @@ def bench_forward(args, device, dtype):
             torch.cuda.reset_peak_memory_stats()
         times = [timed(step, device)[1] for _ in range(args.iters)]
         dt = sorted(times)[len(times) // 2]
-        tokens = args.batch * (args.seq - 1)
-        n_params = sum(p.numel() for p in model.parameters())
-        attn = 12 * cfg.num_layers * cfg.hidden_size * (args.seq - 1)  # fwd+bwd scores and context per token
-        flops = (6 * n_params + attn) * tokens
         results.append(dict(mode="forward", kernels=kernels, batch=args.batch, seq=args.seq, checkpoint=args.checkpoint,
                             step_s=round(dt, 4), tok_per_s=round(tokens / dt, 1),
                             mfu=round(flops / dt / H100_BF16_PEAK, 4), peak_mem_gib=round(
