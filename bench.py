@@ -545,6 +545,12 @@ def print_quant_table(results, args):
         print(r["scheme"].ljust(15) + "".join(str(r.get(key, "-")).rjust(11) for _, key in cols))
 
 
+def launcher():
+    """How this process was started, as the records' "command" begins: torchrun sets WORLD_SIZE."""
+    n = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return f"torchrun --nproc_per_node={n} " if "WORLD_SIZE" in os.environ else "python "
+
+
 def main():
     p = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["generate", "forward", "sft", "pipeline", "rm", "make_model", "dpo", "lengths",
@@ -574,7 +580,7 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = True
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     header = dict(card=card, date=datetime.date.today().isoformat(), torch=torch.__version__,
-                  command="python " + " ".join(sys.argv))
+                  command=launcher() + " ".join(sys.argv))
     if local == 0:
         print(json.dumps(header), flush=True)
     results = {"generate": bench_generate, "forward": bench_forward, "sft": bench_train, "pipeline": bench_train,

@@ -598,7 +598,7 @@ def plan_for_run(cfg, P, device, micro_batch_size, seq_len, micro_batches, train
     (or gpu_mem_gib) and weights are bf16; blocks may recompute their activations where a stage
     would not fit otherwise. copies: (trained, frozen) models of this shape held side by side
     (PPO's full mode holds (2, 2)); lm_head: does the run compute logits (not a reward model)?
-    rollout: (prompts, answers per prompt, prompt tokens, new tokens) that an RL step generates;
+    rollout: (prompts generated at once, answers per prompt, prompt tokens, new tokens) of an RL step;
     loss_chunk: the tokens a micro-batch's loss takes logits of, if not all (RL: the answers');
     quantize: (bits, group size[, head]) of a frozen int8 / int4 base (quant.scheme)."""
     cuda = torch.device(device).type == "cuda"
@@ -645,7 +645,7 @@ def add_rollout(plan, cfg, prompts, group, prompt_len, new_tokens, param_bytes):
                     f"{new_tokens} tokens needs {worst.mem_total / GiB:.1f} GiB on stage {worst.index} "
                     f"({worst.mem['rollout'] / GiB:.1f} GiB of it KV cache and activations), over the "
                     f"{budget / GiB:.1f} GiB budget. HINT: "
-                    + (f"--rollout_batch_size {fits[0]} fits; " if fits else "")
+                    + (f"--gen_batch_size {fits[0]} fits (prompts generated at once); " if fits else "")
                     + "or lower --max_new_tokens / --group_size, or add stages (--pp)", peak=plan.max_mem)
 
 

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import ckpt
 import data
@@ -80,6 +81,7 @@ class Config:
     reward_fn: str = ""             # rewards from text, MODULE:FUNCTION[=WEIGHT],... (rewards.py); added to --rm_dir's
     # ---- rollouts
     rollout_batch_size: int = 64    # prompts per step and data-parallel replica (each gives group_size answers)
+    gen_batch_size: int = 0         # prompts generated at once (0: all); bounds the KV cache (64 x 512 tokens: 14 GiB)
     max_new_tokens: int = 256       # response tokens per rollout
     temperature: float = 1.0        # rollout sampling temperature
     top_p: float = 1.0              # nucleus sampling (1: off)
@@ -129,7 +131,7 @@ class Config:
 POSITIVE = ("timeout_min", "max_prompt_len", "rollout_batch_size", "max_new_tokens", "max_steps", "ppo_epochs",
             "mini_batch_size", "micro_batch_size", "kl_horizon", "ptx_batch_size", "log_every", "keep_checkpoints",
             "pp", "temperature", "top_p", "lora_rank", "lora_alpha")
-NON_NEGATIVE = ("group_size", "threads", "actor_lr",
+NON_NEGATIVE = ("group_size", "gen_batch_size", "threads", "actor_lr",
                 "critic_lr", "weight_decay", "grad_clip", "gamma", "lam", "clip_ratio", "value_clip",
                 "entropy_coef", "kl_coef", "target_kl", "reward_clip", "ptx_coef", "top_k", "sample_every",
                 "save_every", "gpu_mem_gib")
@@ -544,14 +546,22 @@ class Judge:
         return raw, norm
 
 
+def generate_rollout(actor, d, prompt_ids, cfg, gen):
+    """group_size sampled answers to each prompt [B, T], --gen_batch_size prompts at a time (all when
+    0): ids [B * group_size, T + N'], the chunks' answers right-padded to the longest."""
+    parts = [dist.generate(actor, d, chunk, cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
+                           top_p=cfg.top_p, top_k=cfg.top_k, generator=gen, group_size=cfg.group_size)[0]
+             for chunk in prompt_ids.split(cfg.gen_batch_size or prompt_ids.shape[0])]
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([F.pad(p, (0, width - p.shape[1]), value=actor.config.pad_token_id) for p in parts])
+
+
 def rollout(roles, d, prompt_ids, texts, cfg, judge, beta, gen):
     """Sample group_size answers to each prompt (texts: the prompts as text), score them with every
     role present and the judge, and turn the scores into advantages (and PPO's returns); the
     training batch, and the scores with their timings."""
     T, t0, n = prompt_ids.shape[1], time.perf_counter(), cfg.group_size
-    ids, _ = dist.generate(roles.use("actor"), d, prompt_ids, cfg.max_new_tokens, do_sample=True,
-                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, generator=gen,
-                           group_size=n)
+    ids = generate_rollout(roles.use("actor"), d, prompt_ids, cfg, gen)
     t1 = time.perf_counter()
     r = score_rollout(roles, d, ids, T, cfg)
     r["raw_score"], score = judge.rewards(r, ids, T, [t for t in texts for _ in range(n)], cfg)
@@ -708,7 +718,8 @@ def rl_plan(cfg, gcfg, d):
                              cfg.lora_rank if cfg.mode == "lora" else 0, cfg.lora_targets.split(","),
                              gpu_mem_gib=cfg.gpu_mem_gib, method=cfg.plan,
                              copies=(1, 0) if cfg.mode == "lora" else (1 + (cfg.algo == "ppo"), 1 + bool(cfg.rm_dir)),
-                             rollout=(cfg.rollout_batch_size, cfg.group_size, cfg.max_prompt_len, cfg.max_new_tokens),
+                             rollout=(min(cfg.gen_batch_size or cfg.rollout_batch_size, cfg.rollout_batch_size),
+                                      cfg.group_size, cfg.max_prompt_len, cfg.max_new_tokens),
                              loss_chunk=cfg.micro_batch_size * cfg.max_new_tokens,  # logits of the answers only
                              quantize=quant.scheme(cfg.model or cfg.actor, cfg.quantize, cfg.quant_group_size,
                                                    cfg.mode, cfg.quantize_head))

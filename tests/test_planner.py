@@ -599,9 +599,9 @@ def test_a_rollout_that_does_not_fit_is_refused_with_the_largest_that_does():
     static = sum(fitted.stages[0].mem[k] for k in ("params", "grads", "optim"))
     assert fitted.max_mem == max(base().max_mem, static + fitted.stages[0].mem["rollout"]) <= budget
     with pytest.raises(plan.PlanError, match=r"the rollout does not fit: generating 512 x 1 answers of 256 \+ 256 "
-                                             r"tokens .* HINT: --rollout_batch_size (\d+) fits") as e:
+                                             r"tokens .* HINT: --gen_batch_size (\d+) fits") as e:
         plan.add_rollout(base(), cfg, 512, 1, 256, 256, 2)
-    n = int(re.search(r"--rollout_batch_size (\d+) fits", str(e.value)).group(1))
+    n = int(re.search(r"--gen_batch_size (\d+) fits", str(e.value)).group(1))
     assert plan.add_rollout(base(), cfg, n, 1, 256, 256, 2).max_mem <= budget
     with pytest.raises(plan.PlanError):
         plan.add_rollout(base(), cfg, n + 1, 1, 256, 256, 2)

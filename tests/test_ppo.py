@@ -737,3 +737,45 @@ def test_sample_text_counts_ids_the_tokenizer_lacks():
     ids = torch.tensor(tok.encode_text("12 加 3") + [tok.vocab_size + 5, tok.vocab_size])
     assert train_ppo.sample_text(tok, ids) == "12 加 3 [+2 ids outside the tokenizer]"
     assert train_ppo.sample_text(tok, ids[:-2]) == "12 加 3"
+
+
+# -----------------------------------------------------------------------------
+# rollouts generated in chunks (--gen_batch_size)
+
+
+def rollout_cfg(gen_batch_size, top_k=0):
+    return SimpleNamespace(gen_batch_size=gen_batch_size, max_new_tokens=6, temperature=1.0, top_p=1.0, top_k=top_k,
+                           group_size=2)
+
+
+def test_rollout_chunks_are_generated_in_order_and_right_padded():
+    """A stand-in actor whose answers are as long as the chunk's first prompt id: chunks of 2 prompts
+    each, every answer row padded to the longest chunk's, rows in the prompts' order."""
+    calls = []
+
+    class Actor:
+        config = SimpleNamespace(pad_token_id=3)
+
+        def generate(self, ids, max_new_tokens, group_size, **_):
+            calls.append(ids[:, 0].tolist())
+            ids = ids.repeat_interleave(group_size, 0)
+            return torch.cat([ids, torch.full((ids.shape[0], int(ids[0, 0])), 9)], 1), None
+
+    prompts = torch.tensor([[2, 5], [1, 5], [4, 6], [1, 6], [1, 7]])  # chunks: answers of 2, 4 and 1 tokens
+    out = train_ppo.generate_rollout(Actor(), SimpleNamespace(P=1), prompts, rollout_cfg(2), None)
+    assert calls == [[2, 1], [4, 1], [1]]
+    lengths = [2, 2, 2, 2, 4, 4, 4, 4, 1, 1]  # per answer row (2 a prompt)
+    want = torch.full((10, 2 + 4), 3)
+    want[:, :2] = prompts.repeat_interleave(2, 0)
+    for r, n in enumerate(lengths):
+        want[r, 2:2 + n] = 9
+    assert torch.equal(out, want)
+
+
+def test_rollout_in_chunks_equals_one_batch_when_every_draw_is_the_argmax(tok):
+    model = glm.ChatGLM(glm.GLMConfig.toy()).init_weights(1, std=0.3).eval()
+    prompts = glm.left_pad([tok.encode(t) for t in ("1 plus 2", "hello there", "7", "what is 3 times 4", "x")],
+                           tok.pad_id)
+    runs = [train_ppo.generate_rollout(model, dist.setup(1), prompts, rollout_cfg(g, top_k=1), torch.Generator())
+            for g in (0, 2)]
+    assert runs[0].shape == (10, prompts.shape[1] + 6) and torch.equal(runs[0], runs[1])
