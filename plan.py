@@ -34,11 +34,12 @@ GiB = 1 << 30
 
 class PlanError(ValueError):
     """A pipeline plan that cannot exist or will not fit; the message says what to change.
-    `peak` is the smallest predicted peak bytes found (inf when no plan exists)."""
+    `peak` is the smallest predicted peak bytes found (inf when no plan exists); `rollout_fits` the
+    most prompts an RL step could generate at once where the rollout alone does not fit (else 0)."""
 
-    def __init__(self, msg, peak=math.inf):
+    def __init__(self, msg, peak=math.inf, rollout_fits=0):
         super().__init__(msg)
-        self.peak = peak
+        self.peak, self.rollout_fits = peak, rollout_fits
 
 
 @dataclass(frozen=True)
@@ -646,7 +647,8 @@ def add_rollout(plan, cfg, prompts, group, prompt_len, new_tokens, param_bytes):
                     f"({worst.mem['rollout'] / GiB:.1f} GiB of it KV cache and activations), over the "
                     f"{budget / GiB:.1f} GiB budget. HINT: "
                     + (f"--gen_batch_size {fits[0]} fits (prompts generated at once); " if fits else "")
-                    + "or lower --max_new_tokens / --group_size, or add stages (--pp)", peak=plan.max_mem)
+                    + "or lower --max_new_tokens / --group_size, or add stages (--pp)", peak=plan.max_mem,
+                    rollout_fits=fits[0] if fits else 0)
 
 
 def main(argv=None):

@@ -33,7 +33,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -712,17 +712,29 @@ def sample_text(tok, ids):
 
 def rl_plan(cfg, gcfg, d):
     """The plan of an RL step: the actor's training (full mode holds the actor, and PPO's critic,
-    training beside frozen reference, and reward, copies), and the rollout's generation."""
-    return plan.plan_for_run(gcfg, d.P, d.device, cfg.micro_batch_size, cfg.max_prompt_len + cfg.max_new_tokens,
-                             max(1, cfg.mini_batch_size // cfg.micro_batch_size), cfg.mode,
-                             cfg.lora_rank if cfg.mode == "lora" else 0, cfg.lora_targets.split(","),
-                             gpu_mem_gib=cfg.gpu_mem_gib, method=cfg.plan,
-                             copies=(1, 0) if cfg.mode == "lora" else (1 + (cfg.algo == "ppo"), 1 + bool(cfg.rm_dir)),
-                             rollout=(min(cfg.gen_batch_size or cfg.rollout_batch_size, cfg.rollout_batch_size),
-                                      cfg.group_size, cfg.max_prompt_len, cfg.max_new_tokens),
-                             loss_chunk=cfg.micro_batch_size * cfg.max_new_tokens,  # logits of the answers only
-                             quantize=quant.scheme(cfg.model or cfg.actor, cfg.quantize, cfg.quant_group_size,
-                                                   cfg.mode, cfg.quantize_head))
+    training beside frozen reference, and reward, copies), and the rollout's generation; and how
+    many prompts it generates at once: --gen_batch_size, else all of them, or where their KV cache
+    does not fit, the most that fit (said)."""
+    def plan_with(prompts):
+        return plan.plan_for_run(gcfg, d.P, d.device, cfg.micro_batch_size, cfg.max_prompt_len + cfg.max_new_tokens,
+                                 max(1, cfg.mini_batch_size // cfg.micro_batch_size), cfg.mode,
+                                 cfg.lora_rank if cfg.mode == "lora" else 0, cfg.lora_targets.split(","),
+                                 gpu_mem_gib=cfg.gpu_mem_gib, method=cfg.plan,
+                                 copies=(1, 0) if cfg.mode == "lora" else (1 + (cfg.algo == "ppo"),
+                                                                           1 + bool(cfg.rm_dir)),
+                                 rollout=(prompts, cfg.group_size, cfg.max_prompt_len, cfg.max_new_tokens),
+                                 loss_chunk=cfg.micro_batch_size * cfg.max_new_tokens,  # logits of the answers only
+                                 quantize=quant.scheme(cfg.model or cfg.actor, cfg.quantize, cfg.quant_group_size,
+                                                       cfg.mode, cfg.quantize_head))
+    prompts = min(cfg.gen_batch_size or cfg.rollout_batch_size, cfg.rollout_batch_size)
+    try:
+        return plan_with(prompts), prompts
+    except plan.PlanError as e:
+        if cfg.gen_batch_size or not e.rollout_fits:
+            raise
+        dist.print0(f"the KV cache of all {prompts} prompts' answers does not fit: generating {e.rollout_fits} "
+                    "prompts at a time (--gen_batch_size sets it)")
+        return plan_with(e.rollout_fits), e.rollout_fits
 
 
 def main(argv=None):
@@ -756,7 +768,7 @@ def main(argv=None):
                   rewards.load(cfg.reward_fn) if cfg.reward_fn else [])
 
     # ---- the plan, the roles on this stage, their optimisers, resume
-    the_plan = rl_plan(cfg, glm.GLMConfig.from_json(os.path.join(base_dir, "config.json")), d)
+    the_plan, gen_batch = rl_plan(cfg, glm.GLMConfig.from_json(os.path.join(base_dir, "config.json")), d)
     dist.print0(the_plan.format_table())
     roles = Roles(cfg, d, the_plan.stages[d.pp_rank])
     opts = {role: optim.AdamW(roles.trainables(role), lr, cfg.weight_decay, d, the_plan.hosts)
@@ -775,6 +787,7 @@ def main(argv=None):
 
     # ---- loop
     log = ckpt.start_run(cfg.out, "train_ppo", asdict(cfg), state["step"] if resume_dir else None)
+    cfg = replace(cfg, gen_batch_size=gen_batch)  # the plan's; args.json keeps the flag as given (a resume fits alike)
     gen = torch.Generator(device=d.device)
     # the toy table's "before" column is the SFT policy's: measured once, then carried by the checkpoints
     before = (state.get("toy_before") or toy_report(roles, tok, d, cfg)) if toy else None

@@ -779,3 +779,22 @@ def test_rollout_in_chunks_equals_one_batch_when_every_draw_is_the_argmax(tok):
     runs = [train_ppo.generate_rollout(model, dist.setup(1), prompts, rollout_cfg(g, top_k=1), torch.Generator())
             for g in (0, 2)]
     assert runs[0].shape == (10, prompts.shape[1] + 6) and torch.equal(runs[0], runs[1])
+
+
+def test_a_rollout_that_does_not_fit_at_once_is_generated_in_the_largest_chunk_that_does(toy_dir, capsys):
+    import flags
+    cfg = flags.parse(train_ppo.Config, ppo_argv(toy_dir, "/tmp/unused", "lora", rollout_batch_size=64,
+                                                 max_new_tokens=200, micro_batch_size=1), positive=(), non_negative=())
+    gcfg, d = glm.GLMConfig.from_json(os.path.join(toy_dir, "config.json")), dist.setup(1)
+    whole, n = train_ppo.rl_plan(cfg, gcfg, d)  # the CPU: no budget, all 64 at once
+    st = whole.stages[0]
+    static = sum(st.mem[k] for k in ("params", "grads", "optim"))
+    budget = max(whole.max_mem - st.mem["rollout"] / 2, static + st.mem["rollout"] / 2)  # about half the cache fits
+    cfg.gpu_mem_gib = budget / plan.GiB
+    fitted, k = train_ppo.rl_plan(cfg, gcfg, d)
+    assert n == 64 and 0 < k < 64 and fitted.max_mem <= budget
+    assert f"generating {k} prompts at a time" in capsys.readouterr().out
+    for asked in (k + 1, 64):  # one more does not fit, and an explicit flag is not overridden
+        cfg.gen_batch_size = asked
+        with pytest.raises(plan.PlanError, match=f"--gen_batch_size {k} fits"):
+            train_ppo.rl_plan(cfg, gcfg, d)
