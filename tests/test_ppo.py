@@ -782,9 +782,9 @@ def test_rollout_in_chunks_equals_one_batch_when_every_draw_is_the_argmax(tok):
 
 
 def test_a_rollout_that_does_not_fit_at_once_is_generated_in_the_largest_chunk_that_does(toy_dir, capsys):
-    import flags
-    cfg = flags.parse(train_ppo.Config, ppo_argv(toy_dir, "/tmp/unused", "lora", rollout_batch_size=64,
-                                                 max_new_tokens=200, micro_batch_size=1), positive=(), non_negative=())
+    from flags import parse
+    cfg = parse(train_ppo.Config, ppo_argv(toy_dir, "/tmp/unused", "lora", rollout_batch_size=64, max_new_tokens=200,
+                                           micro_batch_size=1), positive=(), non_negative=())
     gcfg, d = glm.GLMConfig.from_json(os.path.join(toy_dir, "config.json")), dist.setup(1)
     whole, n = train_ppo.rl_plan(cfg, gcfg, d)  # the CPU: no budget, all 64 at once
     st = whole.stages[0]
