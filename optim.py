@@ -330,10 +330,8 @@ def clip_grad_norm(grads, max_norm, d):
     for n in torch._foreach_norm(grads) if grads else ():
         sq += n.square()
     norm = dist.all_reduce(sq, "sum", d.pp_group).sqrt()
-    if max_norm > 0:
-        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(scale)
+    if max_norm > 0 and grads:
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))  # one kernel, as g.mul_ each
     return norm
 
 
