@@ -461,6 +461,26 @@ def fused_vs_plain(model, ids, N):
     return round(rel_err(one, one_p), 5), round(rel_err(rows, rows_p), 5), int((gen == gen_p).cumprod(0).sum())
 
 
+@torch.no_grad()
+def block_linears_us(model, dtype, device, replays=20):
+    """The four linears of every block at one row, as decoding at batch 1 runs them, replayed in one
+    CUDA graph: microseconds a block. All blocks in turn, so the weights come from memory (the model
+    exceeds L2 many times), as they do in a decode step."""
+    cfg = model.config
+    x = {n: torch.randn(1, n, dtype=dtype, device=device) for n in (cfg.hidden_size, cfg.inner_hidden_size)}
+    linears = [lin for block in model.transformer.layers.values() for lin in (block.attention.query_key_value,
+               block.attention.dense, block.mlp.dense_h_to_4h, block.mlp.dense_4h_to_h)]
+    run = lambda: [lin(x[lin.in_features]) for lin in linears]
+    run()  # Triton compiles and autotunes outside the capture
+    sync(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    graph.replay()
+    _, dt = timed(lambda: [graph.replay() for _ in range(replays)], device)
+    return round(dt * 1e6 / replays / cfg.num_layers, 1)
+
+
 def quant_sft(args, cfg, d, dtype, qs):
     """(tokens/s, peak bytes) of LoRA SFT steps on a base of scheme qs (training_setup's step)."""
     _, model, step = training_setup(args, cfg, d, "auto", dtype, quantize=qs)
@@ -493,6 +513,8 @@ def bench_quant(args, device, dtype):
         if qs.bits and device.type == "cuda":
             keys = ("vs_plain_rel_1row", "vs_plain_rel_rows", "greedy_same_of_16")
             rec.update(zip(keys, fused_vs_plain(model, ids, 16)))
+        if device.type == "cuda" and not qs.head:
+            rec["block_linears_b1_us"] = block_linears_us(model, dtype, device)
         if name != "int4_row":  # int4 per row: its error only
             for B in [int(b) for b in args.batches.split(",")]:
                 ms = decode_step_ms(model, random_prompts(cfg, B, args.prompt_len, device), args.new_tokens,
@@ -538,8 +560,8 @@ def print_quant_table(results, args):
     for B in args.batches.split(","):
         cols += [(f"b{B} ms", f"decode_b{B}_ms"), (f"b{B} tok/s", f"decode_b{B}_tok_per_s"),
                  ("x bf16", f"decode_b{B}_x_bf16")]
-    cols += [("logit err", "logits_rel_err"), ("plain 1", "vs_plain_rel_1row"), ("plain T", "vs_plain_rel_rows"),
-             ("greedy =", "greedy_same_of_16")]
+    cols += [("linears us", "block_linears_b1_us"), ("logit err", "logits_rel_err"), ("plain 1", "vs_plain_rel_1row"),
+             ("plain T", "vs_plain_rel_rows"), ("greedy =", "greedy_same_of_16")]
     print("scheme".ljust(15) + "".join(title.rjust(11) for title, _ in cols))
     for r in results:
         print(r["scheme"].ljust(15) + "".join(str(r.get(key, "-")).rjust(11) for _, key in cols))

@@ -13,11 +13,9 @@ Which kernel runs depends on how many rows (tokens) x has; quant.FUSED_ROWS hold
 int4 bytes hold code 2j in the high nibble and 2j+1 in the low one (quant.pack_int4).
 
 Measured on an H200 at ChatGLM-6B's shapes (docs/bench/h200_x1_quant*_2026-11-30.jsonl): dequantize
-moves ~3.8 TB/s (int8), 2.7 (int4, groups of 128), against 1.2 ms a layer for the torch ops; a decode
-step at batch 1 takes 3.67 ms int8, 3.60 int4 (groups of 128) against 4.80 bf16 (bench.py quant).
-gemv's tiles span several groups: with one group a tile (64 bytes a row for int4) the four linears
-of a block took 140 us int4 / 136 int8 in groups of 128, and the step 5.53 ms; now 71 / 83 us (per
-row: 66 / 73, bf16 cuBLAS: 113).
+moves ~3.8 TB/s (int8), 2.7 (int4, groups of 128), against 1.2 ms a layer for the torch ops. The
+four linears of a block at batch 1 take 61 us int4 (groups of 128) and 71 us int8 through `gemv`,
+113 us bf16 (cuBLAS); a decode step 2.50 ms int4, 2.78 int8, 3.72 bf16 (the fused bf16 kernels).
 """
 import torch
 import triton
@@ -72,29 +70,42 @@ def dequantize(codes, scale, bits, dtype):
 # KW unspecialised: with its alignment unproven, the word loads stay plain and coalesced
 @triton.autotune(configs=[triton.Config({"BLOCK_N": n}, num_warps=4) for n in (4, 8, 32)],
                  key=["N", "KW", "BITS", "GROUP", "TILE"])
-@triton.jit(do_not_specialize=["KW"])
-def _gemv_kernel(x, words, scales, bias, out, N, K, KW, BITS: tl.constexpr, GROUP: tl.constexpr,
+@triton.jit(do_not_specialize=["KW", "EXP"])
+def _gemv_kernel(x, words, scales, bias, out, N, K, KW, EXP, BITS: tl.constexpr, GROUP: tl.constexpr,
                  SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[n] = sum_k x[k] q[n, k] s[n, k // GROUP] (+ bias[n]) for ONE row x [K]: the codes read as
     int32 words (KW a row), [TILE words, BLOCK_N rows] a tile whatever the groups: a tile spans several
     groups of a row (or a group several tiles), so that enough bytes are in flight. Words run down axis
     0: Triton then lays the scales' load (constant along a group) out as the words' (both fastest on
     axis 0); a [rows, words] tile would send the products through shared memory every step to meet
-    the scales' layout. No int-to-float instruction (a quarter of the float rate: this loop's
-    bottleneck otherwise): q + 2^(BITS-1) >= 0 goes into the low mantissa bits of the float 2^23, then
-    2^23 + 2^(BITS-1) is subtracted. Autotuned per shape on first use (BLOCK_N)."""
+    the scales' layout.
+    Decoding a code costs one integer instruction (the integer units run at half the float rate; a
+    shift, a mask, a sign flip and an OR a code bounded the loop): every code's sign bit is flipped
+    once a word (q + 2^(BITS-1) >= 0), and code p sits in bits BITS*j.. of the word's low half (p = j)
+    or of its high half shifted down once (p = j + PER/2); (half & mask) | EXP, one LOP3, then puts
+    (q + 2^(BITS-1)) * 2^(BITS*j) into the low mantissa of the float 2^23. EXP (its bits, 0x4B000000)
+    comes as an argument: as a literal the compiler splits the AND and the OR over two instructions,
+    each holding one immediate. Subtracting 2^23 + 2^(BITS-1+BITS*j) leaves q * 2^(BITS*j) exactly,
+    and x comes scaled by 2^-(BITS*j), so each product and the sum are bit for bit those of q * x.
+    Autotuned per shape on first use (BLOCK_N)."""
     PER: tl.constexpr = 32 // BITS                                          # codes a word
+    HALF: tl.constexpr = PER // 2                                           # codes in 16 bits
+    FLIP: tl.constexpr = (0x88888888 if BITS == 4 else 0x80808080) - (1 << 32)  # the sign bits, as int32
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)                 # [BN]
     acc = tl.zeros((TILE, BLOCK_N), dtype=tl.float32)
     for w0 in range(0, KW, TILE):
         c = w0 + tl.arange(0, TILE)                                         # [TILE] word columns
         mask = (c[:, None] < KW) & (rn[None, :] < N)                         # [TILE, BN]
-        w = tl.load(words + rn[None, :] * KW + c[:, None], mask=mask, other=0)
+        low = tl.load(words + rn[None, :] * KW + c[:, None], mask=mask, other=0) ^ FLIP
+        high = low >> 16
         part = tl.zeros((TILE, BLOCK_N), dtype=tl.float32)
-        for p in tl.static_range(PER):  # code p of each word, bits BITS*p..; int4: input p ^ 1 (pack_int4)
-            u = ((w >> (BITS * p)) & ((1 << BITS) - 1)) ^ (1 << (BITS - 1))                  # q + 2^(BITS-1)
-            q = (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + (1 << (BITS - 1)))
-            part += q * tl.load(x + c * PER + (p ^ SWAP), mask=c < KW, other=0.0).to(tl.float32)[:, None]
+        for p in tl.static_range(PER):  # code p of each word; int4: input p ^ 1 (pack_int4)
+            shift = BITS * (p % HALF)
+            magic = 8388608.0 + (1 << (BITS - 1 + shift))                 # 2^23 + 2^(BITS-1+shift)
+            half = low if p < HALF else high
+            q = ((half & (((1 << BITS) - 1) << shift)) | EXP).to(tl.float32, bitcast=True) - magic
+            xp = tl.load(x + c * PER + (p ^ SWAP), mask=c < KW, other=0.0).to(tl.float32) * (1.0 / (1 << shift))
+            part += q * xp[:, None]
         if GROUP:  # word c lies in group c // (GROUP / PER) of its row: the scales gathered to the tile's
             # shape, in the words' layout (see above); a warp's lanes on one group read one address
             g = c // (GROUP // PER)                                         # [TILE] groups of the words
@@ -122,8 +133,8 @@ def gemv(x, codes, scale, bits, bias=None):
     out = torch.empty(1, N, dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
     _gemv_kernel[grid](x if x.stride(1) == 1 else x.contiguous(), codes.view(torch.int32), scale,
-                       bias if bias is not None else scale, out, N, K, K // per, bits, group, int(bits == 4),
-                       bias is not None, GEMV_WORDS)
+                       bias if bias is not None else scale, out, N, K, K // per, 0x4B000000, bits, group,
+                       int(bits == 4), bias is not None, GEMV_WORDS)
     return out
 
 
