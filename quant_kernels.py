@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 DEQUANT_BLOCK = (4, 1024, 4)  # (rows, weights of a row, num_warps) a program of `dequantize`
-GEMV_WORDS = 256              # int32 words of a row a tile of `gemv` (1,024 int8 / 2,048 int4 codes)
+GEMV_BLOCK = (256, 8, 4)      # (int32 words of a row, rows, num_warps) a tile of `gemv`: the best or within 7%
+                              # of 30 tiles at each of 6B's linears, int8 and int4 (H200, 2026-11-30)
 MATMUL_CONFIGS = {16: (32, 256, 4, 4), 128: (32, 128, 4, 4)}  # rows <= key: (BLOCK_N, BLOCK_K, warps, stages),
                                                               # the probe's best of 5-6 at 1, 16 and 64 rows
 
@@ -68,8 +69,6 @@ def dequantize(codes, scale, bits, dtype):
 
 
 # KW unspecialised: with its alignment unproven, the word loads stay plain and coalesced
-@triton.autotune(configs=[triton.Config({"BLOCK_N": n}, num_warps=4) for n in (4, 8, 32)],
-                 key=["N", "KW", "BITS", "GROUP", "TILE"])
 @triton.jit(do_not_specialize=["KW", "EXP"])
 def _gemv_kernel(x, words, scales, bias, out, N, K, KW, EXP, BITS: tl.constexpr, GROUP: tl.constexpr,
                  SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -86,8 +85,7 @@ def _gemv_kernel(x, words, scales, bias, out, N, K, KW, EXP, BITS: tl.constexpr,
     (q + 2^(BITS-1)) * 2^(BITS*j) into the low mantissa of the float 2^23. EXP (its bits, 0x4B000000)
     comes as an argument: as a literal the compiler splits the AND and the OR over two instructions,
     each holding one immediate. Subtracting 2^23 + 2^(BITS-1+BITS*j) leaves q * 2^(BITS*j) exactly,
-    and x comes scaled by 2^-(BITS*j), so each product and the sum are bit for bit those of q * x.
-    Autotuned per shape on first use (BLOCK_N)."""
+    and x comes scaled by 2^-(BITS*j), so each product and the sum are bit for bit those of q * x."""
     PER: tl.constexpr = 32 // BITS                                          # codes a word
     HALF: tl.constexpr = PER // 2                                           # codes in 16 bits
     FLIP: tl.constexpr = (0x88888888 if BITS == 4 else 0x80808080) - (1 << 32)  # the sign bits, as int32
@@ -131,10 +129,10 @@ def gemv(x, codes, scale, bits, bias=None):
             (group and (group < per or group & (group - 1))):
         return None
     out = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
-    _gemv_kernel[grid](x if x.stride(1) == 1 else x.contiguous(), codes.view(torch.int32), scale,
-                       bias if bias is not None else scale, out, N, K, K // per, 0x4B000000, bits, group,
-                       int(bits == 4), bias is not None, GEMV_WORDS)
+    words, rows, warps = GEMV_BLOCK
+    _gemv_kernel[(triton.cdiv(N, rows),)](x if x.stride(1) == 1 else x.contiguous(), codes.view(torch.int32), scale,
+                                          bias if bias is not None else scale, out, N, K, K // per, 0x4B000000, bits,
+                                          group, int(bits == 4), bias is not None, words, rows, num_warps=warps)
     return out
 
 
