@@ -14,8 +14,8 @@ int4 bytes hold code 2j in the high nibble and 2j+1 in the low one (quant.pack_i
 
 Measured on an H200 at ChatGLM-6B's shapes (docs/bench/h200_x1_quant*_2026-11-30.jsonl): dequantize
 moves ~3.8 TB/s (int8), 2.7 (int4, groups of 128), against 1.2 ms a layer for the torch ops. The
-four linears of a block at batch 1 take 61 us int4 (groups of 128) and 71 us int8 through `gemv`,
-113 us bf16 (cuBLAS); a decode step 2.50 ms int4, 2.78 int8, 3.72 bf16 (the fused bf16 kernels).
+four linears of a block at batch 1 take 61 us int4 (groups of 128) and 70 us int8 through `gemv`,
+112 us bf16 (cuBLAS); a decode step 2.48 ms int4, 2.74 int8, 3.75 bf16 (the fused bf16 kernels).
 """
 import torch
 import triton
