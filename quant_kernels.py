@@ -14,8 +14,8 @@ int4 bytes hold code 2j in the high nibble and 2j+1 in the low one (quant.pack_i
 
 Measured on an H200 at ChatGLM-6B's shapes (docs/bench/h200_x1_quant*_2026-11-30.jsonl): dequantize
 moves ~3.8 TB/s (int8), 2.7 (int4, groups of 128), against 1.2 ms a layer for the torch ops. The
-four linears of a block at batch 1 take 61 us int4 (groups of 128) and 70 us int8 through `gemv`,
-112 us bf16 (cuBLAS); a decode step 2.48 ms int4, 2.74 int8, 3.75 bf16 (the fused bf16 kernels).
+four linears of a block at batch 1 take 60 us int4 (groups of 128) and 68 us int8 through `gemv`,
+112 us bf16 (cuBLAS); a decode step 2.48 ms int4, 2.70 int8, 3.72 bf16 (the fused bf16 kernels).
 """
 import torch
 import triton
@@ -96,7 +96,7 @@ def _gemv_kernel(x, words, scales, bias, out, N, K, KW, EXP, BITS: tl.constexpr,
         mask = (c[:, None] < KW) & (rn[None, :] < N)                         # [TILE, BN]
         low = tl.load(words + rn[None, :] * KW + c[:, None], mask=mask, other=0) ^ FLIP
         high = low >> 16
-        part = tl.zeros((TILE, BLOCK_N), dtype=tl.float32)
+        part = tl.zeros((TILE, BLOCK_N), dtype=tl.float32) if GROUP else acc  # per row: straight into acc
         for p in tl.static_range(PER):  # code p of each word; int4: input p ^ 1 (pack_int4)
             shift = BITS * (p % HALF)
             magic = 8388608.0 + (1 << (BITS - 1 + shift))                 # 2^23 + 2^(BITS-1+shift)
@@ -110,7 +110,7 @@ def _gemv_kernel(x, words, scales, bias, out, N, K, KW, EXP, BITS: tl.constexpr,
             s = tl.load(scales + rn[None, :] * (K // GROUP) + g[:, None], mask=mask, other=0)
             acc += part * s.to(tl.float32)
         else:
-            acc += part
+            acc = part
     y = tl.sum(acc, axis=0)                                                 # [BN]
     if not GROUP:
         y *= tl.load(scales + rn, mask=rn < N, other=0).to(tl.float32)
