@@ -471,7 +471,7 @@ def block_linears_us(model, dtype, device, replays=20):
     linears = [lin for block in model.transformer.layers.values() for lin in (block.attention.query_key_value,
                block.attention.dense, block.mlp.dense_h_to_4h, block.mlp.dense_4h_to_h)]
     run = lambda: [lin(x[lin.in_features]) for lin in linears]
-    run()  # Triton compiles and autotunes outside the capture
+    run()  # Triton compiles (and autotunes, where a kernel does) outside the capture
     sync(device)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -79,8 +79,8 @@ def _gemv_kernel(x, words, scales, bias, out, N, K, KW, EXP, BITS: tl.constexpr,
     axis 0); a [rows, words] tile would send the products through shared memory every step to meet
     the scales' layout.
     Decoding a code costs one integer instruction (the integer units run at half the float rate; a
-    shift, a mask, a sign flip and an OR a code bounded the loop): every code's sign bit is flipped
-    once a word (q + 2^(BITS-1) >= 0), and code p sits in bits BITS*j.. of the word's low half (p = j)
+    shift, a mask, a sign flip and an OR a code bounded the loop): one XOR a word flips every code's
+    sign bit (q + 2^(BITS-1) >= 0), and code p sits in bits BITS*j.. of the word's low half (p = j)
     or of its high half shifted down once (p = j + PER/2); (half & mask) | EXP, one LOP3, then puts
     (q + 2^(BITS-1)) * 2^(BITS*j) into the low mantissa of the float 2^23. EXP (its bits, 0x4B000000)
     comes as an argument: as a literal the compiler splits the AND and the OR over two instructions,
