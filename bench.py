@@ -470,7 +470,7 @@ def block_linears_us(model, dtype, device, replays=20):
     x = {n: torch.randn(1, n, dtype=dtype, device=device) for n in (cfg.hidden_size, cfg.inner_hidden_size)}
     linears = [lin for block in model.transformer.layers.values() for lin in (block.attention.query_key_value,
                block.attention.dense, block.mlp.dense_h_to_4h, block.mlp.dense_4h_to_h)]
-    run = lambda: [lin(x[lin.in_features]) for lin in linears]
+    run = lambda: [glm.linear(lin, x[lin.in_features]) for lin in linears]  # as the blocks call them
     run()  # Triton compiles (and autotunes, where a kernel does) outside the capture
     sync(device)
     graph = torch.cuda.CUDAGraph()

@@ -15,7 +15,7 @@ int4 bytes hold code 2j in the high nibble and 2j+1 in the low one (quant.pack_i
 Measured on an H200 at ChatGLM-6B's shapes (docs/bench/h200_x1_quant*_2026-11-30.jsonl): dequantize
 moves ~3.8 TB/s (int8), 2.7 (int4, groups of 128), against 1.2 ms a layer for the torch ops. The
 four linears of a block at batch 1 take 60 us int4 (groups of 128) and 68 us int8 through `gemv`,
-112 us bf16 (cuBLAS); a decode step 2.48 ms int4, 2.70 int8, 3.72 bf16 (the fused bf16 kernels).
+104 us bf16 (glm_kernels' GEMV); a decode step 2.47 ms int4, 2.70 int8, 3.72 bf16 (fused kernels).
 """
 import torch
 import triton
